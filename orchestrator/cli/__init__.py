@@ -1,0 +1,8 @@
+"""The ``buildsmart`` command line. Each command group lives in its own module and registers here."""
+
+from __future__ import annotations
+
+from orchestrator.cli import cluster_cmds as _cluster_cmds  # noqa: F401  (registers commands)
+from orchestrator.cli.app import app, main
+
+__all__ = ["app", "main"]

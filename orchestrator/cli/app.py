@@ -1,0 +1,77 @@
+"""The typer application, shared options and the error boundary of the CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from orchestrator.exceptions import BuildSmartError
+
+app = typer.Typer(
+    name="buildsmart",
+    help="BuildSmartDB: energy readings of many buildings on a cluster of PostgreSQL servers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+DEFAULT_DIR = Path(os.environ.get("BUILDSMART_DIR", ".buildsmart"))
+DirOpt = Annotated[
+    Path, typer.Option("--dir", help="Cluster directory: topology, credentials (0600), logs, data.", show_default=True)
+]
+LOG_FILE = "buildsmart.log"
+
+
+def setup_logging(directory: Path | None, verbose: bool = False) -> None:
+    """INFO and up to DIR/buildsmart.log (every state change), warnings (or all with -v) to stderr."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(logging.INFO if verbose else logging.WARNING)
+    stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(stderr)
+    if directory is not None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(directory / LOG_FILE)
+        except OSError:
+            return
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+
+
+def report(message: str) -> None:
+    console.print(message)
+
+
+def main() -> None:
+    """Entry point: converts BuildSmartError into one clear line and its exit code."""
+    try:
+        app(standalone_mode=False)
+    except BuildSmartError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors arrive as ClickException
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,83 @@
+"""Named connections with timeouts.
+
+Every connection says who it is (``application_name = buildsmart:<purpose>``), has a connect
+timeout and a statement timeout, and lists all members of a group so it lands on the primary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from orchestrator.exceptions import NodeError
+from orchestrator.topology import Credentials, Group
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True)
+class Target:
+    """Everything needed to reach one group as one role."""
+
+    group: str
+    hosts: str
+    ports: str
+    dbname: str
+    user: str
+    password: str
+
+    def conninfo(self, purpose: str, *, primary: bool = True, statement_timeout_ms: int | None = None) -> str:
+        options = f"-c statement_timeout={statement_timeout_ms}" if statement_timeout_ms is not None else None
+        params: dict[str, str | int] = {
+            "host": self.hosts,
+            "port": self.ports,
+            "dbname": self.dbname,
+            "user": self.user,
+            "password": self.password,
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "application_name": f"buildsmart:{purpose}",
+        }
+        if primary:
+            params["target_session_attrs"] = "read-write"
+        if options:
+            params["options"] = options
+        return make_conninfo("", **params)
+
+    def uri(self) -> str:
+        """A libpq URI (password included) for any SQL client."""
+        from urllib.parse import quote
+
+        hostports = ",".join(f"{h}:{p}" for h, p in zip(self.hosts.split(","), self.ports.split(","), strict=True))
+        suffix = "?target_session_attrs=read-write" if "," in self.hosts else ""
+        return f"postgresql://{quote(self.user, safe='')}:{quote(self.password, safe='')}@{hostports}/{self.dbname}{suffix}"
+
+
+def superuser_target(group: Group, creds: Credentials, dbname: str | None = None) -> Target:
+    return Target(group.name, group.hosts, group.ports, dbname or group.dbname, creds.superuser, creds.superuser_password)
+
+
+def app_target(group: Group, creds: Credentials) -> Target:
+    return Target(group.name, group.hosts, group.ports, group.dbname, creds.app_user, creds.app_password)
+
+
+def connect(
+    target: Target,
+    purpose: str,
+    *,
+    autocommit: bool = False,
+    statement_timeout_ms: int | None = None,
+    primary: bool = True,
+) -> psycopg.Connection:
+    """Open a named connection; converts connection failures to NodeError naming the node."""
+    try:
+        return psycopg.connect(
+            target.conninfo(purpose, primary=primary, statement_timeout_ms=statement_timeout_ms),
+            autocommit=autocommit,
+        )
+    except psycopg.OperationalError as exc:
+        raise NodeError(f"cannot connect to node {target.group} ({target.hosts}:{target.ports}) for {purpose}: {exc}") from exc

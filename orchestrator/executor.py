@@ -1,0 +1,274 @@
+"""Apply setup steps. One registered implementation per step type (alembic's ops-as-data style);
+each step runs in its own transaction on the node(s) it touches and is logged with its sentence."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+
+from orchestrator import extension
+from orchestrator.exceptions import NodeError
+from orchestrator.fragments import DISTRIBUTED_TABLE, SHARD_SCHEMA, Fragment
+from orchestrator.nodeconn import NodeConnections
+from orchestrator.planner import (
+    AttachCoordinatorPartition,
+    CreateAppSchema,
+    CreateWorkerFragment,
+    EnsureExtension,
+    EnsureForeignServer,
+    EnsureUserMapping,
+    RegisterFragment,
+    RegisterNode,
+    Step,
+)
+from orchestrator.sqlbuild import SQL_DIR
+
+log = logging.getLogger(__name__)
+
+FDW_OPTIONS = {
+    "async_capable": "true",
+    "batch_size": "1000",
+    "fetch_size": "10000",
+    "extensions": "buildsmart",
+    "target_session_attrs": "read-write",
+    "connect_timeout": "10",
+}
+# Partitions made ahead of time when a fragment is created: one interval back, three ahead.
+PREMADE_BEHIND, PREMADE_AHEAD = 1, 3
+
+S = TypeVar("S", bound=Step)
+Impl = Callable[[NodeConnections, Any], None]
+_IMPLEMENTATIONS: dict[type[Step], Impl] = {}
+
+
+def implements(step_type: type[S]) -> Callable[[Callable[[NodeConnections, S], None]], Callable[[NodeConnections, S], None]]:
+    def register(fn: Callable[[NodeConnections, S], None]) -> Callable[[NodeConnections, S], None]:
+        _IMPLEMENTATIONS[step_type] = fn
+        return fn
+
+    return register
+
+
+def apply(nodes: NodeConnections, steps: Iterable[Step], on_step: Callable[[Step], None] | None = None) -> int:
+    done = 0
+    for step in steps:
+        impl = _IMPLEMENTATIONS[type(step)]
+        log.info("applying: %s", step.describe())
+        try:
+            impl(nodes, step)
+        except psycopg.Error as exc:
+            raise NodeError(f"could not {step.describe()}: {exc}") from exc
+        if on_step:
+            on_step(step)
+        done += 1
+    return done
+
+
+def _app_role(nodes: NodeConnections) -> sql.Identifier:
+    return sql.Identifier(nodes.creds.app_user)
+
+
+def ensure_app_role(conn: psycopg.Connection, role: str, password: str, dbname: str) -> None:
+    """Create or refresh the application login role (SCRAM password) and let it use the database."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (role,))
+        verb = "ALTER" if cur.fetchone() else "CREATE"
+        cur.execute(sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(sql.SQL(verb), sql.Identifier(role), sql.Literal(password)))
+        cur.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(sql.Identifier(dbname), sql.Identifier(role)))
+        cur.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(sql.Identifier(role)))
+
+
+@implements(EnsureExtension)
+def _ensure_extension(nodes: NodeConnections, step: EnsureExtension) -> None:
+    conn = nodes.get(step.node)
+    with conn.transaction():
+        extension.ensure_extension(conn, step.node)
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SHARD_SCHEMA)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA buildsmart, {} TO {}").format(sql.Identifier(SHARD_SCHEMA), _app_role(nodes)))
+        conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA buildsmart TO {}").format(_app_role(nodes)))
+        dbname = nodes.topology.group(step.node).dbname
+        for setting in ("enable_partitionwise_aggregate", "enable_partitionwise_join"):
+            conn.execute(sql.SQL("ALTER DATABASE {} SET {} = on").format(sql.Identifier(dbname), sql.Identifier(setting)))
+
+
+@implements(CreateAppSchema)
+def _create_app_schema(nodes: NodeConnections, step: CreateAppSchema) -> None:
+    conn = nodes.coordinator
+    ddl = (SQL_DIR / "app" / "coordinator.sql").read_text()
+    with conn.transaction():
+        conn.execute(ddl.encode())
+        role = _app_role(nodes)
+        conn.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON public.readings, public.buildings, public.devices TO {}").format(
+                role
+            )
+        )
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(SHARD_SCHEMA), role))
+        conn.execute(
+            sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {}").format(
+                sql.Identifier(SHARD_SCHEMA), role
+            )
+        )
+
+
+@implements(RegisterNode)
+def _register_node(nodes: NodeConnections, step: RegisterNode) -> None:
+    n = step.node
+    server = n.server_name if n.role == "worker" else None
+    nodes.coordinator.execute(
+        "INSERT INTO buildsmart.nodes (name, role, hosts, ports, dbname, server_name) VALUES (%s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (name) DO UPDATE SET role = EXCLUDED.role, hosts = EXCLUDED.hosts, ports = EXCLUDED.ports, "
+        "dbname = EXCLUDED.dbname, server_name = EXCLUDED.server_name",
+        (n.name, n.role, n.hosts, n.ports, n.dbname, server),
+    )
+
+
+def _server_options(pairs: dict[str, str], verb: str = "") -> sql.Composable:
+    prefix = sql.SQL(verb + " ") if verb else sql.SQL("")
+    return sql.SQL(", ").join(sql.SQL("{}{} {}").format(prefix, sql.Identifier(k), sql.Literal(v)) for k, v in pairs.items())
+
+
+@implements(EnsureForeignServer)
+def _ensure_foreign_server(nodes: NodeConnections, step: EnsureForeignServer) -> None:
+    n = step.node
+    address = {"host": n.hosts, "port": n.ports, "dbname": n.dbname}
+    server = sql.Identifier(n.server_name)
+    if step.create:
+        stmt = sql.SQL("CREATE SERVER {} FOREIGN DATA WRAPPER postgres_fdw OPTIONS ({})").format(
+            server, _server_options({**address, **FDW_OPTIONS})
+        )
+    else:
+        # Repointing a server is an ALTER, no foreign table changes: queries follow at once.
+        stmt = sql.SQL("ALTER SERVER {} OPTIONS ({})").format(server, _server_options(address, "SET"))
+    nodes.coordinator.execute(stmt)
+
+
+@implements(EnsureUserMapping)
+def _ensure_user_mapping(nodes: NodeConnections, step: EnsureUserMapping) -> None:
+    creds = nodes.creds
+    nodes.coordinator.execute(
+        sql.SQL("CREATE USER MAPPING IF NOT EXISTS FOR PUBLIC SERVER {} OPTIONS (user {}, password {})").format(
+            sql.Identifier(step.node.server_name), sql.Literal(creds.app_user), sql.Literal(creds.app_password)
+        )
+    )
+    nodes.coordinator.execute(
+        sql.SQL("GRANT USAGE ON FOREIGN SERVER {} TO {}").format(sql.Identifier(step.node.server_name), _app_role(nodes))
+    )
+
+
+def coordinator_columns(conn: psycopg.Connection, relation: str = f"public.{DISTRIBUTED_TABLE}") -> list[tuple[str, str, bool]]:
+    """(name, type with collation, not null) of the distributed table, from the coordinator."""
+    cur = conn.execute(
+        "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod) "
+        "  || CASE WHEN a.attcollation <> t.typcollation THEN ' COLLATE ' || quote_ident(co.collname) ELSE '' END, "
+        "  a.attnotnull "
+        "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid "
+        "LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation "
+        "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        (relation,),
+    )
+    return [(r[0], r[1], r[2]) for r in cur.fetchall()]
+
+
+def fragment_table_ddl(frag: Fragment, columns: list[tuple[str, str, bool]]) -> list[sql.Composed]:
+    """DDL of a worker fragment: time-partitioned, keyed on (building, meter, ts), range-checked."""
+    table = sql.Identifier(SHARD_SCHEMA, frag.shard_name)
+    cols = [
+        sql.SQL("{} {}{}").format(sql.Identifier(name), sql.SQL(typ), sql.SQL(" NOT NULL" if notnull else ""))
+        for name, typ, notnull in columns
+    ]
+    checks = []
+    if frag.range_from is not None:
+        checks.append(sql.SQL("building >= {}").format(sql.Literal(frag.range_from)))
+    if frag.range_to is not None:
+        checks.append(sql.SQL("building < {}").format(sql.Literal(frag.range_to)))
+    if checks:
+        cols.append(
+            sql.SQL("CONSTRAINT {} CHECK ({})").format(sql.Identifier(f"{frag.shard_name}_range"), sql.SQL(" AND ").join(checks))
+        )
+    cols.append(sql.SQL("CONSTRAINT {} PRIMARY KEY (building, meter, ts)").format(sql.Identifier(f"{frag.shard_name}_pkey")))
+    return [
+        sql.SQL("CREATE TABLE {} ({}) PARTITION BY RANGE (ts)").format(table, sql.SQL(", ").join(cols)),
+        sql.SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(
+            sql.Identifier(SHARD_SCHEMA, f"{frag.shard_name}_default"), table
+        ),
+        sql.SQL(
+            "CREATE TRIGGER readings_replace BEFORE INSERT ON {} "
+            "FOR EACH ROW EXECUTE FUNCTION buildsmart.readings_replace_trigger()"
+        ).format(table),
+        sql.SQL(
+            "SELECT buildsmart.ensure_time_partitions({}::regclass, {}::interval, "
+            "now() - {} * {}::interval, now() + {} * {}::interval)"
+        ).format(
+            sql.Literal(f"{SHARD_SCHEMA}.{frag.shard_name}"),
+            sql.Literal(frag.time_interval),
+            sql.Literal(PREMADE_BEHIND),
+            sql.Literal(frag.time_interval),
+            sql.Literal(PREMADE_AHEAD),
+            sql.Literal(frag.time_interval),
+        ),
+    ]
+
+
+@implements(CreateWorkerFragment)
+def _create_worker_fragment(nodes: NodeConnections, step: CreateWorkerFragment) -> None:
+    columns = coordinator_columns(nodes.coordinator)
+    worker = nodes.get(step.fragment.node)
+    with worker.transaction():
+        for stmt in fragment_table_ddl(step.fragment, columns):
+            worker.execute(stmt)
+        worker.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
+                sql.Identifier(SHARD_SCHEMA, step.fragment.shard_name), _app_role(nodes)
+            )
+        )
+
+
+@implements(RegisterFragment)
+def _register_fragment(nodes: NodeConnections, step: RegisterFragment) -> None:
+    f = step.fragment
+    coord = nodes.coordinator
+    with coord.transaction():
+        coord.execute(
+            "INSERT INTO buildsmart.fragments (fragment_id, logicalrelid, shard_name, range_from, range_to, time_interval) "
+            "VALUES (%s, 'public.readings'::regclass, %s, %s, %s, %s::interval)",
+            (f.fragment_id, f.shard_name, f.range_from, f.range_to, f.time_interval),
+        )
+        coord.execute("INSERT INTO buildsmart.placements (fragment_id, node_name) VALUES (%s, %s)", (f.fragment_id, f.node))
+
+
+def _bound(value: str | None, infinite: str) -> sql.Composable:
+    return sql.SQL(infinite) if value is None else sql.SQL("({})").format(sql.Literal(value))
+
+
+def attach_partition_sql(frag: Fragment, server_name: str) -> sql.Composed:
+    return sql.SQL(
+        "CREATE FOREIGN TABLE {} PARTITION OF public.readings FOR VALUES FROM {} TO {} "
+        "SERVER {} OPTIONS (schema_name {}, table_name {})"
+    ).format(
+        sql.Identifier(SHARD_SCHEMA, frag.shard_name),
+        _bound(frag.range_from, "(MINVALUE)"),
+        _bound(frag.range_to, "(MAXVALUE)"),
+        sql.Identifier(server_name),
+        sql.Literal(SHARD_SCHEMA),
+        sql.Literal(frag.shard_name),
+    )
+
+
+@implements(AttachCoordinatorPartition)
+def _attach_partition(nodes: NodeConnections, step: AttachCoordinatorPartition) -> None:
+    coord = nodes.coordinator
+    with coord.transaction():
+        server = coord.execute("SELECT server_name FROM buildsmart.nodes WHERE name = %s", (step.fragment.node,)).fetchone()
+        if server is None or server[0] is None:
+            raise NodeError(f"node {step.fragment.node} has no foreign server")
+        coord.execute(attach_partition_sql(step.fragment, server[0]))
+        coord.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
+                sql.Identifier(SHARD_SCHEMA, step.fragment.shard_name), _app_role(nodes)
+            )
+        )

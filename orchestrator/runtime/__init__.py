@@ -1,0 +1,1 @@
+"""Runtimes: how the servers of a node group come to exist and run."""

@@ -1,0 +1,191 @@
+"""The embedded local runtime: PostgreSQL servers started by the orchestrator on 127.0.0.1.
+
+Servers run as the unprivileged service user, listen on TCP only (no Unix socket, so deep
+temporary paths never hit the socket path limit), authenticate with SCRAM, and are stopped with
+``pg_ctl`` (by the PID in postmaster.pid), never by process name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator import pgbin
+from orchestrator.exceptions import NodeError
+from orchestrator.osuser import ServiceUser, run_as
+from orchestrator.topology import Credentials, Member
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 60
+
+# Why each setting: logical WAL for online fragment moves; prepared transactions for atomic
+# multi-worker ingest; replication slots/senders for replicas; partitionwise aggregation so
+# per-fragment GROUP BY is pushed to workers.
+SERVER_SETTINGS: dict[str, str] = {
+    "listen_addresses": "'127.0.0.1'",
+    "unix_socket_directories": "''",
+    "password_encryption": "'scram-sha-256'",
+    "max_connections": "200",
+    "shared_buffers": "'128MB'",
+    "wal_level": "'logical'",
+    "max_wal_senders": "16",
+    "max_replication_slots": "16",
+    "max_prepared_transactions": "100",
+    "max_wal_size": "'2GB'",
+    "checkpoint_timeout": "'15min'",
+    "enable_partitionwise_aggregate": "on",
+    "enable_partitionwise_join": "on",
+    "log_line_prefix": "'%m [%p] %q%u@%d/%a '",
+    "log_min_messages": "warning",
+    "timezone": "'UTC'",
+    "lc_messages": "'C'",
+}
+
+HBA_RULES = """# written by buildsmart: SCRAM everywhere, loopback only
+local   all           all                       scram-sha-256
+host    all           all        127.0.0.1/32   scram-sha-256
+host    replication   all        127.0.0.1/32   scram-sha-256
+"""
+
+
+@dataclass(frozen=True)
+class LocalMember:
+    """A member of a group whose files live under the cluster directory."""
+
+    member: Member
+    data_dir: Path
+    log_file: Path
+
+    @property
+    def name(self) -> str:
+        return self.member.name
+
+
+def pid_of(data_dir: Path) -> int | None:
+    """PID of the running postmaster of ``data_dir``, or None (stale pid files are ignored)."""
+    try:
+        first = (data_dir / "postmaster.pid").read_text().splitlines()[0]
+        pid = int(first.strip())
+    except (FileNotFoundError, IndexError, ValueError, PermissionError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def is_initialized(lm: LocalMember) -> bool:
+    return (lm.data_dir / "PG_VERSION").exists()
+
+
+def initdb(lm: LocalMember, user: ServiceUser, creds: Credentials) -> None:
+    """Create the data directory with the superuser and SCRAM auth; writes our settings."""
+    lm.data_dir.mkdir(parents=True, exist_ok=True)
+    lm.log_file.parent.mkdir(parents=True, exist_ok=True)
+    user.chown(lm.data_dir)
+    os.chmod(lm.data_dir, 0o700)
+    user.chown(lm.log_file.parent)
+    with tempfile.NamedTemporaryFile("w", delete=False, dir=lm.data_dir.parent, prefix=".pw") as pwfile:
+        pwfile.write(creds.superuser_password + "\n")
+    try:
+        os.chmod(pwfile.name, 0o600)
+        if not user.is_current:
+            os.chown(pwfile.name, user.uid, user.gid)
+        run_as(
+            user,
+            [
+                pgbin.tool("initdb"),
+                "-D",
+                str(lm.data_dir),
+                "-U",
+                creds.superuser,
+                f"--pwfile={pwfile.name}",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--data-checksums",
+            ],
+        )
+    finally:
+        os.unlink(pwfile.name)
+    _write_config(lm, user)
+    log.info("initialised %s in %s (port %d)", lm.name, lm.data_dir, lm.member.port)
+
+
+def _write_config(lm: LocalMember, user: ServiceUser) -> None:
+    settings = dict(SERVER_SETTINGS, port=str(lm.member.port))
+    conf = "\n".join(f"{k} = {v}" for k, v in sorted(settings.items()))
+    (lm.data_dir / "postgresql.buildsmart.conf").write_text("# written by buildsmart\n" + conf + "\n")
+    with (lm.data_dir / "postgresql.conf").open("a") as fh:
+        fh.write("\ninclude 'postgresql.buildsmart.conf'\n")
+    (lm.data_dir / "pg_hba.conf").write_text(HBA_RULES)
+    user.chown(lm.data_dir)
+
+
+def set_port(lm: LocalMember, user: ServiceUser) -> None:
+    """Rewrite the port (used when a recorded port has been taken by someone else)."""
+    conf = lm.data_dir / "postgresql.buildsmart.conf"
+    lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith("port =")]
+    lines.append(f"port = {lm.member.port}")
+    conf.write_text("\n".join(lines) + "\n")
+    user.chown(conf)
+
+
+def start(lm: LocalMember, user: ServiceUser) -> bool:
+    """Start the server if it is not running. Returns True when it was started now."""
+    if pid_of(lm.data_dir) is not None:
+        return False
+    if not is_initialized(lm):
+        raise NodeError(f"{lm.name}: no data directory at {lm.data_dir}")
+    try:
+        run_as(
+            user,
+            [pgbin.tool("pg_ctl"), "-D", str(lm.data_dir), "-l", str(lm.log_file), "-w", "-t", str(START_TIMEOUT_S), "start"],
+        )
+    except NodeError as exc:
+        raise NodeError(f"{lm.name} did not start on port {lm.member.port}: {exc}; see {lm.log_file}") from exc
+    log.info("started %s on %s:%d (pid %s)", lm.name, lm.member.host, lm.member.port, pid_of(lm.data_dir))
+    return True
+
+
+def stop(lm: LocalMember, user: ServiceUser, mode: str = "fast") -> bool:
+    """Stop the server through pg_ctl (it signals the PID in postmaster.pid). True when it was running."""
+    if pid_of(lm.data_dir) is None:
+        return False
+    run_as(user, [pgbin.tool("pg_ctl"), "-D", str(lm.data_dir), "-m", mode, "-w", "-t", "120", "stop"])
+    log.info("stopped %s", lm.name)
+    return True
+
+
+def wait_ready(lm: LocalMember, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = run_probe(lm)
+        if result:
+            return
+        time.sleep(0.1)
+    raise NodeError(f"{lm.name} is not accepting connections on port {lm.member.port}")
+
+
+def run_probe(lm: LocalMember) -> bool:
+    import subprocess
+
+    probe = subprocess.run(
+        [pgbin.tool("pg_isready"), "-h", lm.member.host, "-p", str(lm.member.port), "-t", "2"],
+        capture_output=True,
+        check=False,
+    )
+    return probe.returncode == 0
+
+
+def remove(lm: LocalMember) -> None:
+    shutil.rmtree(lm.data_dir, ignore_errors=True)
