@@ -1,5 +1,10 @@
 """Cluster lifecycle: ``up`` and ``down`` for the local runtime, ``init`` for servers we did not start,
-and ``setup`` (plan + apply) shared by both."""
+and ``setup`` (plan + apply) shared by both.
+
+The local runtime has two shapes: ``replicas >= 1`` (the default) makes every node a Patroni group
+(primary + replicas, etcd, the failover supervisor: see runtime/ha.py and runtime/supervisor.py);
+``replicas == 0`` starts one plain server per node with pg_ctl. A cluster remembers its shape:
+DIR/ha.json exists for Patroni clusters only."""
 
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from orchestrator.fragments import even_split_points, initial_fragments, validat
 from orchestrator.nodeconn import NodeConnections
 from orchestrator.osuser import ServiceUser, service_user
 from orchestrator.planner import DesiredCluster, NodeSpec, Step, plan
-from orchestrator.runtime import local
+from orchestrator.runtime import ha, hasettings, local, supervisor
+from orchestrator.runtime.patroni import PatroniMember
 from orchestrator.runtime.ports import free_port, is_listening
 from orchestrator.spec import ClusterSpec
 from orchestrator.topology import COORDINATOR, WORKER, Credentials, Group, Layout, Member, Topology
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 3
 DEFAULT_FRAGMENTS_PER_WORKER = 2
+DEFAULT_REPLICAS = 1
 FALLBACK_DATA_ROOT = Path("/var/lib/buildsmart")
 Report = Callable[[str], None]
 
@@ -41,16 +48,22 @@ def _quiet(_: str) -> None:
 # ---------------------------------------------------------------- local runtime
 
 
-def new_local_topology(workers: int, layout: Layout, service: ServiceUser, name: str = "buildsmart") -> Topology:
+def new_local_topology(
+    workers: int, layout: Layout, service: ServiceUser, name: str = "buildsmart", replicas: int = 0
+) -> Topology:
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
+    if replicas < 0:
+        raise ConfigError("--replicas must be 0 or more")
     used: set[int] = set()
 
-    def group(gname: str, role: str) -> Group:
+    def member(gname: str, i: int) -> Member:
         port = free_port(exclude=frozenset(used))
         used.add(port)
-        member = Member(f"{gname}-0", "127.0.0.1", port, data_dir=f"{gname}-0")
-        return Group(gname, role, (member,), managed=True)
+        return Member(f"{gname}-{i}", "127.0.0.1", port, data_dir=f"{gname}-{i}")
+
+    def group(gname: str, role: str) -> Group:
+        return Group(gname, role, tuple(member(gname, i) for i in range(replicas + 1)), managed=True)
 
     groups = (group("coordinator", COORDINATOR), *(group(f"w{i}", WORKER) for i in range(1, workers + 1)))
     return Topology(name, groups, layout, service.name)
@@ -130,8 +143,13 @@ def up(
     split_points: Sequence[str] | None = None,
     time_interval: str | None = None,
     report: Report = _quiet,
+    replicas: int | None = None,
+    synchronous: str = "on",
 ) -> Topology:
-    """Create or restart the local cluster in DIR; idempotent."""
+    """Create or restart the local cluster in DIR; idempotent.
+
+    ``replicas`` (new clusters only, default 1): streaming replicas per node under Patroni; 0 runs
+    plain servers. ``synchronous``: "on" (default), "strict" or "off" (Patroni synchronous mode)."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     user = service_user()
@@ -140,6 +158,8 @@ def up(
         creds = topology.load_credentials(directory)
         if workers is not None and workers != len(topo.workers):
             report(f"cluster in {directory} has {len(topo.workers)} workers; ignoring --workers {workers} (use `node add`)")
+        if replicas is not None and replicas != len(topo.coordinator.members) - 1:
+            report(f"cluster in {directory} has {len(topo.coordinator.members) - 1} replicas per node; ignoring --replicas")
         if split_points and tuple(split_points) != topo.layout.split_points:
             raise ClusterStateError(
                 f"cluster in {directory} already has split points {list(topo.layout.split_points)}; "
@@ -149,10 +169,17 @@ def up(
         n = DEFAULT_WORKERS if workers is None else workers
         points = validate_split_points(split_points) if split_points else even_split_points(n * DEFAULT_FRAGMENTS_PER_WORKER)
         layout = Layout(points, time_interval or "1 month")
-        topo = new_local_topology(n, layout, user)
+        r = DEFAULT_REPLICAS if replicas is None else replicas
+        if synchronous not in hasettings.SYNC_MODES:
+            raise ConfigError(f"--synchronous must be one of {', '.join(hasettings.SYNC_MODES)}")
+        topo = new_local_topology(n, layout, user, replicas=r)
         creds = Credentials.generate()
         topology.save_credentials(directory, creds)
-        report(f"new cluster in {directory}: coordinator + {n} workers, {len(points) + 1} fragments")
+        if r > 0:
+            hasettings.save(directory, ha.new_settings(topo, r, synchronous))
+        report(f"new cluster in {directory}: coordinator + {n} workers, {len(points) + 1} fragments, {r} replica(s) per node")
+    if hasettings.exists(directory):
+        return _up_patroni(directory, topo, creds, user, report)
     members = local_members(directory, topo, user)
     checked = []
     for group, lm in members:
@@ -171,6 +198,30 @@ def up(
     return topo
 
 
+def _up_patroni(directory: Path, topo: Topology, creds: Credentials, user: ServiceUser, report: Report) -> Topology:
+    """Patroni groups: etcd, members (leaders first), database and roles, setup, then the supervisor."""
+    settings = hasettings.load(directory)
+    topology.save(directory, topo)
+    extension.copy_files()
+    members = [PatroniMember(g, lm) for g, lm in local_members(directory, topo, user)]
+    ha.start_groups(data_root(directory, user), topo, creds, settings, members, user, report)
+    for group in topo.groups:
+        if group.managed:
+            _bootstrap_group(group, creds)
+    applied = setup(topo, creds)
+    report(f"setup: {len(applied)} change(s) applied" if applied else "setup: catalog and fragments up to date")
+    supervisor.start_daemon(directory)
+    report("failover supervisor running")
+    return topo
+
+
+def _down_patroni(directory: Path, topo: Topology, user: ServiceUser, report: Report) -> None:
+    if supervisor.stop_daemon(directory):
+        report("failover supervisor: stopped")
+    members = [PatroniMember(g, lm) for g, lm in local_members(directory, topo, user)]
+    ha.stop_groups(data_root(directory, user), topo, hasettings.load(directory), members, user, report)
+
+
 def down(directory: Path, purge: bool = False, report: Report = _quiet) -> None:
     directory = directory.resolve()
     if not topology.exists(directory):
@@ -180,6 +231,10 @@ def down(directory: Path, purge: bool = False, report: Report = _quiet) -> None:
         return
     topo = topology.load(directory)
     user = service_user(topo.service_user)
+    if hasettings.exists(directory):
+        _down_patroni(directory, topo, user, report)
+        _purge(directory, purge, report)
+        return
     members = local_members(directory, topo, user)
     errors = []
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -191,6 +246,10 @@ def down(directory: Path, purge: bool = False, report: Report = _quiet) -> None:
             errors.append(str(exc))
     if errors:
         raise NodeError("; ".join(errors))
+    _purge(directory, purge, report)
+
+
+def _purge(directory: Path, purge: bool, report: Report) -> None:
     if purge:
         nodes = directory / "nodes"
         if nodes.is_symlink():

@@ -1,0 +1,226 @@
+"""The local failover supervisor: watches the processes the local runtime started and acts long
+before Patroni's leader key would expire (ttl cannot go below 20 s).
+
+Each tick reads a frozen snapshot per group (who holds the leader key, which Patroni and postmaster
+PIDs live) and ``decide`` returns one Action whose ``reason`` is logged:
+
+* the leader's Patroni is dead but its postmaster runs -> fence: ``pg_ctl stop -m immediate``, so the
+  orphaned primary cannot acknowledge a commit once a replica is promoted (no split brain);
+* the leader's Patroni and postmaster are dead and a peer's Patroni lives -> release the leader key
+  (an etcd transaction that deletes it only if it still names the dead member); the synchronous
+  standby's Patroni sees the key vanish and promotes within a loop;
+* a member's Patroni is dead (and it no longer holds, or cannot win, the leader key) -> restart it;
+  it rejoins as a replica, through pg_rewind when its timeline diverged.
+
+Run as ``python -m orchestrator.runtime.supervisor DIR``; ``start_daemon``/``stop_daemon`` manage it by PID.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from orchestrator import topology
+from orchestrator.exceptions import BuildSmartError
+from orchestrator.osuser import ServiceUser, service_user
+from orchestrator.runtime import etcd, hasettings, patroni, procs
+from orchestrator.runtime.hasettings import HaSettings
+from orchestrator.runtime.patroni import PatroniMember
+from orchestrator.topology import Topology
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+RESTART_BACKOFF_S = 3.0
+# A dead ex-leader is restarted only once another member leads, or after this long without one.
+LEADERLESS_RESTART_S = 30.0
+PID_FILE = "supervisor.pid"
+LOG_FILE = "supervisor.log"
+MARKER = "orchestrator.runtime.supervisor"
+
+
+@dataclass(frozen=True)
+class MemberView:
+    name: str
+    patroni_alive: bool
+    postmaster_pid: int | None
+    dead_for_s: float  # how long its Patroni has been seen dead (0 when alive)
+    since_restart_s: float  # since the supervisor last started its Patroni (inf if never)
+
+
+@dataclass(frozen=True)
+class GroupSnapshot:
+    group: str
+    leader: str | None  # member named by the leader key
+    members: tuple[MemberView, ...]
+
+    def member(self, name: str) -> MemberView | None:
+        return next((m for m in self.members if m.name == name), None)
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "none" | "fence" | "release_leader" | "restart"
+    member: str | None
+    reason: str
+
+
+def decide(snap: GroupSnapshot) -> Action:
+    leader = snap.member(snap.leader) if snap.leader else None
+    healthy_peers = [m.name for m in snap.members if m.patroni_alive and m.name != snap.leader]
+    if leader is not None and not leader.patroni_alive:
+        if leader.postmaster_pid is not None:
+            return Action(
+                "fence",
+                leader.name,
+                f"{snap.group}: leader {leader.name} lost its Patroni while postgres (pid {leader.postmaster_pid}) runs; "
+                "stopping postgres immediately so it cannot acknowledge commits after a replica is promoted",
+            )
+        if healthy_peers:
+            return Action(
+                "release_leader",
+                leader.name,
+                f"{snap.group}: leader {leader.name} has neither Patroni nor postgres; releasing its leader key so "
+                f"{', '.join(healthy_peers)} can take over now instead of after the 20 s ttl",
+            )
+    for m in snap.members:
+        if m.patroni_alive or m.since_restart_s < RESTART_BACKOFF_S:
+            continue
+        is_leader = m.name == snap.leader
+        if snap.leader is not None and not is_leader:
+            reason = f"{snap.group}: Patroni of {m.name} is dead and {snap.leader} leads; restarting it to rejoin"
+            return Action("restart", m.name, reason)
+        if is_leader and not healthy_peers:
+            return Action("restart", m.name, f"{snap.group}: leader {m.name} is down and no peer can take over; restarting it")
+        if snap.leader is None and (not healthy_peers or m.dead_for_s >= LEADERLESS_RESTART_S):
+            return Action("restart", m.name, f"{snap.group}: no leader and Patroni of {m.name} is dead; restarting it")
+    return Action("none", None, f"{snap.group}: nothing to do")
+
+
+class Supervisor:
+    def __init__(self, directory: Path, topo: Topology, ha: HaSettings, members: list[PatroniMember], user: ServiceUser) -> None:
+        self.directory = directory
+        self.topo = topo
+        self.ha = ha
+        self.members = {pm.name: pm for pm in members}
+        self.user = user
+        self.dead_since: dict[str, float] = {}
+        self.restarted_at: dict[str, float] = {}
+        self.stopping = False
+
+    def snapshot(self, group_name: str) -> GroupSnapshot:
+        group = self.topo.group(group_name)
+        leader = etcd.get(self.ha.etcd_url, patroni.leader_key(self.topo, group))
+        now = time.monotonic()
+        views = []
+        for m in group.members:
+            pm = self.members[m.name]
+            alive = pm.patroni_pid() is not None
+            if alive:
+                self.dead_since.pop(m.name, None)
+            else:
+                self.dead_since.setdefault(m.name, now)
+            views.append(
+                MemberView(
+                    m.name,
+                    alive,
+                    pm.postmaster_pid(),
+                    0.0 if alive else now - self.dead_since[m.name],
+                    now - self.restarted_at.get(m.name, float("-inf")),
+                )
+            )
+        return GroupSnapshot(group.name, leader, tuple(views))
+
+    def act(self, snap: GroupSnapshot, action: Action) -> None:
+        if action.kind == "none" or action.member is None:
+            return
+        log.info("%s: %s", action.kind, action.reason)
+        pm = self.members[action.member]
+        if action.kind == "fence":
+            patroni.fence(pm, self.user)
+        elif action.kind == "release_leader":
+            deleted = etcd.delete_if_value(self.ha.etcd_url, patroni.leader_key(self.topo, pm.group), pm.name)
+            log.info("leader key of %s %s", pm.group.name, "released" if deleted else "had already changed hands")
+        elif action.kind == "restart":
+            self.restarted_at[pm.name] = time.monotonic()
+            patroni.start(pm, self.user)
+
+    def tick(self) -> None:
+        for group in self.topo.groups:
+            if not group.managed:
+                continue
+            try:
+                snap = self.snapshot(group.name)
+                self.act(snap, decide(snap))
+            except BuildSmartError as exc:
+                log.warning("%s: supervision step failed: %s", group.name, exc)
+
+    def run(self) -> None:
+        log.info("supervising %d members of %s", len(self.members), self.directory)
+        while not self.stopping:
+            if not topology.exists(self.directory):
+                log.info("%s is gone; supervisor exits", self.directory)
+                return
+            self.tick()
+            time.sleep(TICK_S)
+        log.info("supervisor stopped")
+
+
+# ---------------------------------------------------------------- daemon management
+
+
+def start_daemon(directory: Path) -> int:
+    """Start the supervisor for DIR unless it runs; returns its PID."""
+    pid = procs.read_pid(directory / PID_FILE)
+    if procs.alive(pid, MARKER):
+        assert pid is not None
+        return pid
+    with (directory / LOG_FILE).open("ab") as logfh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", MARKER, str(directory)],
+            stdout=logfh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    procs.write_pid(directory / PID_FILE, proc.pid)
+    log.info("started failover supervisor for %s (pid %d)", directory, proc.pid)
+    return proc.pid
+
+
+def stop_daemon(directory: Path) -> bool:
+    pid = procs.read_pid(directory / PID_FILE)
+    if not procs.alive(pid, MARKER):
+        return False
+    assert pid is not None
+    return procs.stop_pid(pid, "failover supervisor", 10)
+
+
+def main(argv: list[str]) -> int:
+    from orchestrator import cluster  # late: cluster imports this module
+
+    directory = Path(argv[0]).resolve()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    topo = topology.load(directory)
+    user = service_user(topo.service_user)
+    ha = hasettings.load(directory)
+    members = [PatroniMember(g, lm) for g, lm in cluster.local_members(directory, topo, user)]
+    sup = Supervisor(directory, topo, ha, members, user)
+
+    def on_term(_signum: int, _frame: FrameType | None) -> None:
+        sup.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    sup.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
