@@ -41,6 +41,7 @@ from orchestrator.topology import COORDINATOR, WORKER, Credentials, Group, Layou
 class ClusterSpec:
     topology: Topology
     credentials: Credentials
+    app_password_generated: bool = False  # no app password in the spec: one was made up
 
 
 def load_spec(path: Path) -> ClusterSpec:
@@ -71,7 +72,9 @@ def parse_spec(data: dict[str, Any], where: str) -> ClusterSpec:
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: node names must be unique, got {names}")
     topo = Topology(str(cluster.get("name", "buildsmart")), (coordinator, *workers), layout)
-    return ClusterSpec(topo, _credentials(_table(data, "credentials", where), where))
+    creds_table = _table(data, "credentials", where)
+    generated = "app_password" not in creds_table and "app_password_env" not in creds_table
+    return ClusterSpec(topo, _credentials(creds_table, where), generated)
 
 
 def _table(data: dict[str, Any], key: str, where: str, required: bool = True) -> dict[str, Any]:

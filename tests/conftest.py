@@ -9,14 +9,15 @@ import pytest
 
 from tests.harness import ClusterHandle, start_cluster, stop_cluster
 
-# Two workers, four fragments; test buildings are named t<id>_..., which sort after "b" and
-# before "u", so the split points put them in fragments 3 ("t...") and the rest in 1, 2, 4.
+# Two workers, five fragments: [MIN,b3) w1, [b3,b6) w2, [b6,t) w1, [t,u) w2, [u,MAX) w1.
+# Tests name their buildings with a unique token so they never see each other's rows.
 MAIN_SPLIT_POINTS = ["b3", "b6", "t", "u"]
 
 
 @pytest.fixture(scope="session")
 def main_cluster() -> Iterator[ClusterHandle]:
-    handle = start_cluster("bs-test-", workers=2, split_points=MAIN_SPLIT_POINTS)
+    # The plain shape (one server per node); the HA tests run their own Patroni-shaped cluster.
+    handle = start_cluster("bs-test-", workers=2, split_points=MAIN_SPLIT_POINTS, replicas=0)
     try:
         yield handle
     finally:
@@ -24,8 +25,15 @@ def main_cluster() -> Iterator[ClusterHandle]:
 
 
 @pytest.fixture
-def building_prefix(main_cluster: ClusterHandle) -> Iterator[str]:
-    """A building-code prefix unique to one test; its readings are deleted afterwards."""
-    prefix = f"t{uuid.uuid4().hex[:8]}_"
-    yield prefix
-    main_cluster.delete_buildings(prefix)
+def token(main_cluster: ClusterHandle) -> Iterator[str]:
+    """A token unique to one test; every building whose code contains it is deleted afterwards."""
+    tok = uuid.uuid4().hex[:8]
+    yield tok
+    with main_cluster.coordinator() as conn:
+        conn.execute("DELETE FROM public.readings WHERE building LIKE %s", (f"%{tok}%",))
+
+
+@pytest.fixture
+def building_prefix(token: str) -> str:
+    """A building-code prefix unique to one test (lands in fragment [t, u))."""
+    return f"t{token}_"

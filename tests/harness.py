@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,18 +55,34 @@ class ClusterHandle:
         with connect(superuser_target(topo.group(name), creds), "test", autocommit=True) as conn:
             yield conn
 
-    def delete_buildings(self, prefix: str) -> None:
-        """Remove every reading of buildings starting with ``prefix`` (per-test cleanup)."""
-        with self.coordinator() as conn:
-            conn.execute("DELETE FROM public.readings WHERE building LIKE %s", (prefix + "%",))
+    def run_cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``buildsmart ARGS --dir DIR`` as a user would; returns the finished process."""
+        cmd = [sys.executable, "-m", "orchestrator", *args, "--dir", str(self.directory)]
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=600, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
 
 
-def start_cluster(prefix: str, workers: int, split_points: list[str]) -> ClusterHandle:
+def write_csv(path: Path, rows: list[tuple[str, str, str, float | str]], header: str = "building,meter,ts,kwh") -> Path:
+    lines = [header] + [f"{b},{m},{t},{k}" for b, m, t, k in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_cluster(prefix: str, workers: int, split_points: list[str], replicas: int = 0) -> ClusterHandle:
+    """Start a local cluster; on failure, stop whatever it started before re-raising."""
     directory = make_tmp_dir(prefix) / "cluster"
-    cluster.up(directory, workers=workers, split_points=split_points)
-    return ClusterHandle(directory)
+    handle = ClusterHandle(directory)
+    try:
+        cluster.up(directory, workers=workers, split_points=split_points, replicas=replicas)
+    except BaseException:
+        stop_cluster(handle)
+        raise
+    return handle
 
 
 def stop_cluster(handle: ClusterHandle) -> None:
-    cluster.down(handle.directory, purge=True)
+    if topology.exists(handle.directory):
+        cluster.down(handle.directory, purge=True)
     shutil.rmtree(handle.directory.parent, ignore_errors=True)

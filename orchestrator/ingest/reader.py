@@ -69,8 +69,7 @@ class Source:
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
         try:
-            for number, raw in enumerate(self.stream, 1):
-                yield number, raw
+            yield from enumerate(self.stream, 1)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             raise InputError(InputLocation(self.name, 0), f"cannot read: {exc}") from exc
 
@@ -170,11 +169,7 @@ class JsonRows:
             except json.JSONDecodeError as exc:
                 yield Reject(number, exc.colno, f"invalid JSON: {exc.msg}", raw)
                 continue
-            reject = _json_row(obj, number, raw)
-            if isinstance(reject, Reject):
-                yield reject
-            else:
-                yield reject
+            yield _json_row(obj, number, raw)
 
 
 def _json_row(obj: object, number: int, raw: bytes) -> Row | Reject:

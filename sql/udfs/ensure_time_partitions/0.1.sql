@@ -26,7 +26,9 @@ BEGIN
     s := buildsmart.partition_start(part_interval, lo);
     WHILE s <= hi LOOP
         e := s + part_interval;
-        part := rel || '_p' || to_char(pg_catalog.timezone('UTC', s), 'YYYYMMDD"T"HH24MI');
+        -- readings_f1_p20230101, or readings_f1_p20230101_1200 for partitions starting within a day
+        part := rel || '_p' || to_char(pg_catalog.timezone('UTC', s), 'YYYYMMDD')
+                || CASE WHEN pg_catalog.timezone('UTC', s)::time <> '00:00' THEN to_char(pg_catalog.timezone('UTC', s), '"_"HH24MI') ELSE '' END;
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c
                         WHERE c.relname = part AND c.relnamespace = nsp::regnamespace) THEN
             EXECUTE format('CREATE TABLE %I.%I (LIKE %I.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', nsp, part, nsp, rel);
