@@ -265,6 +265,10 @@ def init_remote(directory: Path, spec: ClusterSpec, report: Report = _quiet) -> 
     """Set up servers we did not start (from a spec) and remember them in DIR."""
     directory = directory.resolve()
     topo = spec.topology
+    if spec.app_password_generated and topology.exists(directory):
+        # Keep the password made the first time: user mappings on the coordinator hold it.
+        stored = topology.load_credentials(directory).app_password
+        spec = replace(spec, credentials=replace(spec.credentials, app_password=stored))
     if not topo.layout.split_points:
         topo = replace(topo, layout=replace(topo.layout, split_points=even_split_points(2 * len(topo.workers))))
     for group in topo.groups:
