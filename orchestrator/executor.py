@@ -107,6 +107,7 @@ def _create_app_schema(nodes: NodeConnections, step: CreateAppSchema) -> None:
                 role
             )
         )
+        conn.execute(sql.SQL("GRANT SELECT ON public.latest_readings TO {}").format(role))
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(SHARD_SCHEMA), role))
         conn.execute(
             sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {}").format(

@@ -1,0 +1,53 @@
+"""``buildsmart demo``: the main job — a local cluster, a real sample, a few answers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from orchestrator import demo
+from orchestrator.cli.app import DEFAULT_DIR, DirOpt, app, out, report, setup_logging
+from orchestrator.cli.ingest_cmds import summary
+
+
+@app.command("demo")
+def demo_cmd(
+    directory: DirOpt = DEFAULT_DIR,
+    workers: Annotated[int, typer.Option(help="Workers of a new cluster.")] = 3,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Bring a local cluster up, load 12 real Cambridge buildings (2023), print answers; it stays up."""
+    setup_logging(directory, verbose)
+    answers = demo.run(directory, workers=workers, report=report)
+    out.print(summary(answers.ingest))
+
+    month = answers.month_start.strftime("%B %Y")
+    top = Table(title=f"Top consumers in the last month of data ({month})")
+    for col in ("building", "kWh", "kWh per m²"):
+        top.add_column(col, justify="left" if col == "building" else "right")
+    for building, kwh, per_m2 in answers.top_consumers:
+        top.add_row(building, f"{kwh:,}", f"{per_m2}")
+    out.print(top)
+
+    prof = Table(title=f"Daily profile of {answers.profile_building}, last 14 days ({demo.DEMO_TZ} days)")
+    for col in ("day", "meter", "kWh", ""):
+        prof.add_column(col, justify="right" if col == "kWh" else "left")
+    peak = max((float(k) for _, _, k in answers.daily_profile), default=1.0) or 1.0
+    for day, meter, kwh in answers.daily_profile:
+        prof.add_row(day.strftime("%a %d %b"), meter, f"{kwh:,}", "█" * int(30 * float(kwh) / peak))
+    out.print(prof)
+
+    latest = Table(title="Last reading of each meter")
+    for col in ("building", "meter", "time (UTC)", "kWh"):
+        latest.add_column(col, justify="right" if col == "kWh" else "left")
+    for building, meter, ts, kwh in answers.latest:
+        latest.add_row(building, meter, ts.strftime("%Y-%m-%d %H:%M"), f"{kwh}")
+    out.print(latest)
+
+    d = f" --dir {directory}" if str(directory) != str(DEFAULT_DIR) else ""
+    out.print("\n[bold]Connect[/] (the cluster stays up; `buildsmart down" + d + "` stops it):")
+    out.print(f"  psql '{answers.uri}'")
+    out.print(f"  buildsmart psql{d}        # the same, with the bundled psql")
+    out.print(f"  buildsmart status{d}      # nodes and fragments")
