@@ -168,3 +168,36 @@ def wait_member_state(directory: Path, member: str, role: str, timeout_s: float 
             return
         time.sleep(0.2)
     raise AssertionError(f"{member} is not a running {role} after {timeout_s} s: {state}")
+
+
+def worker_of(directory: Path, building: str) -> str:
+    """The worker group holding the fragment of ``building``."""
+    from orchestrator import catalog
+    from orchestrator.connections import connect, superuser_target
+    from orchestrator.fragments import Router
+
+    topo = topology.load(directory)
+    with connect(superuser_target(topo.coordinator, topology.load_credentials(directory)), "ha-test", autocommit=True) as conn:
+        frags = catalog.load_fragments(conn)
+    return Router(frags).route(building).node
+
+
+def wait_healthy(directory: Path, timeout_s: float = 90.0) -> None:
+    """Every group: one running leader, every other member streaming, a synchronous standby when sync is on."""
+    topo = topology.load(directory)
+    settings = hasettings.load(directory)
+    deadline = time.monotonic() + timeout_s
+    bad: list[str] = []
+    while time.monotonic() < deadline:
+        bad = []
+        for group in topo.groups:
+            status = ha.members_status(settings, group)
+            roles = sorted(str(m["role"]) for m in status)
+            if roles.count("leader") != 1 or any(m["role"] != "leader" and m["state"] != "streaming" for m in status):
+                bad.append(f"{group.name}: {[(m['name'], m['role'], m['state']) for m in status]}")
+            elif settings.synchronous != "off" and len(status) > 1 and "sync_standby" not in roles:
+                bad.append(f"{group.name}: no sync standby yet")
+        if not bad:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"cluster not healthy after {timeout_s} s: {bad}")

@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.exceptions import BuildSmartError, ClusterStateError, NodeError
 from orchestrator.osuser import ServiceUser
-from orchestrator.runtime import etcd, patroni
+from orchestrator.runtime import etcd, hasettings, patroni
 from orchestrator.runtime.hasettings import HaSettings
 from orchestrator.runtime.local import LocalMember
 from orchestrator.runtime.patroni import PatroniMember
@@ -235,3 +235,33 @@ def members_status(ha: HaSettings, group: Group) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def group_members_status(directory: Path, group: str) -> list[dict[str, Any]]:
+    """Members of one group for `buildsmart status`: name, host, port, role, state, timeline, lag_bytes, sync.
+
+    Plain (--replicas 0) clusters report their single member with role "standalone"."""
+    from orchestrator import topology  # late: keeps this module free of the topology file format at import
+
+    directory = directory.resolve()
+    grp = topology.load(directory).group(group)
+    if not hasettings.exists(directory):
+        return [
+            {"name": m.name, "host": m.host, "port": m.port, "role": "standalone", "state": None,
+             "timeline": None, "lag_bytes": None, "sync": False}
+            for m in grp.members
+        ]  # fmt: skip
+    return members_status(hasettings.load(directory), grp)
+
+
+def wait_new_leader(topo: Topology, group: Group, ha: HaSettings, old: str | None, timeout_s: float = 60.0) -> str:
+    """Wait until a member other than ``old`` leads the group and runs as primary; returns its name."""
+
+    def check() -> bool:
+        leader = leader_of(topo, group, ha)
+        return leader is not None and leader != old and _has_running_primary(topo, group, ha)
+
+    _wait(f"a new primary in group {group.name}", timeout_s, check)
+    leader = leader_of(topo, group, ha)
+    assert leader is not None
+    return leader

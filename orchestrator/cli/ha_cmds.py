@@ -1,0 +1,58 @@
+"""High-availability commands: switchover and failover of a node group (wrapping Patroni's)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from orchestrator import topology
+from orchestrator.cli.app import DEFAULT_DIR, DirOpt, app, report, setup_logging
+from orchestrator.exceptions import ConfigError
+from orchestrator.runtime import ha, hasettings
+
+GroupArg = Annotated[str, typer.Argument(help="Node group: coordinator, w1, w2, ...")]
+
+
+def _check_member(topo: topology.Topology, group: str, member: str | None) -> None:
+    names = [m.name for m in topo.group(group).members]
+    if member is not None and member not in names:
+        raise ConfigError(f"{member!r} is not a member of {group} (members: {', '.join(names)})")
+
+
+@app.command()
+def switchover(
+    group: GroupArg,
+    to: Annotated[str | None, typer.Option("--to", help="Member to promote [default: the synchronous standby].")] = None,
+    directory: DirOpt = DEFAULT_DIR,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Planned switchover: the primary of GROUP hands over cleanly (Patroni's switchover)."""
+    setup_logging(directory, verbose)
+    directory = directory.resolve()
+    topo = topology.load(directory)
+    _check_member(topo, group, to)
+    settings = hasettings.load(directory)
+    before = ha.leader_of(topo, topo.group(group), settings)
+    result = ha.switchover(topo, topo.group(group), settings, to)
+    new = ha.wait_new_leader(topo, topo.group(group), settings, before)
+    report(f"{group}: switched over from {before} to {new} ({result})")
+
+
+@app.command()
+def failover(
+    group: GroupArg,
+    to: Annotated[str | None, typer.Option("--to", help="Member to promote [default: the synchronous standby].")] = None,
+    directory: DirOpt = DEFAULT_DIR,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Unplanned failover: promote a replica of GROUP now, even without a healthy primary (Patroni's failover)."""
+    setup_logging(directory, verbose)
+    directory = directory.resolve()
+    topo = topology.load(directory)
+    _check_member(topo, group, to)
+    settings = hasettings.load(directory)
+    before = ha.leader_of(topo, topo.group(group), settings)
+    result = ha.failover(topo, topo.group(group), settings, to)
+    new = ha.wait_new_leader(topo, topo.group(group), settings, before)
+    report(f"{group}: failed over from {before or 'no leader'} to {new} ({result})")
