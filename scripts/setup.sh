@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install what BuildSmartDB needs on Debian 12, idempotently: Debian packages (python3-venv,
+# etcd-server for the Patroni DCS), a venv that the unprivileged service user can run (made from
+# /usr/bin/python3, because /root is 0700), and this checkout installed into it.
+#   scripts/setup.sh        runtime only
+#   scripts/setup.sh dev    with the test tools (pytest, ruff, mypy)
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${BUILDSMART_VENV:-/opt/bsdb-venv}
+EXTRAS=${1:-}
+
+apt_missing=()
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || apt_missing+=(python3-venv)
+command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || apt_missing+=(etcd-server)
+if ((${#apt_missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: need root to install ${apt_missing[*]} (apt-get)" >&2
+    exit 1
+  fi
+  echo "setup: apt-get install ${apt_missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  mkdir -p "$(dirname "$VENV")"
+  /usr/bin/python3 -m venv "$VENV"
+fi
+
+# Re-install only when the checkout, its dependencies or the extras changed.
+want="$REPO|$EXTRAS|$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
+stamp="$VENV/.buildsmart-install"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing BuildSmartDB${EXTRAS:+ [$EXTRAS]} into $VENV"
+  spec="$REPO"
+  [ -n "$EXTRAS" ] && spec="$REPO[$EXTRAS]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$spec"
+  echo "$want" > "$stamp"
+fi
+chmod -R a+rX "$VENV"
