@@ -1,0 +1,1 @@
+"""Device metadata: Haystack/Brick import into ``public.devices`` and its MongoDB mirror."""

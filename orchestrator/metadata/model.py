@@ -1,0 +1,32 @@
+"""What an imported entity is, and the one document shape both sides of the mirror share."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+# The MongoDB document of a device is ``{"_id": id, **image}``; the image is built in SQL by
+# bsmirror.device_doc() so the trigger, verify and repair all agree on one definition.
+IMAGE_KEYS = ("building", "kind", "metadata")
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One device/point/site parsed from an input file, not yet linked to a building."""
+
+    id: str
+    kind: str | None
+    metadata: dict[str, Any]
+    site_ref: str | None  # the source's site id; the importer resolves it to a building code
+
+
+def mongo_document(entity_id: str, image: dict[str, Any]) -> dict[str, Any]:
+    return {"_id": entity_id, **{key: image.get(key) for key in IMAGE_KEYS}}
+
+
+def document_hash(doc: dict[str, Any]) -> str:
+    """A hash independent of key order, so jsonb and BSON copies of one document agree."""
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
