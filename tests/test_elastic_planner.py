@@ -18,7 +18,9 @@ from orchestrator.elastic.rebalance import (
 from orchestrator.exceptions import ClusterStateError
 
 
-def _obs(frags: list[tuple[int, str, int, str | None]], nodes: tuple[str, ...], draining: frozenset[str] = frozenset()) -> ObservedLoad:
+def _obs(
+    frags: list[tuple[int, str, int, str | None]], nodes: tuple[str, ...], draining: frozenset[str] = frozenset()
+) -> ObservedLoad:
     return ObservedLoad(tuple(FragmentLoad(fid, node, size, at) for fid, node, size, at in frags), nodes, draining)
 
 
@@ -56,7 +58,11 @@ def test_no_split_when_disallowed_or_impossible() -> None:
 
 
 def test_drain_moves_everything_off() -> None:
-    obs = _obs([(1, "w1", 50, None), (2, "w2", 50, None), (3, "w3", 70, None), (4, "w3", 10, None)], ("w1", "w2", "w3"), frozenset({"w3"}))
+    obs = _obs(
+        [(1, "w1", 50, None), (2, "w2", 50, None), (3, "w3", 70, None), (4, "w3", 10, None)],
+        ("w1", "w2", "w3"),
+        frozenset({"w3"}),
+    )
     steps = plan_rebalance(obs, tolerance=10.0)
     moved = {s.fragment_id for s in steps if isinstance(s, MoveFragment) and s.source == "w3"}
     assert moved == {3, 4}

@@ -1,0 +1,90 @@
+"""Observe fragment sizes, plan with :func:`rebalance.plan_rebalance`, apply one step at a time.
+
+After every step the cluster is observed again and re-planned: ingest keeps changing sizes, and a
+split's real halves are only known once it is done.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from psycopg import sql
+
+from orchestrator.elastic import jobs, move, rebalance, shardops, split
+from orchestrator.elastic.context import Elastic
+from orchestrator.elastic.rebalance import FragmentLoad, MoveFragment, ObservedLoad, RebalanceStep, SplitFragment
+
+log = logging.getLogger(__name__)
+
+MAX_ROUNDS = 32
+
+
+def observe_load(el: Elastic, draining: frozenset[str] = frozenset()) -> ObservedLoad:
+    coord = el.coord
+    active = tuple(
+        r[0]
+        for r in coord.execute("SELECT name FROM buildsmart.nodes WHERE role = 'worker' AND is_active ORDER BY name").fetchall()
+    )
+    draining = draining | {
+        r[0] for r in coord.execute("SELECT name FROM buildsmart.nodes WHERE role = 'worker' AND NOT is_active").fetchall()
+    }
+    loads = []
+    for f in el.fragments():
+        conn = el.nodes.get(f.node)
+        size = conn.execute(
+            "SELECT coalesce(sum(pg_catalog.pg_total_relation_size(relid)), 0) FROM pg_catalog.pg_partition_tree(%s::regclass)",
+            (shardops.regclass(f.shard_name),),
+        ).fetchone()
+        dist = conn.execute(
+            sql.SQL('SELECT building, count(*) FROM {} GROUP BY building ORDER BY building COLLATE "C"').format(
+                shardops.table(f.shard_name)
+            )
+        ).fetchall()
+        at = rebalance.split_point([(str(b), int(n)) for b, n in dist])
+        nbytes = int(size[0]) if size else 0
+        rows = sum(int(n) for _, n in dist)
+        coord.execute(
+            "INSERT INTO buildsmart.fragment_stats (fragment_id, size_bytes, row_count) VALUES (%s, %s, %s) "
+            "ON CONFLICT (fragment_id) DO UPDATE SET size_bytes = EXCLUDED.size_bytes, row_count = EXCLUDED.row_count, "
+            "observed_at = now()",
+            (f.fragment_id, nbytes, rows),
+        )
+        loads.append(FragmentLoad(f.fragment_id, f.node, nbytes, at, f.range_from, f.range_to))
+    nodes = tuple(sorted(set(active) | {f.node for f in loads}))
+    return ObservedLoad(tuple(loads), nodes, frozenset(draining))
+
+
+def plan(el: Elastic, tolerance: float, draining: frozenset[str] = frozenset()) -> list[RebalanceStep]:
+    return rebalance.plan_rebalance(observe_load(el, draining), tolerance)
+
+
+def run(
+    el: Elastic,
+    tolerance: float = rebalance.DEFAULT_TOLERANCE,
+    draining: frozenset[str] = frozenset(),
+    report: Callable[[str], None] = lambda _: None,
+    job_kind: str = "rebalance_run",
+) -> int:
+    """Apply the plan step by step, re-planning after each; returns the number of steps applied."""
+    parent = jobs.create(el.coord, job_kind, {"tolerance": tolerance, "draining": sorted(draining)})
+    done = 0
+    try:
+        for _ in range(MAX_ROUNDS):
+            steps = plan(el, tolerance, draining)
+            if not steps:
+                break
+            step = steps[0]
+            report(step.describe())
+            log.info("rebalance job %d: %s", parent.job_id, step.describe())
+            if isinstance(step, MoveFragment):
+                move.move_fragment(el, step.fragment_id, step.target, parent_job=parent.job_id)
+            elif isinstance(step, SplitFragment):
+                split.split_fragment(el, step.fragment_id, step.at, parent_job=parent.job_id)
+            done += 1
+            jobs.record_step(el.coord, parent.job_id, f"step {done}", last=step.describe())
+    except Exception as exc:
+        jobs.finish(el.coord, parent.job_id, "failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    jobs.finish(el.coord, parent.job_id, steps=done)
+    return done

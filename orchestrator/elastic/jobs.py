@@ -1,0 +1,110 @@
+"""Long operations as jobs in buildsmart.jobs on the coordinator. Each job persists its step after
+every step (and the switching step in the same transaction as the switch), so a killed
+orchestrator leaves a record that ``--resume`` / ``jobs run`` picks up."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from orchestrator.exceptions import ClusterStateError
+
+log = logging.getLogger(__name__)
+
+OPEN_STATES = ("scheduled", "running")
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: int
+    kind: str
+    args: dict[str, Any]
+    state: str
+    step: str
+    detail: dict[str, Any]
+
+
+_COLS = "job_id, kind, args, state, step, detail"
+
+
+def _job(row: tuple[Any, ...] | None) -> Job | None:
+    return None if row is None else Job(int(row[0]), row[1], dict(row[2]), row[3], row[4], dict(row[5]))
+
+
+def create(conn: psycopg.Connection, kind: str, args: dict[str, Any], parent_id: int | None = None) -> Job:
+    """A job run by this process right away (state 'running')."""
+    try:
+        row = conn.execute(
+            f"INSERT INTO buildsmart.jobs (kind, args, state, started_at, parent_id) VALUES (%s, %s, 'running', now(), %s) "
+            f"RETURNING {_COLS}",
+            (kind, Jsonb(args), parent_id),
+        ).fetchone()
+    except psycopg.errors.UniqueViolation as exc:
+        raise ClusterStateError(
+            f"fragment {args.get('fragment_id')} already has an open job; finish it with --resume or `buildsmart jobs run`"
+        ) from exc
+    job = _job(row)
+    assert job is not None
+    log.info("job %d (%s %s) started", job.job_id, kind, args)
+    return job
+
+
+def get(conn: psycopg.Connection, job_id: int) -> Job:
+    job = _job(conn.execute(f"SELECT {_COLS} FROM buildsmart.jobs WHERE job_id = %s", (job_id,)).fetchone())
+    if job is None:
+        raise ClusterStateError(f"no job {job_id}")
+    return job
+
+
+def open_jobs(conn: psycopg.Connection, kind: str | None = None) -> list[Job]:
+    rows = conn.execute(
+        f"SELECT {_COLS} FROM buildsmart.jobs WHERE state IN ('scheduled', 'running') AND (%s::text IS NULL OR kind = %s) "
+        "ORDER BY job_id",
+        (kind, kind),
+    ).fetchall()
+    return [j for j in (_job(r) for r in rows) if j is not None]
+
+
+def open_for_fragment(conn: psycopg.Connection, fragment_id: int) -> Job | None:
+    return _job(
+        conn.execute(
+            f"SELECT {_COLS} FROM buildsmart.jobs WHERE state IN ('scheduled', 'running') AND (args ->> 'fragment_id')::int = %s",
+            (fragment_id,),
+        ).fetchone()
+    )
+
+
+def claim(conn: psycopg.Connection, job_id: int) -> Job:
+    """Mark a scheduled (or abandoned running) job as running by us."""
+    job = _job(
+        conn.execute(
+            f"UPDATE buildsmart.jobs SET state = 'running', started_at = coalesce(started_at, now()), updated_at = now() "
+            f"WHERE job_id = %s AND state IN ('scheduled', 'running') RETURNING {_COLS}",
+            (job_id,),
+        ).fetchone()
+    )
+    if job is None:
+        raise ClusterStateError(f"job {job_id} is not open")
+    return job
+
+
+def record_step(conn: psycopg.Connection, job_id: int, step: str, **detail: Any) -> None:
+    """Persist progress; in autocommit mode this commits at once, inside a transaction it commits with it."""
+    conn.execute(
+        "UPDATE buildsmart.jobs SET step = %s, detail = detail || %s, updated_at = now() WHERE job_id = %s",
+        (step, Jsonb(detail), job_id),
+    )
+    log.info("job %d: step %s %s", job_id, step, detail or "")
+
+
+def finish(conn: psycopg.Connection, job_id: int, state: str = "done", error: str | None = None, **detail: Any) -> None:
+    conn.execute(
+        "UPDATE buildsmart.jobs SET state = %s, error = %s, detail = detail || %s, finished_at = now(), updated_at = now() "
+        "WHERE job_id = %s",
+        (state, error, Jsonb(detail), job_id),
+    )
+    log.info("job %d %s%s", job_id, state, f": {error}" if error else "")

@@ -1,0 +1,139 @@
+"""Adding, draining and removing worker nodes.
+
+A local node is started with the plain local runtime (one pg_ctl server; Patroni-shaped clusters
+are refused here until the runtime exposes starting one extra group); a remote node is registered
+from its address. Either way :func:`orchestrator.cluster.setup` then installs the extension and
+creates the foreign server and user mapping, as for the first workers. New fragments placed on it
+take the coordinator's current columns (migrations included).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import replace
+
+from psycopg import sql
+
+from orchestrator import cluster, executor, topology
+from orchestrator.connections import connect, superuser_target
+from orchestrator.elastic import balancer
+from orchestrator.elastic.context import Elastic
+from orchestrator.exceptions import ClusterStateError, ConfigError
+from orchestrator.osuser import service_user
+from orchestrator.runtime import local
+from orchestrator.runtime.ports import free_port
+from orchestrator.topology import WORKER, Group, Member
+
+log = logging.getLogger(__name__)
+Report = Callable[[str], None]
+
+
+def _next_name(el: Elastic) -> str:
+    used = {int(m.group(1)) for g in el.topo.groups if (m := re.fullmatch(r"w(\d+)", g.name))}
+    return f"w{max(used, default=0) + 1}"
+
+
+def _bootstrap(group: Group, el: Elastic) -> None:
+    """Database and application role on a server we just started (idempotent)."""
+    creds = el.creds
+    with connect(superuser_target(group, creds, dbname="postgres"), "node-add", autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (group.dbname,)).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(group.dbname)))
+            log.info("created database %s on %s", group.dbname, group.name)
+    with connect(superuser_target(group, creds), "node-add", autocommit=True) as conn:
+        executor.ensure_app_role(conn, creds.app_user, creds.app_password, group.dbname)
+
+
+def add_node(
+    el: Elastic,
+    name: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    dbname: str | None = None,
+    report: Report = lambda _: None,
+) -> Group:
+    """Start (local) or register (``host``/``port`` given) a worker and set it up."""
+    name = name or _next_name(el)
+    if any(g.name == name for g in el.topo.groups):
+        raise ConfigError(f"a node named {name!r} already exists")
+    if host is not None:
+        group = Group(
+            name, WORKER, (Member(f"{name}-0", host, port or 5432),), dbname or el.topo.coordinator.dbname, managed=False
+        )
+        _bootstrap(group, el)
+        report(f"{name}: registered remote worker at {group.address}")
+    else:
+        if len(el.topo.coordinator.members) > 1:
+            raise ClusterStateError("this cluster runs Patroni groups; `node add` starts plain servers only (not yet supported)")
+        taken = frozenset(m.port for g in el.topo.groups for m in g.members)
+        group = Group(name, WORKER, (Member(f"{name}-0", "127.0.0.1", free_port(exclude=taken), data_dir=f"{name}-0"),))
+        user = service_user(el.topo.service_user)
+        ((_, lm),) = [(g, m) for g, m in cluster.local_members(el.directory, el.topo.with_group(group), user) if g.name == name]
+        local.initdb(lm, user, el.creds)
+        local.start(lm, user)
+        _bootstrap(group, el)
+        report(f"{name}: started on port {lm.member.port}")
+    topo = el.topo.with_group(group)
+    topology.save(el.directory, topo)
+    el.reload_topology()
+    applied = cluster.setup(topo, el.creds)
+    log.info("added worker %s at %s (%d setup steps)", name, group.address, len(applied))
+    return group
+
+
+def placements_on(el: Elastic, name: str) -> list[int]:
+    rows = el.coord.execute("SELECT fragment_id FROM buildsmart.placements WHERE node_name = %s ORDER BY 1", (name,)).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def drain_node(el: Elastic, name: str, report: Report = lambda _: None) -> int:
+    """Mark the node inactive (no new placements) and move every fragment off it."""
+    group = el.topo.group(name)
+    if group.role != WORKER:
+        raise ConfigError(f"{name} is not a worker")
+    el.coord.execute("UPDATE buildsmart.nodes SET is_active = false WHERE name = %s", (name,))
+    log.info("node %s marked inactive for draining", name)
+    moved = balancer.run(el, tolerance=1e9, draining=frozenset({name}), report=report, job_kind="drain_run")
+    left = placements_on(el, name)
+    if left:
+        raise ClusterStateError(f"node {name} still holds fragments {left} after draining")
+    return moved
+
+
+def remove_node(el: Elastic, name: str, drain: bool = False, report: Report = lambda _: None) -> None:
+    group = el.topo.group(name)
+    if group.role != WORKER:
+        raise ConfigError(f"{name} is not a worker; only workers can be removed")
+    held = placements_on(el, name)
+    if held and not drain:
+        raise ClusterStateError(f"node {name} holds fragments {held}; use --drain to move them off first")
+    if held:
+        drain_node(el, name, report)
+    coord = el.coord
+    server = coord.execute("SELECT server_name FROM buildsmart.nodes WHERE name = %s", (name,)).fetchone()
+    with coord.transaction():
+        if server and server[0]:
+            coord.execute(sql.SQL("DROP USER MAPPING IF EXISTS FOR PUBLIC SERVER {}").format(sql.Identifier(server[0])))
+            coord.execute(sql.SQL("DROP SERVER IF EXISTS {}").format(sql.Identifier(server[0])))
+        coord.execute(
+            "DELETE FROM buildsmart.fragment_stats s USING buildsmart.placements p "
+            "WHERE p.fragment_id = s.fragment_id AND p.node_name = %s",
+            (name,),
+        )
+        coord.execute("DELETE FROM buildsmart.nodes WHERE name = %s", (name,))
+        coord.execute("SELECT buildsmart.bump_catalog_version()")
+    log.info("removed node %s from the catalog", name)
+    if group.managed:
+        user = service_user(el.topo.service_user)
+        for g, lm in cluster.local_members(el.directory, el.topo, user):
+            if g.name == name:
+                local.stop(lm, user)
+                local.remove(lm)
+                log.info("stopped %s and removed its data directory", lm.name)
+    topo = replace(el.topo, groups=tuple(g for g in el.topo.groups if g.name != name))
+    topology.save(el.directory, topo)
+    el.nodes.close()
+    el.reload_topology()
+    report(f"{name}: removed")

@@ -1,0 +1,146 @@
+"""Worker- and coordinator-side building blocks shared by moves and splits: fragment tables,
+their time partitions and extra indexes, row checksums, and the coordinator partition switch."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+from psycopg import sql
+
+from orchestrator.executor import attach_partition_sql, coordinator_columns, fragment_table_ddl
+from orchestrator.fragments import SHARD_SCHEMA, Fragment
+from orchestrator.nodeconn import NodeConnections
+
+log = logging.getLogger(__name__)
+
+# The lower bound of a time partition from its FOR VALUES clause (DEFAULT has none).
+_BOUNDS_SQL = """
+SELECT min(substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM 'FROM \\(''([^'']+)''\\)')::timestamptz),
+       max(substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM 'FROM \\(''([^'']+)''\\)')::timestamptz)
+  FROM pg_catalog.pg_partition_tree(%s::regclass) t JOIN pg_catalog.pg_class c ON c.oid = t.relid
+ WHERE t.level = 1
+"""
+
+
+def table(shard: str) -> sql.Identifier:
+    return sql.Identifier(SHARD_SCHEMA, shard)
+
+
+def regclass(shard: str) -> str:
+    return f"{SHARD_SCHEMA}.{shard}"
+
+
+def table_exists(conn: psycopg.Connection, shard: str) -> bool:
+    row = conn.execute("SELECT pg_catalog.to_regclass(%s) IS NOT NULL", (regclass(shard),)).fetchone()
+    return bool(row and row[0])
+
+
+def create_fragment_table(nodes: NodeConnections, frag: Fragment, conn: psycopg.Connection) -> None:
+    """A fragment table with the coordinator's current columns (so migrations reach new fragments)."""
+    columns = coordinator_columns(nodes.coordinator)
+    with conn.transaction():
+        for stmt in fragment_table_ddl(frag, columns):
+            conn.execute(stmt)
+        conn.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
+                table(frag.shard_name), sql.Identifier(nodes.creds.app_user)
+            )
+        )
+    log.info("created fragment table %s %s on %s", frag.shard_name, frag.describe_range(), frag.node)
+
+
+def copy_time_partitions(src: psycopg.Connection, src_shard: str, dst: psycopg.Connection, dst_shard: str, interval: str) -> int:
+    """Give the destination every time partition the source has (rows would land in DEFAULT otherwise)."""
+    row = src.execute(_BOUNDS_SQL, (regclass(src_shard),)).fetchone()
+    if row is None or row[0] is None:
+        return 0
+    got = dst.execute(
+        "SELECT buildsmart.ensure_time_partitions(%s::regclass, %s::interval, %s, %s)",
+        (regclass(dst_shard), interval, row[0], row[1]),
+    ).fetchone()
+    return int(got[0]) if got else 0
+
+
+def copy_indexes(src: psycopg.Connection, src_shard: str, dst: psycopg.Connection, dst_shard: str) -> int:
+    """Indexes added by migrations (everything but the primary key), renamed for the destination."""
+    rows = src.execute(
+        "SELECT c.relname, pg_catalog.pg_get_indexdef(i.indexrelid) FROM pg_catalog.pg_index i "
+        "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = %s::regclass AND NOT i.indisprimary",
+        (regclass(src_shard),),
+    ).fetchall()
+    made = 0
+    for name, ddl in rows:
+        new_name = name.replace(src_shard, dst_shard, 1)
+        exists = dst.execute("SELECT pg_catalog.to_regclass(%s) IS NOT NULL", (f"{SHARD_SCHEMA}.{new_name}",)).fetchone()
+        if exists and exists[0]:
+            continue
+        # A partitioned index prints as "ON ONLY parent"; created without ONLY it recurses.
+        ddl = ddl.replace(" ON ONLY ", " ON ", 1)
+        ddl = ddl.replace(f"INDEX {name} ON", f"INDEX {new_name} ON", 1).replace(
+            f"{SHARD_SCHEMA}.{src_shard} ", f"{SHARD_SCHEMA}.{dst_shard} ", 1
+        )
+        dst.execute(ddl.encode())
+        made += 1
+    return made
+
+
+def checksum(conn: psycopg.Connection, shard: str, where: sql.Composable | None = None) -> tuple[int, int]:
+    """Row count and an order-independent sum of 64-bit hashes of every whole row (all columns)."""
+    query = sql.SQL(
+        "SELECT count(*), coalesce(sum(pg_catalog.hashtextextended(r::text, 0)::numeric), 0)::text FROM {} r{}"
+    ).format(table(shard), sql.SQL(" WHERE ") + where if where is not None else sql.SQL(""))
+    with conn.transaction():
+        conn.execute("SET LOCAL timezone = 'UTC'")
+        conn.execute("SET LOCAL extra_float_digits = 3")
+        row = conn.execute(query).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def parallel_checksums(jobs: list[tuple[psycopg.Connection, str, sql.Composable | None]]) -> list[tuple[int, int]]:
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(lambda j: checksum(*j), jobs))
+
+
+def server_of(coord: psycopg.Connection, node: str) -> str:
+    row = coord.execute("SELECT server_name FROM buildsmart.nodes WHERE name = %s", (node,)).fetchone()
+    if row is None or row[0] is None:
+        raise psycopg.errors.UndefinedObject(f"node {node} has no foreign server")
+    return str(row[0])
+
+
+def replace_coordinator_partitions(
+    nodes: NodeConnections, old_shards: list[str], new_fragments: list[Fragment], remote_names: dict[str, str] | None = None
+) -> None:
+    """Inside the caller's coordinator transaction: detach and drop the old foreign partitions,
+    attach the new ones. Readers see either all old or all new partitions, never both."""
+    coord = nodes.coordinator
+    for shard in old_shards:
+        coord.execute(sql.SQL("ALTER TABLE public.readings DETACH PARTITION {}").format(table(shard)))
+        coord.execute(sql.SQL("DROP FOREIGN TABLE {}").format(table(shard)))
+    for frag in new_fragments:
+        coord.execute(attach_partition_sql(frag, server_of(coord, frag.node)))
+        remote = (remote_names or {}).get(frag.shard_name)
+        if remote is not None:
+            set_remote_name(coord, frag.shard_name, remote)
+        coord.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
+                table(frag.shard_name), sql.Identifier(nodes.creds.app_user)
+            )
+        )
+
+
+def set_remote_name(coord: psycopg.Connection, shard: str, remote: str) -> None:
+    """Point a coordinator foreign table at another remote relation (metadata only, transactional)."""
+    coord.execute(sql.SQL("ALTER FOREIGN TABLE {} OPTIONS (SET table_name {})").format(table(shard), sql.Literal(remote)))
+
+
+def remote_name(coord: psycopg.Connection, shard: str) -> str | None:
+    row = coord.execute(
+        "SELECT split_part(o, '=', 2) FROM pg_catalog.pg_foreign_table ft, unnest(ft.ftoptions) o "
+        "WHERE ft.ftrelid = pg_catalog.to_regclass(%s) AND o LIKE 'table_name=%%'",
+        (regclass(shard),),
+    ).fetchone()
+    return None if row is None else str(row[0])
