@@ -4,6 +4,7 @@ of who leads a group."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -96,6 +97,11 @@ class Writer:
             if a.ok and a.started >= t0:
                 return a.finished - t0
         return None
+
+    def max_pause_after(self, t0: float) -> float:
+        """Longest interval without a successful commit, from ``t0`` on (the write pause a fault caused)."""
+        ends = [t0] + [a.finished for a in self.attempts if a.ok and a.finished >= t0]
+        return max((b - a for a, b in itertools.pairwise(ends)), default=0.0)
 
     def failures_after(self, t0: float) -> list[Attempt]:
         return [a for a in self.attempts if not a.ok and a.finished >= t0]

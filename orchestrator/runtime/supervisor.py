@@ -151,9 +151,23 @@ class Supervisor:
             self.restarted_at[pm.name] = time.monotonic()
             patroni.start(pm, self.user)
 
+    def supervised(self, group_name: str) -> bool:
+        """Groups whose members all run under Patroni (a group added later without Patroni is left alone)."""
+        group = self.topo.group(group_name)
+        return group.managed and all(m.name in self.ha.restapi_ports and m.name in self.members for m in group.members)
+
+    def reload(self) -> None:
+        """Re-read topology and HA settings (nodes added or removed while we run)."""
+        from orchestrator import cluster  # late: cluster imports this module
+
+        self.topo = topology.load(self.directory)
+        self.ha = hasettings.load(self.directory)
+        self.members = {lm.name: PatroniMember(g, lm) for g, lm in cluster.local_members(self.directory, self.topo, self.user)}
+        log.info("reloaded topology: supervising %s", ", ".join(g.name for g in self.topo.groups if self.supervised(g.name)))
+
     def tick(self) -> None:
         for group in self.topo.groups:
-            if not group.managed:
+            if not self.supervised(group.name):
                 continue
             try:
                 snap = self.snapshot(group.name)
@@ -163,13 +177,33 @@ class Supervisor:
 
     def run(self) -> None:
         log.info("supervising %d members of %s", len(self.members), self.directory)
+        seen = _mtime(self.directory)
         while not self.stopping:
             if not topology.exists(self.directory):
                 log.info("%s is gone; supervisor exits", self.directory)
                 return
+            now = _mtime(self.directory)
+            if now != seen:
+                seen = now
+                try:
+                    self.reload()
+                except BuildSmartError as exc:
+                    log.warning("cannot reload the topology (%s); keeping the previous one", exc)
             self.tick()
             time.sleep(TICK_S)
         log.info("supervisor stopped")
+
+
+def _mtime(directory: Path) -> tuple[float, float]:
+    """Change stamps of topology.json and ha.json (0 when missing)."""
+
+    def one(name: str) -> float:
+        try:
+            return (directory / name).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    return one(topology.TOPOLOGY_FILE), one(hasettings.HA_FILE)
 
 
 # ---------------------------------------------------------------- daemon management

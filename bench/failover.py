@@ -1,0 +1,118 @@
+"""Failover benchmark: seconds from a fault to the first successful write through the coordinator,
+and rows lost (acknowledged but missing afterwards; must be 0), for crash (kill -9 of a primary's
+postgres and Patroni), Patroni-only kill, and planned switchover, on a local HA cluster.
+
+    /opt/bsdb-venv/bin/python bench/failover.py [--rounds 3]
+
+It starts its own cluster (coordinator + 2 workers, 1 synchronous replica each) in a temp dir and
+stops it at the end. The writer inserts 500-row batches through the coordinator, retrying a
+failed batch on a new connection (a reading written twice replaces itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from orchestrator import cluster, topology  # noqa: E402
+from orchestrator.connections import connect, superuser_target  # noqa: E402
+from orchestrator.runtime import ha, hasettings  # noqa: E402
+from tests import ha_tools  # noqa: E402
+from tests.harness import make_tmp_dir  # noqa: E402
+
+
+def _rows(directory: Path, prefix: str) -> int:
+    topo, creds = topology.load(directory), topology.load_credentials(directory)
+    for _ in range(100):
+        try:
+            with connect(superuser_target(topo.coordinator, creds), "bench", autocommit=True) as conn:
+                return ha_tools.count_rows(conn, prefix)[0]
+        except Exception:
+            time.sleep(0.3)
+    raise RuntimeError("coordinator unreachable")
+
+
+def _round(directory: Path, group_of: Callable[[str], str], fault: Callable[[Path, str], float]) -> tuple[float, float, int]:
+    prefix = f"t{uuid.uuid4().hex[:8]}_"
+    group = group_of(prefix)
+    writer = ha_tools.Writer(directory, prefix, rows=500).start()
+    writer.wait_acked(10)
+    t0 = fault(directory, group)
+    deadline = time.monotonic() + 60
+    while writer.recovery_after(t0) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    writer.wait_acked(writer.acked + 5)
+    writer.finish()
+    recovery = writer.recovery_after(t0)
+    pause = writer.max_pause_after(t0)
+    lost = writer.acked * writer.rows - _rows(directory, prefix)
+    ha_tools.wait_healthy(directory)
+    return (recovery if recovery is not None else float("nan")), pause, lost
+
+
+def _summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def crash(directory: Path, group: str) -> float:
+    return ha_tools.kill9(ha_tools.members(directory)[ha_tools.leader(directory, group)])
+
+
+def patroni_only(directory: Path, group: str) -> float:
+    return ha_tools.kill9(ha_tools.members(directory)[ha_tools.leader(directory, group)], postgres=False)
+
+
+def switchover(directory: Path, group: str) -> float:
+    topo = topology.load(directory)
+    t0 = time.monotonic()
+    settings = hasettings.load(directory)
+    old = ha.leader_of(topo, topo.group(group), settings)
+    ha.switchover(topo, topo.group(group), settings, None)
+    ha.wait_new_leader(topo, topo.group(group), settings, old)
+    return t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    directory = make_tmp_dir("bs-bench-ha-") / "cluster"
+    t = time.monotonic()
+    cluster.up(directory, workers=2, split_points=["b3", "b6", "t", "u"], replicas=1)
+    print(f"HA cluster up in {time.monotonic() - t:.1f} s (coordinator + 2 workers, 1 sync replica each)")
+    try:
+        ha_tools.wait_healthy(directory)
+
+        def worker(prefix: str) -> str:
+            return ha_tools.worker_of(directory, prefix)
+
+        scenarios: list[tuple[str, Callable[[str], str], Callable[[Path, str], float]]] = [
+            ("crash worker primary (kill -9 postgres+Patroni)", worker, crash),
+            ("crash coordinator primary", lambda _: "coordinator", crash),
+            ("kill -9 Patroni alone on worker primary", worker, patroni_only),
+            ("switchover worker", worker, switchover),
+            ("switchover coordinator", lambda _: "coordinator", switchover),
+        ]
+        print(f"{'scenario':48} {'first write after fault (s)':28} {'longest write pause (s)':28} rows lost")
+        print(f"{'':48} {'median [min-max]':28} {'median [min-max]':28}")
+        for name, group_of, fault in scenarios:
+            results = [_round(directory, group_of, fault) for _ in range(args.rounds)]
+            cols = [_summary([r[i] for r in results]) for i in (0, 1)]
+            print(f"{name:48} {cols[0]:28} {cols[1]:28} {sum(r[2] for r in results)}", flush=True)
+    finally:
+        cluster.down(directory, purge=True)
+        shutil.rmtree(directory.parent, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
