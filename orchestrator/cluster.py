@@ -26,7 +26,7 @@ from orchestrator.fragments import even_split_points, initial_fragments, validat
 from orchestrator.nodeconn import NodeConnections
 from orchestrator.osuser import ServiceUser, service_user
 from orchestrator.planner import DesiredCluster, NodeSpec, Step, plan
-from orchestrator.runtime import ha, hasettings, local, supervisor
+from orchestrator.runtime import etcd, ha, hasettings, local, supervisor
 from orchestrator.runtime.patroni import PatroniMember
 from orchestrator.runtime.ports import free_port, is_listening
 from orchestrator.spec import ClusterSpec
@@ -219,7 +219,16 @@ def _down_patroni(directory: Path, topo: Topology, user: ServiceUser, report: Re
     if supervisor.stop_daemon(directory):
         report("failover supervisor: stopped")
     members = [PatroniMember(g, lm) for g, lm in local_members(directory, topo, user)]
-    ha.stop_groups(data_root(directory, user), topo, hasettings.load(directory), members, user, report)
+    settings = hasettings.load(directory)
+    leaders = ha.current_leaders(topo, settings) if etcd_running(directory, settings, user) else {}
+    if leaders:
+        settings = replace(settings, last_leaders={**settings.last_leaders, **leaders})
+        hasettings.save(directory, settings)
+    ha.stop_groups(data_root(directory, user), topo, settings, members, user, report)
+
+
+def etcd_running(directory: Path, settings: hasettings.HaSettings, user: ServiceUser) -> bool:
+    return etcd.is_running(ha.local_etcd(data_root(directory, user), settings))
 
 
 def down(directory: Path, purge: bool = False, report: Report = _quiet) -> None:

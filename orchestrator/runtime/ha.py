@@ -112,6 +112,7 @@ def _first_members(topo: Topology, ha: HaSettings, members: list[PatroniMember])
             leader = leader_of(topo, group, ha)
         except NodeError:
             leader = None
+        leader = leader or ha.last_leaders.get(group.name)
         chosen.append(next((pm for pm in mine if pm.name == leader), mine[0]))
     return chosen
 
@@ -148,18 +149,23 @@ def _sync_standbys(ha: HaSettings, group: Group) -> list[str]:
     return [m["name"] for m in _cluster_view(ha, group).get("members", []) if m.get("role") == "sync_standby"]
 
 
-def stop_groups(
-    root: Path, topo: Topology, ha: HaSettings, members: list[PatroniMember], user: ServiceUser, report: Report
-) -> None:
-    """Replicas first, then leaders (a leader stopped first would hand its role to a replica), then etcd."""
-    leaders: set[str] = set()
-    for group in {pm.group.name: pm.group for pm in members}.values():
+def current_leaders(topo: Topology, ha: HaSettings) -> dict[str, str]:
+    out = {}
+    for group in topo.groups:
         try:
             leader = leader_of(topo, group, ha)
         except NodeError:
             leader = None
         if leader:
-            leaders.add(leader)
+            out[group.name] = leader
+    return out
+
+
+def stop_groups(
+    root: Path, topo: Topology, ha: HaSettings, members: list[PatroniMember], user: ServiceUser, report: Report
+) -> None:
+    """Replicas first, then leaders (a leader stopped first would hand its role to a replica), then etcd."""
+    leaders = set(current_leaders(topo, ha).values())
     errors: list[str] = []
     for batch in ([pm for pm in members if pm.name not in leaders], [pm for pm in members if pm.name in leaders]):
         with ThreadPoolExecutor(max_workers=4) as pool:

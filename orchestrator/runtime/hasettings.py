@@ -25,6 +25,9 @@ class HaSettings:
     restapi_ports: dict[str, int] = field(default_factory=dict)  # member name -> Patroni REST port
     restapi_user: str = "buildsmart"
     restapi_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    # group -> member that led it when the cluster was last stopped: it starts first next time,
+    # so a replica that stopped earlier (and may lack the last commits) never bootstraps the group
+    last_leaders: dict[str, str] = field(default_factory=dict)
 
     @property
     def etcd_url(self) -> str:
