@@ -77,7 +77,17 @@ def ensure_outbox(conn: psycopg.Connection) -> None:
             return
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK_KEY,))
+        first = not installed(conn)
         conn.execute(text.encode())
+        if first:
+            # Rows written before the triggers existed would never reach MongoDB: queue them all.
+            # CREATE TRIGGER holds a lock that blocks writers until we commit, and this statement's
+            # snapshot is taken after it, so no row is missed or queued twice.
+            seeded = conn.execute(
+                "INSERT INTO bsmirror.outbox (entity_id, op, doc)"
+                " SELECT id, 'upsert', bsmirror.device_doc(building, kind, metadata) FROM public.devices ORDER BY id"
+            ).rowcount
+            log.info("seeded the devices outbox with the %d devices that existed before it", seeded)
         conn.execute(
             "INSERT INTO bsmirror.meta (key, value) VALUES ('ddl_sha256', %s)"
             " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
