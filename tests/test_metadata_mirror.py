@@ -286,3 +286,17 @@ def test_second_mirror_is_refused_while_one_runs(main_cluster: ClusterHandle, mo
         assert "another mirror is already running" in " ".join(proc.stderr.split())
     finally:
         _stop_mirror(mirror)
+
+
+def test_devices_written_before_the_outbox_existed_are_mirrored(
+    main_cluster: ClusterHandle, mongo_devices: Collection[dict[str, Any]], ids: set[str]
+) -> None:
+    run_once(main_cluster.directory)
+    with main_cluster.coordinator() as conn:
+        conn.execute("DROP SCHEMA bsmirror CASCADE")  # as on a cluster that had devices before the mirror
+    prefix = f"tseed{uuid.uuid4().hex[:6]}"
+    entity_ids = _insert(main_cluster, ids, prefix, 3)
+    assert mirror_lag(main_cluster.directory) is None
+    assert run_once(main_cluster.directory) >= 3  # installs the outbox, seeded with every device
+    _assert_equal_both_sides(main_cluster, mongo_devices, entity_ids)
+    assert verify.run_verify(main_cluster.directory).before.ok
