@@ -149,3 +149,57 @@ def test_kill_move_and_resume(ecluster: ClusterHandle, kill_at: str) -> None:
         with ecluster.worker(node) as w:
             assert w.execute("SELECT count(*) FROM pg_subscription").fetchone() == (0,)
             assert w.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (0,)
+
+
+def test_citus_functions_through_sql(ecluster: ClusterHandle) -> None:
+    topo = ecluster.topology
+    with ecluster.coordinator() as conn:
+        fid, node, port = conn.execute(
+            "SELECT shardid, node_name, nodeport FROM citus_shards ORDER BY shardid LIMIT 1"
+        ).fetchone()  # type: ignore[misc]
+        dst = "w1" if node == "w2" else "w2"
+        dst_port = topo.group(dst).members[0].port
+        job = conn.execute(
+            "SELECT citus_move_shard_placement(%s, '127.0.0.1', %s, '127.0.0.1', %s)", (fid, port, dst_port)
+        ).fetchone()[0]  # type: ignore[index]
+        assert conn.execute(
+            "SELECT create_time_partitions('public.readings', '1 month', now() + interval '6 months')"
+        ).fetchone() == (True,)
+        conn.execute("CALL drop_old_time_partitions('public.readings', now() - interval '100 years')")
+        rebalance_job = conn.execute("SELECT citus_rebalance_start()").fetchone()[0]  # type: ignore[index]
+        assert conn.execute("SELECT count(*) FROM citus_rebalance_status() WHERE state = 'scheduled'").fetchone()[0] >= 4  # type: ignore[index]
+    ecluster.run_cli("jobs", "run")
+    with ecluster.coordinator() as conn:
+        states = dict(conn.execute("SELECT job_id, state FROM citus_rebalance_status()").fetchall())
+        assert states[job] == "done" and states[rebalance_job] == "done"
+        # the move ran (the rebalance queued after it may have moved the shard again)
+        moved = conn.execute("SELECT count(*) FROM buildsmart.jobs WHERE parent_id = %s AND kind = 'move'", (job,)).fetchone()
+        assert moved == (1,)
+        assert conn.execute(
+            "SELECT count(*) FROM buildsmart.jobs WHERE state IN ('scheduled', 'running', 'failed')"
+        ).fetchone() == (0,)
+        assert conn.execute("SELECT shard_count FROM citus_tables").fetchone()[0] >= 3  # type: ignore[index]
+    with ecluster.worker(_node_of(ecluster, fid)) as w:
+        # six months ahead exist now on every fragment
+        assert w.execute("SELECT count(*) FROM pg_class WHERE relname LIKE %s", (f"readings_f{fid}_p%",)).fetchone()[0] >= 6  # type: ignore[index]
+
+
+def test_retention_dry_run_then_apply(ecluster: ClusterHandle) -> None:
+    from orchestrator.elastic import maintenance
+
+    with open_cluster(ecluster.directory) as el:
+        for f in el.fragments():  # what ingest does: partitions for the months it loads (rows leave DEFAULT)
+            el.nodes.get(f.node).execute(
+                "SELECT buildsmart.ensure_time_partitions(%s::regclass, '1 month', '2024-06-01', '2024-06-30')",
+                (f"bsdata.{f.shard_name}",),
+            )
+        expired = maintenance.plan_retention(el, "6 months")  # the seed rows of 2024-06 are older
+        assert any(p.upper_bound.year == 2024 for p in expired)
+        dry = ecluster.run_cli("retention", "--older-than", "6 months")
+        assert "would drop" in dry.stdout
+        with ecluster.coordinator() as conn:
+            before = conn.execute("SELECT count(*) FROM public.readings WHERE ts < '2024-07-01'").fetchone()
+            assert before is not None and before[0] > 0
+        assert maintenance.apply_retention(el, [p for p in expired if p.upper_bound.year == 2024]) >= 1
+    with ecluster.coordinator() as conn:
+        assert conn.execute("SELECT count(*) FROM public.readings WHERE ts < '2024-07-01'").fetchone() == (0,)
