@@ -1,0 +1,85 @@
+"""Benchmark: rows/s of an online fragment move and the longest write pause a concurrent writer sees.
+
+    /opt/bsdb-venv/bin/python bench/rebalance.py [--rows 500000]
+
+Starts its own local cluster (2 workers), loads ROWS rows into one fragment, then moves it to the
+other worker while a writer inserts small batches through the write gate (the ingest protocol)
+and another through the coordinator; prints copy rate, the switch's measured pause and the
+longest gap between two committed batches of each writer. Stops the cluster at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from orchestrator.connections import app_target, connect
+from orchestrator.elastic import move
+from orchestrator.elastic.context import open_cluster
+from tests.harness import start_cluster, stop_cluster
+
+
+def _writer(handle, stop: threading.Event, gaps: list[float]) -> None:  # type: ignore[no-untyped-def]
+    topo, creds = handle.topology, handle.creds
+    conn = connect(app_target(topo.coordinator, creds), "bench-writer", autocommit=True)
+    last, i = time.monotonic(), 0
+    while not stop.is_set():
+        i += 1
+        try:
+            conn.execute(
+                "INSERT INTO public.readings SELECT 'a' || (g %% 50), 'bench', "
+                "timestamptz '2030-01-01' + (%s * 10 + g) * interval '1 s', 1 "
+                "FROM generate_series(1, 10) g",
+                (i,),
+            )
+        except Exception:
+            continue
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+        time.sleep(0.002)
+    conn.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=500_000)
+    args = ap.parse_args()
+    handle = start_cluster("bs-bench-", workers=2, split_points=["b", "m"])
+    try:
+        with handle.coordinator() as conn:
+            t = time.monotonic()
+            conn.execute(
+                "INSERT INTO public.readings SELECT 'a' || (i %% 50), 'm' || (i %% 10), "
+                "timestamptz '2025-01-01' + i * interval '1 min', i "
+                "FROM generate_series(1, %s) i",
+                (args.rows,),
+            )
+            print(f"loaded {args.rows:,} rows in {time.monotonic() - t:.1f} s")
+        stop, gaps = threading.Event(), []  # type: ignore[var-annotated]
+        th = threading.Thread(target=_writer, args=(handle, stop, gaps))
+        th.start()
+        time.sleep(1.0)
+        with open_cluster(handle.directory) as el:
+            src = el.fragment(1).node
+            dst = "w2" if src == "w1" else "w1"
+            r = move.move_fragment(el, 1, dst)
+        time.sleep(0.5)
+        stop.set()
+        th.join()
+        print(f"move of fragment 1 {src} -> {dst}: {r.rows:,} rows")
+        print(f"  copy + catch-up {r.copy_seconds:.2f} s = {r.rows_per_second:,.0f} rows/s")
+        print(f"  write pause measured by the switch: {r.pause_seconds * 1000:.0f} ms")
+        print(f"  longest gap between committed writes of a concurrent writer: {max(gaps) * 1000:.0f} ms ({len(gaps)} batches)")
+    finally:
+        stop_cluster(handle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
