@@ -58,7 +58,8 @@ def report(message: str) -> None:
 def main() -> None:
     """Entry point: converts BuildSmartError into one clear line and its exit code."""
     try:
-        app(standalone_mode=False)
+        # With standalone_mode=False click returns the code of `raise typer.Exit(n)` instead of exiting.
+        code = app(standalone_mode=False)
     except BuildSmartError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
         sys.exit(exc.exit_code)
@@ -76,3 +77,4 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Exit):
             sys.exit(exc.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -6,14 +6,17 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from orchestrator import cluster, pgbin, status, topology
+from orchestrator import cluster, metadata_store, pgbin, status, topology
 from orchestrator.cli.app import DEFAULT_DIR, DirOpt, app, out, report, setup_logging
 from orchestrator.connections import app_target, superuser_target
+from orchestrator.exceptions import BuildSmartError
+from orchestrator.metadata.mirror import mirror_lag
+from orchestrator.runtime import ha
 from orchestrator.spec import load_spec
 
 
@@ -27,12 +30,21 @@ def up(
     workers: Annotated[int | None, typer.Option(help="Workers of a new cluster [default: 3].")] = None,
     split_at: Annotated[str | None, typer.Option(help="Building split points of a new cluster, comma-separated.")] = None,
     time_interval: Annotated[str, typer.Option(help="Time partition interval on the workers.")] = "1 month",
+    replicas: Annotated[int | None, typer.Option(help="Streaming replicas per node of a new cluster [default: 1].")] = None,
+    synchronous: Annotated[str, typer.Option(help="Patroni synchronous mode: on, strict or off.")] = "on",
+    mongo_uri: Annotated[
+        str | None, typer.Option(help="Mirror device metadata to this MongoDB replica set instead of a local server.")
+    ] = None,
+    no_mongo: Annotated[bool, typer.Option("--no-mongo", help="Start no local MongoDB-protocol server.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Create and start a local cluster (coordinator + workers), or restart the one in DIR."""
     setup_logging(directory, verbose)
-    topo = cluster.up(directory, workers, _split(split_at), time_interval, report=report)
+    topo = cluster.up(
+        directory, workers, _split(split_at), time_interval, report=report, replicas=replicas, synchronous=synchronous
+    )
     creds = topology.load_credentials(directory.resolve())
+    metadata_store.start(directory.resolve(), topo, creds, mongo_uri=mongo_uri, local_server=not no_mongo, report=report)
     report(f"[green]cluster up[/]: coordinator at {topo.coordinator.address}, {len(topo.workers)} workers")
     out.print(app_target(topo.coordinator, creds).uri())
 
@@ -45,6 +57,7 @@ def down(
 ) -> None:
     """Stop every server this cluster started (by PID, through pg_ctl)."""
     setup_logging(None if purge else directory, verbose)
+    metadata_store.stop(directory.resolve(), report=report)
     cluster.down(directory, purge=purge, report=report)
 
 
@@ -52,11 +65,14 @@ def down(
 def init(
     spec: Annotated[Path, typer.Option("--spec", help="Cluster spec (TOML) listing existing servers.")],
     directory: DirOpt = DEFAULT_DIR,
+    mongo_uri: Annotated[str | None, typer.Option(help="MongoDB replica set for the device metadata mirror.")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Set up servers that already run elsewhere: extension, catalog, foreign servers, fragments."""
     setup_logging(directory, verbose)
     topo = cluster.init_remote(directory, load_spec(spec), report=report)
+    creds = topology.load_credentials(directory.resolve())
+    metadata_store.start(directory.resolve(), topo, creds, mongo_uri=mongo_uri, local_server=False, report=report)
     report(f"[green]initialised[/] {topo.cluster_name}: coordinator {topo.coordinator.address}, {len(topo.workers)} workers")
 
 
@@ -71,24 +87,48 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
+def _members_and_mirror(directory: Path, data: dict[str, Any]) -> None:
+    """Add each group's members (role, timeline, lag, sync) and the mirror lag to the status."""
+    for node in data["nodes"]:
+        try:
+            node["members"] = ha.group_members_status(directory, node["name"])
+        except BuildSmartError as exc:
+            node["members"] = []
+            node["members_error"] = str(exc)
+    try:
+        data["mirror"] = mirror_lag(directory)
+    except BuildSmartError as exc:
+        data["mirror"] = {"error": str(exc)}
+
+
 @app.command("status")
 def status_cmd(
     directory: DirOpt = DEFAULT_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Nodes (up/down, role, address, size) and fragments (range, node, rows, bytes)."""
+    """Nodes (up/down, role, address, size, members), fragments (range, node, rows, bytes), mirror lag."""
     setup_logging(directory)
     directory = directory.resolve()
     data = status.collect(topology.load(directory), topology.load_credentials(directory))
+    _members_and_mirror(directory, data)
     if as_json:
-        out.print_json(json.dumps(data))
+        out.print_json(json.dumps(data, default=str))
         return
     nodes = Table(title=f"cluster {data['cluster']}: nodes")
     for col in ("node", "role", "address", "state", "size"):
         nodes.add_column(col)
+    members = Table(title="members of each node group")
+    for col in ("node", "member", "address", "role", "state", "timeline", "lag", "sync"):
+        members.add_column(col)
     for n in data["nodes"]:
         state = ("[green]up[/]" + (" (replica)" if n["in_recovery"] else " (primary)")) if n["up"] else "[red]down[/]"
         nodes.add_row(n["name"], n["role"], n["address"], state, _fmt_bytes(n["size_bytes"]))
+        for m in n.get("members", []):
+            lag = "-" if m.get("lag_bytes") is None else _fmt_bytes(m["lag_bytes"])
+            members.add_row(
+                n["name"], m["name"], f"{m['host']}:{m['port']}", m.get("role") or "-", m.get("state") or "-",
+                str(m.get("timeline") or "-"), lag, "yes" if m.get("sync") else "",
+            )  # fmt: skip
     frags = Table(title="fragments of readings")
     for col in ("fragment", "buildings", "node", "rows", "bytes", "time partitions"):
         frags.add_column(col, justify="right" if col in ("rows", "bytes", "time partitions") else "left")
@@ -98,16 +138,26 @@ def status_cmd(
         parts = "-" if f["time_partitions"] is None else f"{f['time_partitions']} × {f['time_interval']}"
         frags.add_row(f["shard_name"], rng, f["node"], rows, _fmt_bytes(f["bytes"]), parts)
     out.print(nodes)
+    out.print(members)
     out.print(frags)
+    mirror = data.get("mirror")
+    if mirror and "error" not in mirror:
+        out.print(f"metadata mirror: {mirror.get('events', 0)} event(s), {mirror.get('seconds') or 0:.1f} s behind")
+    elif mirror:
+        out.print(f"metadata mirror: {mirror['error']}")
 
 
 @app.command()
 def dsn(
     directory: DirOpt = DEFAULT_DIR,
     admin: Annotated[bool, typer.Option(help="The orchestrator superuser instead of the application role.")] = False,
+    mongo: Annotated[bool, typer.Option("--mongo", help="The MongoDB URI of the device metadata mirror.")] = False,
 ) -> None:
     """Print the coordinator's libpq URI (application role)."""
     directory = directory.resolve()
+    if mongo:
+        out.print(metadata_store.mongo_uri(directory))
+        return
     topo, creds = topology.load(directory), topology.load_credentials(directory)
     target = superuser_target(topo.coordinator, creds) if admin else app_target(topo.coordinator, creds)
     out.print(target.uri())
