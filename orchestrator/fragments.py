@@ -101,6 +101,7 @@ class Router:
         self.fragments = tuple(ordered)
         self._lower = [c_order(f.range_from) for f in ordered[1:] if f.range_from is not None]
         self._cache: dict[str, Fragment] = {}
+        self._bytes_cache: dict[bytes, Fragment] = {}
 
     @staticmethod
     def _check_contiguous(ordered: Sequence[Fragment]) -> None:
@@ -109,6 +110,15 @@ class Router:
         for a, b in itertools.pairwise(ordered):
             if a.range_to != b.range_from:
                 raise ConfigError(f"fragments {a.fragment_id} and {b.fragment_id} leave a gap or overlap")
+
+    def route_bytes(self, building: bytes) -> Fragment:
+        """Route a UTF-8 encoded building code (the ingest hot path; no decoding)."""
+        hit = self._bytes_cache.get(building)
+        if hit is None:
+            hit = self.fragments[bisect.bisect_right(self._lower, building)]
+            if len(self._bytes_cache) < 100_000:
+                self._bytes_cache[building] = hit
+        return hit
 
     def route(self, building: str) -> Fragment:
         hit = self._cache.get(building)

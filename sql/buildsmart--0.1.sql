@@ -142,7 +142,9 @@ BEGIN
     s := buildsmart.partition_start(part_interval, lo);
     WHILE s <= hi LOOP
         e := s + part_interval;
-        part := rel || '_p' || to_char(pg_catalog.timezone('UTC', s), 'YYYYMMDD"T"HH24MI');
+        -- readings_f1_p20230101, or readings_f1_p20230101_1200 for partitions starting within a day
+        part := rel || '_p' || to_char(pg_catalog.timezone('UTC', s), 'YYYYMMDD')
+                || CASE WHEN pg_catalog.timezone('UTC', s)::time <> '00:00' THEN to_char(pg_catalog.timezone('UTC', s), '"_"HH24MI') ELSE '' END;
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c
                         WHERE c.relname = part AND c.relnamespace = nsp::regnamespace) THEN
             EXECUTE format('CREATE TABLE %I.%I (LIKE %I.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', nsp, part, nsp, rel);
@@ -189,3 +191,219 @@ RETURN (SELECT f.fragment_id FROM buildsmart.fragments f
          WHERE f.logicalrelid = rel
            AND (f.range_from IS NULL OR building COLLATE "C" >= f.range_from)
            AND (f.range_to IS NULL OR building COLLATE "C" < f.range_to));
+
+-- catalog/elastic.sql
+-- Elasticity catalog: the routing version loaders watch, long-running jobs with persisted step
+-- state, and the last observed fragment sizes (for citus_shards and the rebalance planner).
+
+-- Bumped in the same coordinator transaction that changes where a fragment lives (move, split,
+-- node removal). Loaders compare it with the version they routed with (see fragment_write_lock).
+CREATE TABLE buildsmart.catalog_version (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    version   bigint NOT NULL DEFAULT 1,
+    changed_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO buildsmart.catalog_version DEFAULT VALUES;
+
+-- Long operations. SQL functions (citus_*) insert 'scheduled' rows; `buildsmart jobs run` claims
+-- them. step/detail are persisted after every step so a killed orchestrator can resume.
+CREATE TABLE buildsmart.jobs (
+    job_id      bigserial PRIMARY KEY,
+    kind        text NOT NULL,
+    args        jsonb NOT NULL DEFAULT '{}'::jsonb,
+    state       text NOT NULL DEFAULT 'scheduled'
+                CHECK (state IN ('scheduled', 'running', 'done', 'failed', 'cancelled')),
+    step        text NOT NULL DEFAULT 'new',
+    detail      jsonb NOT NULL DEFAULT '{}'::jsonb,
+    error       text,
+    parent_id   bigint REFERENCES buildsmart.jobs,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    started_at  timestamptz,
+    finished_at timestamptz,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX jobs_open_idx ON buildsmart.jobs (job_id) WHERE state IN ('scheduled', 'running');
+-- At most one open job per fragment: a second move/split of the same fragment is refused.
+CREATE UNIQUE INDEX jobs_one_per_fragment ON buildsmart.jobs (((args ->> 'fragment_id')::int))
+    WHERE state IN ('scheduled', 'running') AND args ? 'fragment_id';
+SELECT pg_catalog.pg_extension_config_dump('buildsmart.jobs', '');
+
+CREATE TABLE buildsmart.fragment_stats (
+    fragment_id integer PRIMARY KEY REFERENCES buildsmart.fragments ON DELETE CASCADE,
+    size_bytes  bigint NOT NULL,
+    row_count   bigint,
+    observed_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- udfs/fragment_write_lock/0.1.sql
+-- Called by a loader at the start of each batch, inside a coordinator transaction that it keeps
+-- open until the batch has committed on the worker: takes a SHARED advisory lock per fragment
+-- (released when that transaction ends) and returns the catalog version. A move or split takes
+-- the same lock EXCLUSIVELY for its switch, so it waits for batches in flight and holds new ones
+-- back; a loader that then sees a newer version re-reads the placements and re-routes the batch.
+CREATE FUNCTION buildsmart.fragment_write_lock(fragment_ids integer[])
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    fid integer;
+BEGIN
+    FOR fid IN SELECT DISTINCT u FROM unnest(fragment_ids) u ORDER BY u LOOP
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(1112755524, fid);
+    END LOOP;
+    RETURN (SELECT version FROM buildsmart.catalog_version);
+END;
+$$;
+
+-- udfs/fragment_switch_lock/0.1.sql
+-- The exclusive side of fragment_write_lock, taken by the switch of a move or split.
+CREATE FUNCTION buildsmart.fragment_switch_lock(fragment_id integer)
+RETURNS void
+LANGUAGE sql
+AS $$ SELECT pg_catalog.pg_advisory_xact_lock(1112755524, fragment_id) $$;
+
+-- udfs/bump_catalog_version/0.1.sql
+-- Bump the routing version in the switching transaction (loaders re-read placements on change).
+CREATE FUNCTION buildsmart.bump_catalog_version()
+RETURNS bigint
+LANGUAGE sql
+AS $$ UPDATE buildsmart.catalog_version SET version = version + 1, changed_at = now() RETURNING version $$;
+
+-- udfs/split_mirror_trigger/0.1.sql
+-- AFTER row trigger on a fragment being split on its worker: mirrors every change to rows at or
+-- above the split point (TG_ARGV[1]) into the new upper fragment (TG_ARGV[0]) while the copy of
+-- existing rows runs, so writes continue during a split. TG_ARGV[2] is the precomputed
+-- "col = EXCLUDED.col, ..." list: an upsert, because the copy may hold an older version of the
+-- same key uncommitted (the upsert then waits for it and overwrites it with the newer value).
+-- Installed ENABLE ALWAYS because the bulk loader writes with session_replication_role = replica.
+CREATE FUNCTION buildsmart.split_mirror_trigger()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    target text := TG_ARGV[0];
+    split_at text := TG_ARGV[1];
+    sets text := TG_ARGV[2];
+BEGIN
+    IF TG_OP IN ('DELETE', 'UPDATE') AND OLD.building COLLATE "C" >= split_at COLLATE "C" THEN
+        EXECUTE format('DELETE FROM %s WHERE building = $1 AND meter = $2 AND ts = $3', target)
+          USING OLD.building, OLD.meter, OLD.ts;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.building COLLATE "C" >= split_at COLLATE "C" THEN
+        EXECUTE format('INSERT INTO %s SELECT ($1).* ON CONFLICT (building, meter, ts) DO UPDATE SET %s', target, sets)
+          USING NEW;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+-- udfs/submit_job/0.1.sql
+-- Queue a long operation for the orchestrator (`buildsmart jobs run`); returns the job id.
+CREATE FUNCTION buildsmart.submit_job(kind text, args jsonb DEFAULT '{}'::jsonb)
+RETURNS bigint
+LANGUAGE sql
+AS $$ INSERT INTO buildsmart.jobs (kind, args) VALUES (kind, args) RETURNING job_id $$;
+
+-- udfs/citus_functions/0.1.sql
+-- Citus-compatible functions on the coordinator (Citus' names and argument order). They live in
+-- pg_catalog, as Citus' do, so they resolve without a search_path. Long operations only queue a
+-- job in buildsmart.jobs and return its id; `buildsmart jobs run` executes it and
+-- citus_rebalance_status() shows progress. Nodes are named by host and port as in Citus (the
+-- node's name is accepted as nodename too).
+
+CREATE FUNCTION pg_catalog.citus_add_node(nodename text, nodeport integer, groupid integer DEFAULT -1,
+                                          noderole text DEFAULT 'primary', nodecluster name DEFAULT 'default')
+RETURNS bigint LANGUAGE sql
+AS $$ SELECT buildsmart.submit_job('add_node', jsonb_build_object('host', nodename, 'port', nodeport)) $$;
+
+CREATE FUNCTION pg_catalog.citus_remove_node(nodename text, nodeport integer)
+RETURNS bigint LANGUAGE sql
+AS $$ SELECT buildsmart.submit_job('remove_node', jsonb_build_object('host', nodename, 'port', nodeport)) $$;
+
+CREATE FUNCTION pg_catalog.citus_drain_node(nodename text, nodeport integer, shard_transfer_mode text DEFAULT 'auto',
+                                            rebalance_strategy name DEFAULT NULL)
+RETURNS bigint LANGUAGE sql
+AS $$ SELECT buildsmart.submit_job('drain_node', jsonb_build_object('host', nodename, 'port', nodeport)) $$;
+
+CREATE FUNCTION pg_catalog.citus_rebalance_start(rebalance_strategy name DEFAULT NULL, drain_only boolean DEFAULT false,
+                                                 shard_transfer_mode text DEFAULT 'auto')
+RETURNS bigint LANGUAGE sql
+AS $$ SELECT buildsmart.submit_job('rebalance', jsonb_build_object('tolerance', 0.1, 'drain_only', drain_only)) $$;
+
+CREATE FUNCTION pg_catalog.citus_rebalance_status(raw boolean DEFAULT false)
+RETURNS TABLE (job_id bigint, state text, job_type text, description text, started_at timestamptz,
+               finished_at timestamptz, details jsonb)
+LANGUAGE sql STABLE
+AS $$
+    SELECT j.job_id, j.state, j.kind, j.kind || ' ' || j.args::text, j.started_at, j.finished_at,
+           j.detail || jsonb_build_object('step', j.step, 'error', j.error,
+               'tasks', (SELECT coalesce(jsonb_agg(jsonb_build_object('job_id', c.job_id, 'kind', c.kind, 'state', c.state,
+                                                                       'step', c.step, 'args', c.args) ORDER BY c.job_id), '[]')
+                           FROM buildsmart.jobs c WHERE c.parent_id = j.job_id))
+      FROM buildsmart.jobs j
+     WHERE j.parent_id IS NULL
+     ORDER BY j.job_id DESC
+$$;
+
+-- shard_id is the fragment id; ports identify nodes by their first member.
+CREATE FUNCTION pg_catalog.citus_move_shard_placement(shard_id bigint, source_node_name text, source_node_port integer,
+                                                      target_node_name text, target_node_port integer,
+                                                      shard_transfer_mode text DEFAULT 'auto')
+RETURNS bigint LANGUAGE sql
+AS $$ SELECT buildsmart.submit_job('citus_move', jsonb_build_object('shard_id', shard_id,
+        'source_host', source_node_name, 'source_port', source_node_port,
+        'target_host', target_node_name, 'target_port', target_node_port)) $$;
+
+-- Time partitions live on the workers; this queues their creation for every fragment up to end_at.
+CREATE FUNCTION pg_catalog.create_time_partitions(table_name regclass, partition_interval interval, end_at timestamptz,
+                                                  start_from timestamptz DEFAULT now())
+RETURNS boolean LANGUAGE plpgsql
+AS $$
+DECLARE
+    job bigint;
+BEGIN
+    IF table_name <> 'public.readings'::regclass THEN
+        RAISE EXCEPTION '% is not a distributed table', table_name USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    job := buildsmart.submit_job('create_time_partitions', jsonb_build_object(
+        'ahead', greatest(1, ceil(extract(epoch FROM end_at - now()) / extract(epoch FROM partition_interval)))::int));
+    RAISE NOTICE 'queued job %', job;
+    RETURN true;
+END;
+$$;
+
+CREATE PROCEDURE pg_catalog.drop_old_time_partitions(table_name regclass, older_than timestamptz)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    job bigint;
+BEGIN
+    IF table_name <> 'public.readings'::regclass THEN
+        RAISE EXCEPTION '% is not a distributed table', table_name USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    job := buildsmart.submit_job('drop_old_time_partitions',
+                                 jsonb_build_object('older_than', (now() - older_than)::text));
+    RAISE NOTICE 'queued job %', job;
+END;
+$$;
+
+-- Views cannot live in pg_catalog; public is on every default search_path.
+CREATE VIEW public.citus_shards AS
+SELECT f.logicalrelid::regclass AS table_name, f.fragment_id::bigint AS shardid,
+       'bsdata.' || f.shard_name AS shard_name, 'distributed'::text AS citus_table_type, 0 AS colocation_id,
+       split_part(n.hosts, ',', 1) AS nodename, split_part(n.ports, ',', 1)::integer AS nodeport,
+       s.size_bytes AS shard_size, f.range_from, f.range_to, p.node_name
+  FROM buildsmart.fragments f
+  JOIN buildsmart.placements p ON p.fragment_id = f.fragment_id AND p.state = 'active'
+  JOIN buildsmart.nodes n ON n.name = p.node_name
+  LEFT JOIN buildsmart.fragment_stats s ON s.fragment_id = f.fragment_id;
+
+CREATE VIEW public.citus_tables AS
+SELECT f.logicalrelid::regclass AS table_name, 'distributed'::text AS citus_table_type,
+       'building'::text AS distribution_column, 0 AS colocation_id,
+       pg_catalog.pg_size_pretty(sum(s.size_bytes)) AS table_size, count(*) AS shard_count,
+       pg_catalog.pg_get_userbyid(c.relowner) AS table_owner, 'heap'::name AS access_method
+  FROM buildsmart.fragments f
+  JOIN pg_catalog.pg_class c ON c.oid = f.logicalrelid
+  LEFT JOIN buildsmart.fragment_stats s ON s.fragment_id = f.fragment_id
+ GROUP BY f.logicalrelid, c.relowner;

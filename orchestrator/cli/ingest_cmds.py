@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +22,11 @@ def summary(result: IngestResult) -> str:
     )
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM stops an ingest like Ctrl-C: in-flight batches settle and the summary is exact."""
+    raise KeyboardInterrupt
+
+
 @app.command("ingest")
 def ingest_cmd(
     path: Annotated[str, typer.Argument(help="CSV (plain or .gz) or JSON lines file; - for standard input.")],
@@ -28,6 +34,8 @@ def ingest_cmd(
     rejects: Annotated[Path | None, typer.Option(help="Write bad lines here (line, column, reason, raw) and go on.")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="csv or jsonl [default: from the file name].")] = None,
     batch_rows: Annotated[int, typer.Option(help="Rows per committed batch.")] = DEFAULT_BATCH_ROWS,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep reading a growing file or stdin until Ctrl-C.")] = False,
+    commit_interval: Annotated[float, typer.Option(help="With --follow: commit what arrived at least this often (s).")] = 1.0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Load readings; each row goes straight to the worker that holds its fragment."""
@@ -50,7 +58,14 @@ def ingest_cmd(
             elapsed = max(bar.get_time() - started, 1e-6)
             bar.update(task, completed=position, total=size, rows=rows, rate=rows / elapsed)
 
-        result = ingest(directory, path, rejects=rejects, fmt=fmt, batch_rows=batch_rows, progress=progress)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            result = ingest(
+                directory, path, rejects=rejects, fmt=fmt, batch_rows=batch_rows, progress=progress,
+                follow=follow, commit_interval=commit_interval,
+            )  # fmt: skip
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     out.print(summary(result))
     if result.rejected and rejects:
         out.print(f"{result.rejected:,} rejected line(s) written to {rejects}")

@@ -59,6 +59,10 @@ class WriteGate:
                 raise RoutingChanged(version)
             yield
 
+    @property
+    def closed(self) -> bool:
+        return self._conn.closed
+
     def close(self) -> None:
         self._conn.close()
 

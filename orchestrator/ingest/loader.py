@@ -1,34 +1,38 @@
 """The ingest pipeline: read and validate (main thread), route each row to its fragment, and let
-one writer thread per fragment load batches on its worker. The coordinator is not on the path.
+one writer thread per fragment load batches on its worker. The coordinator is not on the data
+path; it only hands out the fragment write locks of the online-move protocol.
 
 Commit rule: batches are cut at the same line for every fragment and each fragment applies its
-batches in order, so after a stop (bad row without --rejects, a failed worker, Ctrl-C) the
-committed rows are exactly the lines before a known line. Loading the same rows again is a no-op,
-so a stopped load can simply be run again.
+batches in order, so after a stop (bad row without --rejects, a worker that stays away, Ctrl-C)
+the committed rows are exactly the lines before a known line. Applying a batch again is a no-op,
+so a stopped load can simply be run again, and a batch whose outcome is unknown is retried.
+In follow mode a batch is also cut every ``commit_interval`` seconds.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from orchestrator import catalog, topology
-from orchestrator.connections import connect, superuser_target
+from orchestrator import topology
+from orchestrator.connections import Target, superuser_target
+from orchestrator.elastic.gate import RoutingChanged, WriteGate
 from orchestrator.exceptions import BuildSmartError, ClusterStateError, InputError, InputLocation, NodeError
-from orchestrator.fragments import Fragment, Router
-from orchestrator.ingest.reader import Reject, Row, open_rows
+from orchestrator.fragments import Router
+from orchestrator.ingest.reader import ParsedRow, Reject, open_rows
 from orchestrator.ingest.writer import BatchCounts, FragmentWriter
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_ROWS = 200_000
+DEFAULT_BATCH_ROWS = 100_000
 MAX_BATCHES_IN_FLIGHT = 2
+Progress = Callable[[int, int, int | None], None]
 
 
 @dataclass
@@ -42,6 +46,8 @@ class IngestResult:
     committed_through_line: int = 1  # every data line up to here is committed (1 = header only)
     seconds: float = 0.0
     partitions_created: int = 0
+    retries: int = 0
+    reroutes: int = 0
     per_fragment: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -56,24 +62,9 @@ class IngestResult:
         self.inserted += counts.inserted
         self.replaced += counts.updated + counts.superseded
         self.unchanged += counts.unchanged
+        self.partitions_created += counts.partitions
+        self.retries += counts.retries
         self.per_fragment[fragment] = self.per_fragment.get(fragment, 0) + counts.staged
-
-
-@dataclass
-class _Pending:
-    """Rows of one fragment waiting for the next batch cut."""
-
-    lines: list[str] = field(default_factory=list)
-    lo: datetime | None = None
-    hi: datetime | None = None
-
-    def add(self, row: Row) -> None:
-        self.lines.append(row.csv_text)
-        ts = row.ts
-        if self.lo is None or ts < self.lo:
-            self.lo = ts
-        if self.hi is None or ts > self.hi:
-            self.hi = ts
 
 
 class RejectsFile:
@@ -84,90 +75,142 @@ class RejectsFile:
         self._fh: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._fh.write(b"# line\tcolumn\treason\traw line\n")
 
-    def write(self, source: str, reject: Reject) -> None:
+    def write(self, reject: Reject) -> None:
         raw = reject.raw.rstrip(b"\r\n")
         self._fh.write(f"{reject.line}\t{reject.column}\t{reject.reason}\t".encode() + raw + b"\n")
+        self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()
 
 
+def _building_of(csv_line: bytes) -> bytes:
+    if csv_line.startswith(b'"'):
+        return next(csv.reader([csv_line.decode()]))[0].encode()
+    return csv_line.split(b",", 1)[0]
+
+
+_Sent = tuple[int, list[bytes], "Future[BatchCounts]"]  # fragment id, its lines, the write
+
+
 class Loader:
     """Routes rows to fragment writers and commits them in line-ordered batches."""
 
-    def __init__(self, fragments: Iterable[Fragment], targets: dict[str, object], batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
-        self.router = Router(list(fragments))
+    def __init__(self, coordinator: Target, workers: dict[str, Target], batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
+        self.coordinator = coordinator
+        self.workers = workers
         self.batch_rows = batch_rows
-        self.writers = {f.fragment_id: FragmentWriter(f, targets[f.node]) for f in self.router.fragments}  # type: ignore[arg-type]
-        self.pools = {fid: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"frag{fid}") for fid in self.writers}
-        self.pending: dict[int, _Pending] = {}
-        self.in_flight: list[tuple[int, list[tuple[str, Future[tuple[BatchCounts, int]]]]]] = []
-        self.first_uncommitted_line = 2  # lines before this one are committed everywhere
+        self.gate = WriteGate(coordinator, "ingest:plan")
+        self.writers: dict[int, FragmentWriter] = {}
+        self.pools: dict[int, ThreadPoolExecutor] = {}
+        self.pending: dict[int, list[bytes]] = {}
+        self.pending_rows = 0
+        self.in_flight: list[tuple[int, list[_Sent]]] = []
+        self._load_routing()
 
-    def _write(self, fid: int, pending: _Pending) -> tuple[BatchCounts, int]:
-        writer = self.writers[fid]
-        assert pending.lo is not None and pending.hi is not None
-        created = writer.ensure_partitions(pending.lo, pending.hi)
-        return writer.write(pending.lines), created
+    def _load_routing(self) -> None:
+        """(Re)read placements with the catalog version; writers of moved fragments are replaced."""
+        fragments = self.gate.fragments()
+        self.router = Router(fragments)
+        for frag in fragments:
+            writer = self.writers.get(frag.fragment_id)
+            if writer is None or writer.fragment != frag:
+                if writer is not None:
+                    self.pools[frag.fragment_id].submit(writer.close).result()
+                target = self.workers.get(frag.node)
+                if target is None:
+                    raise ClusterStateError(f"fragment {frag.fragment_id} is on {frag.node}, which this cluster does not know")
+                self.writers[frag.fragment_id] = writer = FragmentWriter(frag, target, self.coordinator)
+                if frag.fragment_id not in self.pools:
+                    self.pools[frag.fragment_id] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"frag{frag.fragment_id}")
+            writer.gate_version = self.gate.version
+        log.info("routing %d fragments (catalog version %d)", len(fragments), self.gate.version)
 
-    def add(self, row: Row) -> None:
-        frag = self.router.route(row.building)
-        pending = self.pending.get(frag.fragment_id)
-        if pending is None:
-            pending = self.pending[frag.fragment_id] = _Pending()
-        pending.add(row)
+    def add(self, building: bytes, csv_line: bytes) -> None:
+        fid = self.router.route_bytes(building).fragment_id
+        lines = self.pending.get(fid)
+        if lines is None:
+            lines = self.pending[fid] = []
+        lines.append(csv_line)
+        self.pending_rows += 1
 
     def cut(self, next_line: int, result: IngestResult) -> None:
         """Send everything before ``next_line`` as one batch; keep at most a few batches in flight."""
-        futures = []
-        for fid, pending in self.pending.items():
-            if pending.lines:
-                futures.append((self.writers[fid].fragment.shard_name, self.pools[fid].submit(self._write, fid, pending)))
+        sent = [
+            (fid, lines, self.pools[fid].submit(self.writers[fid].write, lines)) for fid, lines in self.pending.items() if lines
+        ]
         self.pending = {}
-        self.in_flight.append((next_line, futures))
-        while len(self.in_flight) > MAX_BATCHES_IN_FLIGHT - 1:
-            self._settle_oldest(result)
+        self.pending_rows = 0
+        self.in_flight.append((next_line, sent))
+        while len(self.in_flight) >= MAX_BATCHES_IN_FLIGHT:
+            self.settle_oldest(result)
 
-    def _settle_oldest(self, result: IngestResult) -> None:
-        next_line, futures = self.in_flight.pop(0)
-        errors = []
-        for shard, fut in futures:
+    def settle_oldest(self, result: IngestResult) -> None:
+        next_line, sent = self.in_flight.pop(0)
+        errors: list[str] = []
+        reroute: list[bytes] = []
+        for fid, lines, fut in sent:
             try:
-                counts, created = fut.result()
+                result.add(self.writers[fid].fragment.shard_name, fut.result())
+            except RoutingChanged:
+                reroute.extend(lines)
             except BuildSmartError as exc:
-                errors.append(f"{shard}: {exc}")
-                continue
-            except Exception as exc:  # psycopg errors from the writer thread
-                errors.append(f"{shard}: {type(exc).__name__}: {exc}".strip())
-                continue
-            result.add(shard, counts)
-            result.partitions_created += created
+                errors.append(str(exc))
+            except Exception as exc:  # a database error the writer does not retry (e.g. a bad value)
+                errors.append(f"{type(exc).__name__}: {str(exc).strip()}")
         if errors:
-            self._drain_after_error(result)
+            self._drain_after_error()
             raise NodeError(
-                f"a batch before line {next_line} failed ({'; '.join(errors)}); lines before "
-                f"{self.first_uncommitted_line} are committed. Run the same ingest again to finish: "
-                "rows already loaded are not duplicated"
+                f"a batch before line {next_line} failed ({'; '.join(errors)}); lines 2-{result.committed_through_line} are "
+                "committed. Run the same ingest again to finish: rows already loaded are not duplicated"
             )
-        self.first_uncommitted_line = next_line
+        if reroute:
+            self._reroute(reroute, next_line, result)
         result.committed_through_line = next_line - 1
 
-    def _drain_after_error(self, result: IngestResult) -> None:
-        for _, futures in self.in_flight:
-            for _, fut in futures:
+    def _reroute(self, lines: list[bytes], next_line: int, result: IngestResult) -> None:
+        """Placements changed under this batch (an online move or split switched): later batches in
+        flight are settled first so each fragment keeps its order, then the rows go where they now belong."""
+        later = self.in_flight
+        self.in_flight = []
+        for fid, later_lines, fut in (s for _, batch in later for s in batch):
+            try:
+                result.add(self.writers[fid].fragment.shard_name, fut.result())
+            except RoutingChanged:
+                lines.extend(later_lines)
+        result.reroutes += 1
+        self._load_routing()
+        held = self.pending
+        self.pending = {}
+        for line in lines:
+            self.add(_building_of(line), line)
+        self.cut(next_line, result)
+        while self.in_flight:
+            self.settle_oldest(result)
+        for pending in held.values():
+            for line in pending:
+                self.add(_building_of(line), line)
+
+    def _drain_after_error(self) -> None:
+        for _, sent in self.in_flight:
+            for _, _, fut in sent:
                 fut.exception()
         self.in_flight.clear()
 
     def finish(self, next_line: int, result: IngestResult) -> None:
-        self.cut(next_line, result)
+        if self.pending_rows:
+            self.cut(next_line, result)
         while self.in_flight:
-            self._settle_oldest(result)
+            self.settle_oldest(result)
+        result.committed_through_line = next_line - 1
 
     def close(self) -> None:
-        for pool in self.pools.values():
+        for fid, pool in self.pools.items():
+            writer = self.writers.get(fid)
+            if writer is not None:
+                pool.submit(writer.close)
             pool.shutdown(wait=True, cancel_futures=True)
-        for writer in self.writers.values():
-            writer.close()
+        self.gate.close()
 
 
 def ingest(
@@ -176,57 +219,68 @@ def ingest(
     rejects: Path | None = None,
     fmt: str | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
-    progress: Callable[[int, int, int | None], None] | None = None,
+    progress: Progress | None = None,
+    follow: bool = False,
+    commit_interval: float = 1.0,
 ) -> IngestResult:
-    """Load a file (or ``-``) into the cluster in DIR. Raises InputError at the first bad row
-    unless ``rejects`` is given; the error says exactly which lines were committed."""
+    """Load a file (or ``-``) into the cluster in DIR. Stops at the first bad row unless ``rejects``
+    is given; the error says exactly which lines are committed. ``follow`` keeps reading a growing
+    file or standard input and commits at least every ``commit_interval`` seconds, until Ctrl-C."""
     directory = directory.resolve()
     topo, creds = topology.load(directory), topology.load_credentials(directory)
-    with connect(superuser_target(topo.coordinator, creds), "ingest:plan", autocommit=True) as conn:
-        fragments = catalog.load_fragments(conn)
-    targets: dict[str, object] = {g.name: superuser_target(g, creds) for g in topo.workers}
-    source, rows = open_rows(path, fmt)
-    result = IngestResult(source.name)
-    loader = Loader(fragments, targets, batch_rows)
-    rejects_file = RejectsFile(rejects) if rejects else None
-    started = time.monotonic()
-    since_cut = 0
-    line = 1
-    log.info("ingest of %s into %d fragments started", source.name, len(fragments))
+    workers = {g.name: superuser_target(g, creds) for g in topo.workers}
+    loader = Loader(superuser_target(topo.coordinator, creds), workers, batch_rows)
     try:
-        for item in rows:
-            line = item.line
+        source, rows = open_rows(path, fmt, follow=follow)
+    except BaseException:
+        loader.close()
+        raise
+    result = IngestResult(source.name)
+    rejects_file = RejectsFile(rejects) if rejects else None
+    started = last_cut = time.monotonic()
+    line = 1
+    log.info("ingest of %s into %d fragments started%s", source.name, len(loader.router.fragments), " (follow)" if follow else "")
+    try:
+        for number, building_or_none, csv_or_none in _items(rows):
+            if number == 0:  # follow-mode tick
+                if loader.pending_rows and time.monotonic() - last_cut >= commit_interval:
+                    loader.cut(line + 1, result)
+                    last_cut = time.monotonic()
+                if progress:
+                    progress(result.rows, source.position(), source.size)
+                continue
+            line = number
             result.rows += 1
-            if isinstance(item, Reject):
+            if building_or_none is None:
+                reject = csv_or_none
+                assert isinstance(reject, Reject)
                 if rejects_file is None:
-                    loader.finish(item.line, result)
+                    loader.finish(number, result)
                     raise InputError(
-                        InputLocation(source.name, item.line, item.column),
-                        f"{item.reason}; stopped here: lines 2-{item.line - 1} ({result.loaded} rows) are committed, "
+                        InputLocation(source.name, number, reject.column),
+                        f"{reject.reason}; stopped here: lines 2-{number - 1} ({result.loaded} rows) are committed, "
                         "nothing from this line on",
                     )
-                rejects_file.write(source.name, item)
+                rejects_file.write(reject)
                 result.rejected += 1
                 continue
-            loader.add(item)
-            since_cut += 1
-            if since_cut >= batch_rows:
-                loader.cut(line + 1, result)
-                since_cut = 0
+            assert isinstance(csv_or_none, bytes)
+            loader.add(building_or_none, csv_or_none)
+            if loader.pending_rows >= batch_rows or (follow and time.monotonic() - last_cut >= commit_interval):
+                loader.cut(number + 1, result)
+                last_cut = time.monotonic()
                 if progress:
                     progress(result.rows, source.position(), source.size)
         loader.finish(line + 1, result)
     except KeyboardInterrupt as exc:
-        # Let in-flight batches settle so the report of what is committed is exact.
-        while loader.in_flight:
-            try:
-                loader._settle_oldest(result)
-            except NodeError:
-                break
-        raise ClusterStateError(
-            f"interrupted at line {line}: lines 2-{result.committed_through_line} ({result.loaded} rows) are committed; "
-            "run the same ingest again to finish (nothing is duplicated)"
-        ) from exc
+        if follow:
+            loader.finish(line + 1, result)  # a follower stops by Ctrl-C: commit what arrived
+        else:
+            _settle_quietly(loader, result)
+            raise ClusterStateError(
+                f"interrupted at line {line}: lines 2-{result.committed_through_line} ({result.loaded} rows) are committed; "
+                "run the same ingest again to finish (nothing is duplicated)"
+            ) from exc
     finally:
         result.seconds = time.monotonic() - started
         loader.close()
@@ -237,12 +291,24 @@ def ingest(
         progress(result.rows, source.size or 0, source.size)
     log.info(
         "ingest of %s done: %d rows, %d new, %d replaced, %d unchanged, %d rejected in %.1f s",
-        source.name,
-        result.rows,
-        result.inserted,
-        result.replaced,
-        result.unchanged,
-        result.rejected,
-        result.seconds,
-    )
+        source.name, result.rows, result.inserted, result.replaced, result.unchanged, result.rejected, result.seconds,
+    )  # fmt: skip
     return result
+
+
+def _items(rows: Iterable[ParsedRow | Reject]) -> Iterator[tuple[int, bytes | None, bytes | Reject]]:
+    """Rows as (line, building | None, csv | Reject): one shape for the loop above."""
+    for item in rows:
+        if isinstance(item, Reject):
+            yield item.line, None, item
+        else:
+            yield item
+
+
+def _settle_quietly(loader: Loader, result: IngestResult) -> None:
+    """After Ctrl-C: let in-flight batches finish so the report of what is committed is exact."""
+    while loader.in_flight:
+        try:
+            loader.settle_oldest(result)
+        except BuildSmartError:
+            break
