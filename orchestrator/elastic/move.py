@@ -27,6 +27,7 @@ from psycopg import sql
 from orchestrator.elastic import jobs, shardops
 from orchestrator.elastic.context import Elastic
 from orchestrator.exceptions import ClusterStateError, NodeError
+from orchestrator.executor import drop_fragment_sql
 from orchestrator.fragments import Fragment
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,8 @@ def _cleanup(el: Elastic, fid: int, source: str, target: str) -> None:
     if shardops.table_exists(src, shard):
         frag = el.fragment(fid)
         shardops.copy_time_partitions(src, shard, el.nodes.get(target), shard, frag.time_interval)
-        src.execute(sql.SQL("DROP TABLE {}").format(shardops.table(shard)))
+        for stmt in drop_fragment_sql(shard):
+            src.execute(stmt)
         log.info("dropped source %s on %s", shard, source)
 
 
@@ -251,7 +253,8 @@ def rollback(el: Elastic, fid: int, source: str, target: str) -> None:
     # Only drop the target table if the catalog does not place the fragment there.
     frag = el.fragment(fid)
     if frag.node != target:
-        el.nodes.get(target).execute(sql.SQL("DROP TABLE IF EXISTS {}").format(shardops.table(shard)))
+        for stmt in drop_fragment_sql(shard, if_exists=True):
+            el.nodes.get(target).execute(stmt)
     # A slot left behind when the subscription was dropped without reaching the source.
     el.nodes.get(source).execute(
         "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots "

@@ -26,6 +26,7 @@ from orchestrator.elastic.context import Elastic
 from orchestrator.elastic.move import PAUSE_LOCK_TIMEOUT, SWITCH_ATTEMPTS
 from orchestrator.elastic.rebalance import split_point
 from orchestrator.exceptions import ClusterStateError, NodeError
+from orchestrator.executor import drop_fragment_sql
 from orchestrator.fragments import Fragment, c_order, shard_name
 
 log = logging.getLogger(__name__)
@@ -309,6 +310,7 @@ def _lock_root(conn: psycopg.Connection, tbl: sql.Identifier) -> None:
 def _rollback(el: Elastic, fid: int, new_id: int, node: str) -> None:
     conn = el.nodes.get(node)
     conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), shardops.table(shard_name(fid))))
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(shardops.table(shard_name(new_id))))
+    for stmt in drop_fragment_sql(shard_name(new_id), if_exists=True):
+        conn.execute(stmt)
     conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(shardops.table(_lower_view(shard_name(fid)))))
     log.info("rolled back the unswitched split of fragment %d", fid)
