@@ -1,8 +1,9 @@
 """Adding, draining and removing worker nodes.
 
-A local node is started with the plain local runtime (one pg_ctl server; Patroni-shaped clusters
-are refused here until the runtime exposes starting one extra group); a remote node is registered
-from its address. Either way :func:`orchestrator.cluster.setup` then installs the extension and
+A local node is started by the local runtime in the cluster's own shape (orchestrator/runtime/groups.py:
+a Patroni group with as many replicas as the other nodes, watched by the failover supervisor, or one
+plain server in a ``--replicas 0`` cluster); a remote node is registered from its address.
+Either way :func:`orchestrator.cluster.setup` then installs the extension and
 creates the foreign server and user mapping, as for the first workers. New fragments placed on it
 take the coordinator's current columns (migrations included).
 """
@@ -20,10 +21,9 @@ from orchestrator import cluster, executor, topology
 from orchestrator.connections import connect, superuser_target
 from orchestrator.elastic import balancer
 from orchestrator.elastic.context import Elastic
-from orchestrator.exceptions import ClusterStateError, ConfigError
+from orchestrator.exceptions import BuildSmartError, ClusterStateError, ConfigError
 from orchestrator.osuser import service_user
-from orchestrator.runtime import local
-from orchestrator.runtime.ports import free_port
+from orchestrator.runtime import groups
 from orchestrator.topology import WORKER, Group, Member
 
 log = logging.getLogger(__name__)
@@ -65,21 +65,22 @@ def add_node(
         _bootstrap(group, el)
         report(f"{name}: registered remote worker at {group.address}")
     else:
-        if len(el.topo.coordinator.members) > 1:
-            raise ClusterStateError("this cluster runs Patroni groups; `node add` starts plain servers only (not yet supported)")
-        taken = frozenset(m.port for g in el.topo.groups for m in g.members)
-        group = Group(name, WORKER, (Member(f"{name}-0", "127.0.0.1", free_port(exclude=taken), data_dir=f"{name}-0"),))
         user = service_user(el.topo.service_user)
-        ((_, lm),) = [(g, m) for g, m in cluster.local_members(el.directory, el.topo.with_group(group), user) if g.name == name]
-        local.initdb(lm, user, el.creds)
-        local.start(lm, user)
-        _bootstrap(group, el)
-        report(f"{name}: started on port {lm.member.port}")
+        root = cluster.data_root(el.directory, user)
+        group = groups.start_worker(el.directory, root, el.topo, name, el.creds, user, report)
+        try:
+            _bootstrap(group, el)
+        except BuildSmartError:
+            log.info("bootstrap of %s failed; stopping and deleting it", name)
+            groups.delete_worker(el.directory, root, el.topo.with_group(group), name, user, report)
+            raise
     topo = el.topo.with_group(group)
     topology.save(el.directory, topo)
     el.reload_topology()
     applied = cluster.setup(topo, el.creds)
     log.info("added worker %s at %s (%d setup steps)", name, group.address, len(applied))
+    if group.managed and groups.confirm_supervised(el.directory, group):
+        report(f"{name}: watched by the failover supervisor")
     return group
 
 
@@ -127,11 +128,7 @@ def remove_node(el: Elastic, name: str, drain: bool = False, report: Report = la
     log.info("removed node %s from the catalog", name)
     if group.managed:
         user = service_user(el.topo.service_user)
-        for g, lm in cluster.local_members(el.directory, el.topo, user):
-            if g.name == name:
-                local.stop(lm, user)
-                local.remove(lm)
-                log.info("stopped %s and removed its data directory", lm.name)
+        groups.delete_worker(el.directory, cluster.data_root(el.directory, user), el.topo, name, user, report)
     topo = replace(el.topo, groups=tuple(g for g in el.topo.groups if g.name != name))
     topology.save(el.directory, topo)
     el.nodes.close()

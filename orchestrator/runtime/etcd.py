@@ -146,3 +146,14 @@ def delete_if_value(url: str, key: str, expected: str) -> bool:
         "success": [{"request_delete_range": {"key": _b64(key)}}],
     }
     return bool(_post(url, "/v3/kv/txn", body).get("succeeded"))
+
+
+def delete_prefix(url: str, prefix: str) -> int:
+    """Delete every key under ``prefix``; returns how many were deleted."""
+    if not prefix:
+        raise ConfigError("refusing to delete the whole etcd keyspace")
+    range_end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    result = _post(url, "/v3/kv/deleterange", {"key": _b64(prefix), "range_end": _b64(range_end)})
+    deleted = int(result.get("deleted", 0))
+    log.info("deleted %d etcd key(s) under %s", deleted, prefix)
+    return deleted

@@ -17,7 +17,9 @@ Run as ``python -m orchestrator.runtime.supervisor DIR``; ``start_daemon``/``sto
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -42,6 +44,9 @@ RESTART_BACKOFF_S = 3.0
 LEADERLESS_RESTART_S = 30.0
 PID_FILE = "supervisor.pid"
 LOG_FILE = "supervisor.log"
+# What the running supervisor watches, rewritten at start and after every reload, so that
+# `node add`/`node remove` can wait until it picked a group up or let it go.
+STATE_FILE = "supervisor.state.json"
 MARKER = "orchestrator.runtime.supervisor"
 
 
@@ -164,6 +169,17 @@ class Supervisor:
         self.ha = hasettings.load(self.directory)
         self.members = {lm.name: PatroniMember(g, lm) for g, lm in cluster.local_members(self.directory, self.topo, self.user)}
         log.info("reloaded topology: supervising %s", ", ".join(g.name for g in self.topo.groups if self.supervised(g.name)))
+        self.publish()
+
+    def supervised_members(self) -> list[str]:
+        return sorted(m.name for g in self.topo.groups if self.supervised(g.name) for m in g.members)
+
+    def publish(self) -> None:
+        """Write STATE_FILE: our PID and the members we watch from now on."""
+        path = self.directory / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "members": self.supervised_members()}) + "\n")
+        os.replace(tmp, path)
 
     def tick(self) -> None:
         for group in self.topo.groups:
@@ -178,6 +194,7 @@ class Supervisor:
     def run(self) -> None:
         log.info("supervising %d members of %s", len(self.members), self.directory)
         seen = _mtime(self.directory)
+        self.publish()
         while not self.stopping:
             if not topology.exists(self.directory):
                 log.info("%s is gone; supervisor exits", self.directory)
@@ -234,6 +251,37 @@ def stop_daemon(directory: Path) -> bool:
         return False
     assert pid is not None
     return procs.stop_pid(pid, "failover supervisor", 10)
+
+
+def supervising(directory: Path) -> set[str] | None:
+    """Members the running supervisor of DIR watches (None when none runs)."""
+    pid = procs.read_pid(directory / PID_FILE)
+    if not procs.alive(pid, MARKER):
+        return None
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return set()
+    if state.get("pid") != pid:
+        return set()  # written by an earlier supervisor; the current one has not published yet
+    return set(state.get("members", []))
+
+
+def wait_supervising(directory: Path, members: set[str], present: bool, timeout_s: float = 15.0) -> bool | None:
+    """Wait until the running supervisor watches all of ``members`` (``present``) or none of them.
+    True when it does, False on timeout, None when no supervisor runs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        watched = supervising(directory)
+        if watched is None:
+            return None
+        if (members <= watched) if present else not (members & watched):
+            return True
+        if time.monotonic() > deadline:
+            log.warning("supervisor of %s: %s %s after %.0f s", directory, sorted(members),
+                        "not yet watched" if present else "still watched", timeout_s)  # fmt: skip
+            return False
+        time.sleep(TICK_S / 2)
 
 
 def main(argv: list[str]) -> int:
