@@ -4,6 +4,7 @@
   (b) `buildsmart ingest` into an N-worker cluster (routed per fragment, straight to the workers)
   (c) COPY through the coordinator (postgres_fdw batch inserts into the foreign partitions)
   (d) multi-row INSERTs through the coordinator from C concurrent clients
+  (e) follow mode: seconds from appending a reading to a followed file until the coordinator shows it
 
 Usage:
   python bench/ingest.py                                  # the Cambridge file (6.7M rows)
@@ -21,6 +22,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -215,6 +217,41 @@ def coordinator_inserts(directory: Path, path: Path, clients: int, rows_per_inse
     return time.monotonic() - started
 
 
+def follow_latency(directory: Path, workdir: Path, readings: int = 20) -> list[float]:
+    """(e) `buildsmart ingest --follow` on a growing file: append one reading at a time and time
+    how long until a query on the coordinator returns it."""
+    live = workdir / "live.csv"
+    live.write_text(HEADER)
+    live.chmod(0o644)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "ingest", "--follow", str(live), "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    topo, creds = topology.load(directory), topology.load_credentials(directory)
+    latencies = []
+    try:
+        time.sleep(1.5)
+        with connect(app_target(topo.coordinator, creds), "bench:follow", autocommit=True) as conn:
+            for i in range(readings):
+                ts = (datetime(2030, 1, 1, tzinfo=UTC) + timedelta(hours=i)).strftime("%Y-%m-%d %H:%M:%S+00")
+                with live.open("a") as fh:
+                    fh.write(f"follow-bench,el,{ts},{i}\n")
+                written = time.monotonic()
+                while time.monotonic() - written < 30:
+                    if conn.execute(
+                        "SELECT 1 FROM public.readings WHERE building = 'follow-bench' AND ts = %s", (ts,)
+                    ).fetchone():
+                        break
+                    time.sleep(0.01)
+                latencies.append(time.monotonic() - written)
+                time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    return latencies
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--file", type=Path, default=CAMBRIDGE)
@@ -226,7 +263,7 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=0, help="replicas per node (synchronous when > 0)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent clients for (d)")
     ap.add_argument("--insert-rows", type=int, default=500_000, help="rows for (d) (multi-row INSERT is the slow path)")
-    ap.add_argument("--skip", default="", help="comma-separated routes to skip: a,b,c,d")
+    ap.add_argument("--skip", default="", help="comma-separated routes to skip: a,b,c,d,e")
     args = ap.parse_args()
     skip = set(args.skip.split(",")) if args.skip else set()
 
@@ -266,9 +303,19 @@ def main() -> None:
                         dst.write(line)
                 print(f"(d) multi-row INSERTs through the coordinator, {args.clients} clients, {n:,} rows ...")
                 results["d"] = (n, coordinator_inserts(directory, sub, args.clients))
+            latencies = []
+            if "e" not in skip:
+                print("(e) follow mode: append readings one by one, time until the coordinator shows each ...")
+                latencies = follow_latency(directory, workdir)
         finally:
             cluster.down(directory, purge=True)
         report(results, peak_rss)
+        if latencies:
+            ordered = sorted(latencies)
+            print(
+                f"(e) follow mode, {len(ordered)} readings appended one by one: visible on the coordinator after "
+                f"median {ordered[len(ordered) // 2]:.2f} s, max {ordered[-1]:.2f} s"
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

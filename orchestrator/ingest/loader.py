@@ -242,8 +242,8 @@ def ingest(
     log.info("ingest of %s into %d fragments started%s", source.name, len(loader.router.fragments), " (follow)" if follow else "")
     try:
         for number, building_or_none, csv_or_none in _items(rows):
-            if number == 0:  # follow-mode tick
-                if loader.pending_rows and time.monotonic() - last_cut >= commit_interval:
+            if number == 0:  # follow mode: the input has been quiet for a moment, so commit what came
+                if loader.pending_rows:
                     loader.cut(line + 1, result)
                     last_cut = time.monotonic()
                 if progress:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 TICK: tuple[int, bytes] = (0, b"")
 FOLLOW_POLL_S = 0.05
-TICK_AFTER_S = 0.2
+TICK_AFTER_S = 0.1
 _EOF = object()
 
 
