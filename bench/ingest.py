@@ -44,7 +44,11 @@ from orchestrator.runtime import local  # noqa: E402
 from orchestrator.runtime.ports import free_port  # noqa: E402
 from orchestrator.topology import Credentials, Member  # noqa: E402
 
-CAMBRIDGE = REPO.parent / "shared" / "data" / "cambridge-estates" / "readings-2019-2023.csv.gz"
+CAMBRIDGE = (
+    next((p for p in (REPO.parent / "shared" / "data", Path("/work/shared/data")) if p.is_dir()), REPO.parent / "shared" / "data")
+    / "cambridge-estates"
+    / "readings-2019-2023.csv.gz"
+)
 HEADER = "building,meter,ts,kwh\n"
 
 

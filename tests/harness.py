@@ -20,7 +20,18 @@ from orchestrator.connections import app_target, connect, superuser_target
 from orchestrator.topology import Credentials, Topology
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _shared_data() -> Path:
+    """The project's shared data sets: $BUILDSMART_SHARED_DATA, else ../shared/data beside the
+    checkout (as CI lays it out), else /work/shared/data."""
+    for candidate in (os.environ.get("BUILDSMART_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return REPO.parent / "shared" / "data"
+
+
+SHARED_DATA = _shared_data()
 
 
 def make_tmp_dir(prefix: str) -> Path:
