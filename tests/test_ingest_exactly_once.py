@@ -113,9 +113,9 @@ def test_worker_restart_during_ingest_loses_and_duplicates_nothing(
 
 
 def test_killed_ingest_run_again_equals_one_clean_run(main_cluster: ClusterHandle, token: str, tmp_path: Path) -> None:
-    rows = make_rows(token, 2000, resend=0.1)
+    rows = make_rows(token, 20000, resend=0.1)  # 200k rows + 20k resends, in 110 small batches
     path = write_csv(tmp_path / "big.csv", rows)
-    proc = run_ingest(main_cluster, str(path), "--batch-rows", "2000")
+    proc = run_ingest(main_cluster, str(path), "--batch-rows", "2000", "--streams", "1")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(stored(main_cluster, token)) < 5000:
         time.sleep(0.05)

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from orchestrator.cli.app import DEFAULT_DIR, DirOpt, app, console, out, setup_logging
-from orchestrator.ingest.loader import DEFAULT_BATCH_ROWS, IngestResult, ingest
+from orchestrator.ingest.loader import DEFAULT_BATCH_ROWS, DEFAULT_STREAMS, IngestResult, ingest
 
 
 def summary(result: IngestResult) -> str:
@@ -34,6 +34,7 @@ def ingest_cmd(
     rejects: Annotated[Path | None, typer.Option(help="Write bad lines here (line, column, reason, raw) and go on.")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="csv or jsonl [default: from the file name].")] = None,
     batch_rows: Annotated[int, typer.Option(help="Rows per committed batch.")] = DEFAULT_BATCH_ROWS,
+    streams: Annotated[int, typer.Option(help="Parallel connections per fragment.")] = DEFAULT_STREAMS,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep reading a growing file or stdin until Ctrl-C.")] = False,
     commit_interval: Annotated[float, typer.Option(help="With --follow: commit what arrived at least this often (s).")] = 1.0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
@@ -62,7 +63,7 @@ def ingest_cmd(
         try:
             result = ingest(
                 directory, path, rejects=rejects, fmt=fmt, batch_rows=batch_rows, progress=progress,
-                follow=follow, commit_interval=commit_interval,
+                follow=follow, commit_interval=commit_interval, streams=streams,
             )  # fmt: skip
         finally:
             signal.signal(signal.SIGTERM, previous)

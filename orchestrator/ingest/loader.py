@@ -7,6 +7,9 @@ batches in order, so after a stop (bad row without --rejects, a worker that stay
 the committed rows are exactly the lines before a known line. Applying a batch again is a no-op,
 so a stopped load can simply be run again, and a batch whose outcome is unknown is retried.
 In follow mode a batch is also cut every ``commit_interval`` seconds.
+
+Each fragment is written by ``streams`` connections in parallel; a meter's rows always go to the
+same stream (hash of building and meter), so the order of every key's rows is kept.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from orchestrator.ingest.writer import BatchCounts, FragmentWriter
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_ROWS = 100_000
+DEFAULT_STREAMS = 2
 MAX_BATCHES_IN_FLIGHT = 2
 Progress = Callable[[int, int, int | None], None]
 
@@ -84,26 +88,36 @@ class RejectsFile:
         self._fh.close()
 
 
-def _building_of(csv_line: bytes) -> bytes:
-    if csv_line.startswith(b'"'):
-        return next(csv.reader([csv_line.decode()]))[0].encode()
-    return csv_line.split(b",", 1)[0]
+def _building_meter_of(csv_line: bytes) -> tuple[bytes, bytes]:
+    if b'"' in csv_line:
+        fields = next(csv.reader([csv_line.decode()]))
+        return fields[0].encode(), fields[1].encode()
+    building, meter, _ = csv_line.split(b",", 2)
+    return building, meter
 
 
-_Sent = tuple[int, list[bytes], "Future[BatchCounts]"]  # fragment id, its lines, the write
+Stream = tuple[int, int]  # fragment id, stream number
+_Sent = tuple[Stream, list[bytes], "Future[BatchCounts]"]  # where, its lines, the write
 
 
 class Loader:
     """Routes rows to fragment writers and commits them in line-ordered batches."""
 
-    def __init__(self, coordinator: Target, workers: dict[str, Target], batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
+    def __init__(
+        self,
+        coordinator: Target,
+        workers: dict[str, Target],
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        streams: int = DEFAULT_STREAMS,
+    ) -> None:
         self.coordinator = coordinator
         self.workers = workers
         self.batch_rows = batch_rows
+        self.streams = max(1, streams)
         self.gate = WriteGate(coordinator, "ingest:plan")
-        self.writers: dict[int, FragmentWriter] = {}
-        self.pools: dict[int, ThreadPoolExecutor] = {}
-        self.pending: dict[int, list[bytes]] = {}
+        self.writers: dict[Stream, FragmentWriter] = {}
+        self.pools: dict[Stream, ThreadPoolExecutor] = {}
+        self.pending: dict[Stream, list[bytes]] = {}
         self.pending_rows = 0
         self.in_flight: list[tuple[int, list[_Sent]]] = []
         self._load_routing()
@@ -113,24 +127,26 @@ class Loader:
         fragments = self.gate.fragments()
         self.router = Router(fragments)
         for frag in fragments:
-            writer = self.writers.get(frag.fragment_id)
-            if writer is None or writer.fragment != frag:
-                if writer is not None:
-                    self.pools[frag.fragment_id].submit(writer.close).result()
-                target = self.workers.get(frag.node)
-                if target is None:
-                    raise ClusterStateError(f"fragment {frag.fragment_id} is on {frag.node}, which this cluster does not know")
-                self.writers[frag.fragment_id] = writer = FragmentWriter(frag, target, self.coordinator)
-                if frag.fragment_id not in self.pools:
-                    self.pools[frag.fragment_id] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"frag{frag.fragment_id}")
-            writer.gate_version = self.gate.version
+            target = self.workers.get(frag.node)
+            if target is None:
+                raise ClusterStateError(f"fragment {frag.fragment_id} is on {frag.node}, which this cluster does not know")
+            for n in range(self.streams):
+                where = (frag.fragment_id, n)
+                writer = self.writers.get(where)
+                if writer is None or writer.fragment != frag:
+                    if writer is not None:
+                        self.pools[where].submit(writer.close).result()
+                    self.writers[where] = writer = FragmentWriter(frag, target, self.coordinator)
+                    if where not in self.pools:
+                        self.pools[where] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"frag{frag.fragment_id}.{n}")
+                writer.gate_version = self.gate.version
         log.info("routing %d fragments (catalog version %d)", len(fragments), self.gate.version)
 
-    def add(self, building: bytes, csv_line: bytes) -> None:
-        fid = self.router.route_bytes(building).fragment_id
-        lines = self.pending.get(fid)
+    def add(self, building: bytes, meter: bytes, csv_line: bytes) -> None:
+        where = (self.router.route_bytes(building).fragment_id, hash((building, meter)) % self.streams)
+        lines = self.pending.get(where)
         if lines is None:
-            lines = self.pending[fid] = []
+            lines = self.pending[where] = []
         lines.append(csv_line)
         self.pending_rows += 1
 
@@ -149,9 +165,9 @@ class Loader:
         next_line, sent = self.in_flight.pop(0)
         errors: list[str] = []
         reroute: list[bytes] = []
-        for fid, lines, fut in sent:
+        for where, lines, fut in sent:
             try:
-                result.add(self.writers[fid].fragment.shard_name, fut.result())
+                result.add(self.writers[where].fragment.shard_name, fut.result())
             except RoutingChanged:
                 reroute.extend(lines)
             except BuildSmartError as exc:
@@ -173,9 +189,9 @@ class Loader:
         flight are settled first so each fragment keeps its order, then the rows go where they now belong."""
         later = self.in_flight
         self.in_flight = []
-        for fid, later_lines, fut in (s for _, batch in later for s in batch):
+        for where, later_lines, fut in (s for _, batch in later for s in batch):
             try:
-                result.add(self.writers[fid].fragment.shard_name, fut.result())
+                result.add(self.writers[where].fragment.shard_name, fut.result())
             except RoutingChanged:
                 lines.extend(later_lines)
         result.reroutes += 1
@@ -183,13 +199,13 @@ class Loader:
         held = self.pending
         self.pending = {}
         for line in lines:
-            self.add(_building_of(line), line)
+            self.add(*_building_meter_of(line), line)
         self.cut(next_line, result)
         while self.in_flight:
             self.settle_oldest(result)
         for pending in held.values():
             for line in pending:
-                self.add(_building_of(line), line)
+                self.add(*_building_meter_of(line), line)
 
     def _drain_after_error(self) -> None:
         for _, sent in self.in_flight:
@@ -205,8 +221,8 @@ class Loader:
         result.committed_through_line = next_line - 1
 
     def close(self) -> None:
-        for fid, pool in self.pools.items():
-            writer = self.writers.get(fid)
+        for where, pool in self.pools.items():
+            writer = self.writers.get(where)
             if writer is not None:
                 pool.submit(writer.close)
             pool.shutdown(wait=True, cancel_futures=True)
@@ -222,6 +238,7 @@ def ingest(
     progress: Progress | None = None,
     follow: bool = False,
     commit_interval: float = 1.0,
+    streams: int = DEFAULT_STREAMS,
 ) -> IngestResult:
     """Load a file (or ``-``) into the cluster in DIR. Stops at the first bad row unless ``rejects``
     is given; the error says exactly which lines are committed. ``follow`` keeps reading a growing
@@ -229,7 +246,7 @@ def ingest(
     directory = directory.resolve()
     topo, creds = topology.load(directory), topology.load_credentials(directory)
     workers = {g.name: superuser_target(g, creds) for g in topo.workers}
-    loader = Loader(superuser_target(topo.coordinator, creds), workers, batch_rows)
+    loader = Loader(superuser_target(topo.coordinator, creds), workers, batch_rows, streams)
     try:
         source, rows = open_rows(path, fmt, follow=follow)
     except BaseException:
@@ -241,7 +258,7 @@ def ingest(
     line = 1
     log.info("ingest of %s into %d fragments started%s", source.name, len(loader.router.fragments), " (follow)" if follow else "")
     try:
-        for number, building_or_none, csv_or_none in _items(rows):
+        for number, building_or_none, meter, csv_or_none in _items(rows):
             if number == 0:  # follow mode: the input has been quiet for a moment, so commit what came
                 if loader.pending_rows:
                     loader.cut(line + 1, result)
@@ -265,7 +282,7 @@ def ingest(
                 result.rejected += 1
                 continue
             assert isinstance(csv_or_none, bytes)
-            loader.add(building_or_none, csv_or_none)
+            loader.add(building_or_none, meter, csv_or_none)
             if loader.pending_rows >= batch_rows or (follow and time.monotonic() - last_cut >= commit_interval):
                 loader.cut(number + 1, result)
                 last_cut = time.monotonic()
@@ -296,11 +313,11 @@ def ingest(
     return result
 
 
-def _items(rows: Iterable[ParsedRow | Reject]) -> Iterator[tuple[int, bytes | None, bytes | Reject]]:
-    """Rows as (line, building | None, csv | Reject): one shape for the loop above."""
+def _items(rows: Iterable[ParsedRow | Reject]) -> Iterator[tuple[int, bytes | None, bytes, bytes | Reject]]:
+    """Rows as (line, building | None, meter, csv | Reject): one shape for the loop above."""
     for item in rows:
         if isinstance(item, Reject):
-            yield item.line, None, item
+            yield item.line, None, b"", item
         else:
             yield item
 

@@ -4,7 +4,7 @@ hold more than a chunk of lines in memory; a bad line is yielded as a :class:`Re
 Formats: CSV with the header ``building,meter,ts,kwh`` (any column order; plain or .gz), and JSON
 lines ``{"building":..., "meter":..., "ts":..., "kwh":...}``. ``-`` reads standard input.
 
-A row is a tuple ``(line, building, csv)``: the building code (bytes, for routing) and the row as
+A row is a tuple ``(line, building, meter, csv)``: building and meter (bytes, for routing) and the row as
 one CSV line in ``building,meter,ts,kwh`` order (bytes, ready for ``COPY ... (FORMAT csv)``). The
 common case (an unquoted CSV line in header order) is checked on bytes without decoding fields,
 with the timestamps already seen cached; anything unusual takes the careful path, which also
@@ -27,8 +27,8 @@ from orchestrator.ingest.validate import MAX_TEXT, FieldError, check_text, parse
 COLUMNS = ("building", "meter", "ts", "kwh")
 TS_CACHE_LIMIT = 200_000
 
-ParsedRow = tuple[int, bytes, bytes]
-TICK_ROW: ParsedRow = (0, b"", b"")  # follow mode: nothing arrived for a while
+ParsedRow = tuple[int, bytes, bytes, bytes]  # line, building, meter, csv
+TICK_ROW: ParsedRow = (0, b"", b"", b"")  # follow mode: nothing arrived for a while
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +103,7 @@ class CsvRows:
                     except ValueError:
                         ok = False
                     if ok:
-                        yield number, b, line
+                        yield number, b, m, line
                         continue
             yield self._careful(number, raw) if number else TICK_ROW
 
@@ -131,8 +131,8 @@ class CsvRows:
             self._good_ts.clear()
         self._good_ts.add(ts)
         if o == (0, 1, 2, 3) and not quoted:
-            return number, building.encode(), text.encode()
-        return number, building.encode(), _csv_bytes(building, meter, fields[o[2]], fields[o[3]])
+            return number, building.encode(), meter.encode(), text.encode()
+        return number, building.encode(), meter.encode(), _csv_bytes(building, meter, fields[o[2]], fields[o[3]])
 
 
 class JsonRows:
@@ -184,7 +184,7 @@ def _json_row(obj: object, number: int, raw: bytes) -> ParsedRow | Reject:
         kwh = parse_kwh(k if isinstance(k, str) else repr(float(k)), 3)
     except FieldError as exc:
         return Reject(number, 0, exc.reason, raw)
-    return number, building.encode(), _csv_bytes(building, meter, t, repr(kwh))
+    return number, building.encode(), meter.encode(), _csv_bytes(building, meter, t, repr(kwh))
 
 
 def open_rows(path: str, fmt: str | None = None, follow: bool = False) -> tuple[Source, CsvRows | JsonRows]:
