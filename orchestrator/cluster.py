@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from orchestrator import catalog, executor, extension, topology
+from orchestrator import catalog, executor, extension, metadata_store, topology
 from orchestrator.connections import connect, superuser_target
 from orchestrator.exceptions import ClusterStateError, ConfigError, NodeError
 from orchestrator.fragments import even_split_points, initial_fragments, validate_split_points
@@ -240,6 +240,7 @@ def down(directory: Path, purge: bool = False, report: Report = _quiet) -> None:
         return
     topo = topology.load(directory)
     user = service_user(topo.service_user)
+    metadata_store.stop(directory, report)  # the MongoDB-protocol server `up` may have started
     if hasettings.exists(directory):
         _down_patroni(directory, topo, user, report)
         _purge(directory, purge, report)

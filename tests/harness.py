@@ -9,10 +9,11 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import psycopg
 
 from orchestrator import cluster, topology
@@ -94,6 +95,18 @@ def start_cluster(prefix: str, workers: int, split_points: list[str], replicas: 
 
 
 def stop_cluster(handle: ClusterHandle) -> None:
+    """Stop the cluster, then make sure nothing started for it is left: a leftover process is
+    stopped by its PID and reported as a failure."""
+    root = str(handle.directory.parent)
     if topology.exists(handle.directory):
         cluster.down(handle.directory, purge=True)
+    leftovers = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if root in cmdline and proc.pid != os.getpid():
+            leftovers.append(f"{proc.pid}: {cmdline[:120]}")
+            with suppress(psutil.NoSuchProcess):
+                proc.kill()
+    if leftovers:
+        raise AssertionError("processes left running after `down`:\n" + "\n".join(leftovers))
     shutil.rmtree(handle.directory.parent, ignore_errors=True)

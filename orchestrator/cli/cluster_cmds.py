@@ -57,7 +57,6 @@ def down(
 ) -> None:
     """Stop every server this cluster started (by PID, through pg_ctl)."""
     setup_logging(None if purge else directory, verbose)
-    metadata_store.stop(directory.resolve(), report=report)
     cluster.down(directory, purge=purge, report=report)
 
 
