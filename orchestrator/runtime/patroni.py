@@ -2,7 +2,7 @@
 
 Each member lives in DIR/nodes/<member>/: ``data`` (PGDATA, made by Patroni's bootstrap or
 pg_basebackup), ``patroni.yml`` (0600, rendered from patroni/member.yml.tmpl), ``patroni.log``,
-``patroni.pid``. Patroni runs as the unprivileged service user from /opt/bsdb-venv (or
+``patroni.pid``. Patroni runs as the unprivileged service user with the orchestrator's interpreter (or
 BUILDSMART_PATRONI_PYTHON), an interpreter that user can read.
 """
 
@@ -32,7 +32,6 @@ from orchestrator.topology import Credentials, Group, Topology
 log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "patroni" / "member.yml.tmpl"
-DEFAULT_PATRONI_PYTHON = "/opt/bsdb-venv/bin/python"
 HTTP_TIMEOUT_S = 3.0
 STOP_TIMEOUT_S = 60.0
 PATRONI_MARKER = "patroni.yml"  # every Patroni command line we start names its config file
@@ -94,10 +93,9 @@ def leader_key(topo: Topology, group: Group) -> str:
 
 
 def patroni_python() -> str:
-    python = os.environ.get("BUILDSMART_PATRONI_PYTHON", DEFAULT_PATRONI_PYTHON)
-    if not Path(python).exists():
-        python = sys.executable
-    return python
+    """The interpreter that runs Patroni as the service user: $BUILDSMART_PATRONI_PYTHON, else our
+    own (scripts/setup.sh makes the venv from /usr/bin/python3 and readable by everyone)."""
+    return os.environ.get("BUILDSMART_PATRONI_PYTHON") or sys.executable
 
 
 def _pg_value(value: str) -> str:
