@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator import cluster, topology
+from orchestrator import cluster, metadata_store, topology
 from orchestrator.connections import app_target, connect, superuser_target
 from orchestrator.fragments import quantile_split_points
 from orchestrator.ingest.loader import IngestResult, ingest
@@ -87,7 +87,9 @@ def run(directory: Path, workers: int = 3, report: Callable[[str], None] | None 
     directory = directory.resolve()
     say = report or (lambda _m: None)
     split = None if topology.exists(directory) else sample_split_points(workers)
-    cluster.up(directory, workers=workers, split_points=split, report=say)
+    topo = cluster.up(directory, workers=workers, split_points=split, report=say)
+    # as `buildsmart up` does: the devices outbox and the local MongoDB-protocol server for the mirror
+    metadata_store.start(directory, topo, topology.load_credentials(directory), mongo_uri=None, local_server=True, report=say)
     load_buildings(directory)
     say(f"loading {SAMPLE_READINGS.name} (12 Cambridge buildings, 2023) ...")
     result = ingest(directory, str(SAMPLE_READINGS))

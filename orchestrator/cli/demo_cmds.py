@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -47,7 +50,10 @@ def demo_cmd(
     out.print(latest)
 
     d = f" --dir {directory}" if str(directory) != str(DEFAULT_DIR) else ""
-    out.print("\n[bold]Connect[/] (the cluster stays up; `buildsmart down" + d + "` stops it):")
+    # the full path unless the venv is on PATH
+    exe = "buildsmart" if shutil.which("buildsmart") else str(Path(sys.executable).parent / "buildsmart")
+    out.print(f"\n[bold]Connect[/] (the cluster stays up; `{exe} down{d}` stops it):")
     out.print(f"  psql '{answers.uri}'")
-    out.print(f"  buildsmart psql{d}        # the same, with the bundled psql")
-    out.print(f"  buildsmart status{d}      # nodes and fragments")
+    out.print(f"  {exe} psql{d}        # the same, with the bundled psql")
+    out.print(f"  {exe} status{d}      # nodes, members, fragments, mirror lag")
+    out.print(f"  {exe} dsn --mongo{d} # the MongoDB URI of the device metadata mirror")
