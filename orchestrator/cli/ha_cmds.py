@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,6 +21,20 @@ def _check_member(topo: topology.Topology, group: str, member: str | None) -> No
         raise ConfigError(f"{member!r} is not a member of {group} (members: {', '.join(names)})")
 
 
+def _change_leader(directory: Path, group: str, to: str | None, planned: bool) -> str:
+    """Switch over (planned) or fail over GROUP, wait for the new leader; returns the sentence to show."""
+    directory = directory.resolve()
+    topo = topology.load(directory)
+    _check_member(topo, group, to)
+    settings = hasettings.load(directory)
+    before = ha.leader_of(topo, topo.group(group), settings)
+    change = ha.switchover if planned else ha.failover
+    result = change(topo, topo.group(group), settings, to)
+    new = ha.wait_new_leader(topo, topo.group(group), settings, before)
+    verb = "switched over" if planned else "failed over"
+    return f"{group}: {verb} from {before or 'no leader'} to {new} ({result})"
+
+
 @app.command()
 def switchover(
     group: GroupArg,
@@ -29,14 +44,7 @@ def switchover(
 ) -> None:
     """Planned switchover: the primary of GROUP hands over cleanly (Patroni's switchover)."""
     setup_logging(directory, verbose)
-    directory = directory.resolve()
-    topo = topology.load(directory)
-    _check_member(topo, group, to)
-    settings = hasettings.load(directory)
-    before = ha.leader_of(topo, topo.group(group), settings)
-    result = ha.switchover(topo, topo.group(group), settings, to)
-    new = ha.wait_new_leader(topo, topo.group(group), settings, before)
-    report(f"{group}: switched over from {before} to {new} ({result})")
+    report(_change_leader(directory, group, to, planned=True))
 
 
 @app.command()
@@ -48,11 +56,4 @@ def failover(
 ) -> None:
     """Unplanned failover: promote a replica of GROUP now, even without a healthy primary (Patroni's failover)."""
     setup_logging(directory, verbose)
-    directory = directory.resolve()
-    topo = topology.load(directory)
-    _check_member(topo, group, to)
-    settings = hasettings.load(directory)
-    before = ha.leader_of(topo, topo.group(group), settings)
-    result = ha.failover(topo, topo.group(group), settings, to)
-    new = ha.wait_new_leader(topo, topo.group(group), settings, before)
-    report(f"{group}: failed over from {before or 'no leader'} to {new} ({result})")
+    report(_change_leader(directory, group, to, planned=False))

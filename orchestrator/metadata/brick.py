@@ -16,8 +16,8 @@ from typing import Any
 from rdflib import RDF, RDFS, Graph, Literal, URIRef
 from rdflib.plugins.parsers.notation3 import BadSyntax
 
-from orchestrator.exceptions import ConfigError, InputError, InputLocation
-from orchestrator.metadata.model import Entity
+from orchestrator.exceptions import InputError, InputLocation
+from orchestrator.metadata.model import Entity, read_text
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +120,4 @@ def parse_text(text: str, path: str) -> list[Entity]:
 
 
 def parse_file(path: Path) -> list[Entity]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(InputLocation(str(path), 1), f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    return parse_text(text, str(path))
+    return parse_text(read_text(path), str(path))

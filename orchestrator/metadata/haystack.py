@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.exceptions import ConfigError, InputError, InputLocation
+from orchestrator.exceptions import InputError, InputLocation
 from orchestrator.metadata.jsonpos import PathStep, locate
-from orchestrator.metadata.model import Entity
+from orchestrator.metadata.model import Entity, read_text
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +189,4 @@ def parse_text(text: str, path: str) -> list[Entity]:
 
 
 def parse_file(path: Path) -> list[Entity]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(InputLocation(str(path), 1), f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    return parse_text(text, str(path))
+    return parse_text(read_text(path), str(path))
