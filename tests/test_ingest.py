@@ -155,3 +155,21 @@ def test_any_timestamp_finds_a_partition(main_cluster: ClusterHandle, token: str
     assert row == (f"bsdata.{frag.shard_name}_p21500101", 3.0)
     with main_cluster.coordinator() as conn:
         assert conn.execute("SELECT count(*) FROM readings WHERE building = %s", (b,)).fetchone() == (5,)
+
+
+def test_latest_reading_per_meter(main_cluster: ClusterHandle, token: str, tmp_path: Path) -> None:
+    rows = _rows(_buildings(token), 30, seed=5)
+    rows.append((f"c{token}", "water", "2023-01-30 02:00:00+00", 7.0))  # a meter that stopped early
+    ingest(main_cluster.directory, str(write_csv(tmp_path / "l.csv", rows)))
+    latest: dict[tuple[str, str], tuple[str, float]] = {}
+    for b, m, t, k in rows:
+        if (b, m) not in latest or t > latest[(b, m)][0]:
+            latest[(b, m)] = (t, k)
+    fmt = "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS+00')"
+    with main_cluster.coordinator(admin=False) as conn:
+        one = conn.execute(f"SELECT building, meter, {fmt}, kwh FROM buildsmart.latest_readings(%s)", (f"c{token}",)).fetchall()
+        every = conn.execute(
+            f"SELECT building, meter, {fmt}, kwh FROM latest_readings WHERE building LIKE %s", (f"%{token}",)
+        ).fetchall()
+    assert {(b, m): (t, k) for b, m, t, k in every} == latest
+    assert {(b, m): (t, k) for b, m, t, k in one} == {key: v for key, v in latest.items() if key[0] == f"c{token}"}

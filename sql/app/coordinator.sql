@@ -30,12 +30,6 @@ CREATE TABLE IF NOT EXISTS public.devices (
 CREATE INDEX IF NOT EXISTS devices_building_idx ON public.devices (building);
 CREATE INDEX IF NOT EXISTS devices_metadata_idx ON public.devices USING gin (metadata jsonb_path_ops);
 
--- Latest reading of every meter. The max(ts) per (building, meter) runs on the workers (one
--- remote GROUP BY per fragment); only the few matching rows are fetched back.
+-- Latest reading of every meter; buildsmart.latest_readings('b2') answers one building fast.
 CREATE OR REPLACE VIEW public.latest_readings AS
-WITH latest AS (
-    SELECT building, meter, max(ts) AS ts FROM public.readings GROUP BY building, meter
-)
-SELECT r.building, r.meter, r.ts, r.kwh
-  FROM latest l
-  JOIN public.readings r ON r.building = l.building AND r.meter = l.meter AND r.ts = l.ts;
+SELECT building, meter, ts, kwh FROM buildsmart.latest_readings();
