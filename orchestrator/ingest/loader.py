@@ -139,6 +139,10 @@ class Loader:
                     self.writers[where] = writer = FragmentWriter(frag, target, self.coordinator)
                     if where not in self.pools:
                         self.pools[where] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"frag{frag.fragment_id}.{n}")
+                elif (gate := writer.gate()) is not None:
+                    # A kept writer's open gate still holds the old version and would refuse every
+                    # batch from now on (re-routing forever); it is idle here, so update it.
+                    gate.version = self.gate.version
                 writer.gate_version = self.gate.version
         log.info("routing %d fragments (catalog version %d)", len(fragments), self.gate.version)
 
