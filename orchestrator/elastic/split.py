@@ -32,6 +32,7 @@ from orchestrator.fragments import Fragment, c_order, shard_name
 log = logging.getLogger(__name__)
 
 TRIGGER = "bs_split_mirror"
+COPY_ATTEMPTS = 5
 
 
 def _lower_view(shard: str) -> str:
@@ -116,7 +117,7 @@ def run_split_job(el: Elastic, job: jobs.Job) -> SplitResult:
         _cleanup(el, fid, at, new_id, node)
         jobs.finish(el.coord, job.job_id, pause_seconds=pause, rows=rows)
     except (psycopg.Error, ClusterStateError, NodeError) as exc:
-        jobs.finish(el.coord, job.job_id, "failed", str(exc).splitlines()[0])
+        jobs.abandon(el.coord, job.job_id, str(exc).splitlines()[0], lambda: _rollback(el, fid, new_id, node))
         if isinstance(exc, psycopg.Error):
             raise NodeError(f"split of fragment {fid} at {at!r} failed (job {job.job_id}): {exc}") from exc
         raise
@@ -171,7 +172,11 @@ def _install_mirror(el: Elastic, frag: Fragment, upper: Fragment) -> None:
 
 
 def _copy(el: Elastic, frag: Fragment, upper: Fragment) -> None:
-    """Copy existing rows one time partition per transaction (short row locks)."""
+    """Copy existing rows one time partition per transaction (short row locks).
+
+    Rows go in key order: the bulk loader's upsert (mirrored by the trigger) inserts its keys in
+    the same order, so the two never wait for each other in a cycle. Writers through the
+    coordinator insert in any order; a deadlock with one of them costs that partition a retry."""
     conn = el.nodes.get(frag.node)
     leaves = conn.execute(
         "SELECT relid::regclass::text FROM pg_catalog.pg_partition_tree(%s::regclass) WHERE isleaf",
@@ -179,14 +184,21 @@ def _copy(el: Elastic, frag: Fragment, upper: Fragment) -> None:
     ).fetchall()
     copied = 0
     for (leaf,) in leaves:
-        with conn.transaction():
-            conn.execute("SET LOCAL session_replication_role = replica")  # skip the upper table's replace trigger
-            cur = conn.execute(
-                sql.SQL(
-                    "INSERT INTO {} SELECT * FROM {} WHERE building >= {} ON CONFLICT (building, meter, ts) DO NOTHING"
-                ).format(shardops.table(upper.shard_name), sql.SQL(leaf), sql.Literal(upper.range_from))
-            )
-            copied += cur.rowcount
+        query = sql.SQL(
+            "INSERT INTO {} SELECT * FROM {} WHERE building >= {} ORDER BY building, meter, ts "
+            "ON CONFLICT (building, meter, ts) DO NOTHING"
+        ).format(shardops.table(upper.shard_name), sql.SQL(leaf), sql.Literal(upper.range_from))
+        for attempt in range(1, COPY_ATTEMPTS + 1):
+            try:
+                with conn.transaction():
+                    conn.execute("SET LOCAL session_replication_role = replica")  # skip the upper table's replace trigger
+                    copied += conn.execute(query).rowcount
+                break
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
+                if attempt == COPY_ATTEMPTS:
+                    raise
+                log.info("copy of %s gave way to a writer (%s); retrying", leaf, str(exc).splitlines()[0])
+                time.sleep(0.1 * attempt)
     log.info("copied %d rows of %s into %s", copied, frag.shard_name, upper.shard_name)
 
 
