@@ -5,6 +5,7 @@ orchestrator leaves a record that ``--resume`` / ``jobs run`` picks up."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,3 +109,24 @@ def finish(conn: psycopg.Connection, job_id: int, state: str = "done", error: st
         (state, error, Jsonb(detail), job_id),
     )
     log.info("job %d %s%s", job_id, state, f": {error}" if error else "")
+
+
+def abandon(conn: psycopg.Connection, job_id: int, error: str, undo: Callable[[], None], committed: str = "switched") -> None:
+    """After a run failed: a job that had not reached ``committed`` is undone and marked failed;
+    one past it (or whose undo failed too) stays open with the error recorded, so rerunning the
+    command (or ``jobs run``) finishes it. Never leaves artefacts behind a closed job."""
+    try:
+        step = get(conn, job_id).step
+        if step != committed:
+            try:
+                undo()
+            except Exception as exc:  # a node may be down: the rerun undoes it
+                log.warning("job %d: undoing after the failure failed too (%s); left open for a rerun", job_id, exc)
+                record_step(conn, job_id, step, error=error, undo_error=str(exc).splitlines()[0] if str(exc) else "")
+                return
+            finish(conn, job_id, "failed", error)
+            return
+        record_step(conn, job_id, step, error=error)
+        log.warning("job %d failed after %s (%s); left open: rerun the command to finish it", job_id, committed, error)
+    except psycopg.Error as exc:  # the coordinator itself is away: the job stays as it was
+        log.warning("job %d: could not record the failure (%s)", job_id, exc)

@@ -107,7 +107,7 @@ def run_move_job(el: Elastic, job: jobs.Job) -> MoveResult:
         _cleanup(el, fid, source, target)
         jobs.finish(el.coord, job.job_id, copy_seconds=copy_s, pause_seconds=pause, rows=rows)
     except (psycopg.Error, ClusterStateError, NodeError) as exc:
-        jobs.finish(el.coord, job.job_id, "failed", str(exc).splitlines()[0])
+        jobs.abandon(el.coord, job.job_id, str(exc).splitlines()[0], lambda: rollback(el, fid, source, target))
         if isinstance(exc, psycopg.Error):
             raise NodeError(f"move of fragment {fid} to {target} failed (job {job.job_id}): {exc}") from exc
         raise
