@@ -153,6 +153,7 @@ def _install_mirror(el: Elastic, frag: Fragment, upper: Fragment) -> None:
     ).fetchone()
     assert row is not None and row[0]
     with conn.transaction():
+        _lock_root(conn, shardops.table(frag.shard_name))  # root first, as writers do (see _cleanup)
         conn.execute(
             sql.SQL(
                 "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW "
@@ -320,9 +321,15 @@ def _lock_root(conn: psycopg.Connection, tbl: sql.Identifier) -> None:
 
 
 def _rollback(el: Elastic, fid: int, new_id: int, node: str) -> None:
+    """One short transaction under the source's root lock: writers go through the root and the
+    mirror trigger into the new table, so dropping either without it can deadlock with them."""
     conn = el.nodes.get(node)
-    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), shardops.table(shard_name(fid))))
-    for stmt in drop_fragment_sql(shard_name(new_id), if_exists=True):
-        conn.execute(stmt)
-    conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(shardops.table(_lower_view(shard_name(fid)))))
+    source = shardops.table(shard_name(fid))
+    with conn.transaction():
+        if shardops.table_exists(conn, shard_name(fid)):
+            _lock_root(conn, source)
+            conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), source))
+        conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(shardops.table(_lower_view(shard_name(fid)))))
+        for stmt in drop_fragment_sql(shard_name(new_id), if_exists=True):
+            conn.execute(stmt)
     log.info("rolled back the unswitched split of fragment %d", fid)
