@@ -18,6 +18,7 @@ from orchestrator.elastic.rebalance import FragmentLoad, MoveFragment, ObservedL
 log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 32
+PARENT_KINDS = ("rebalance_run", "drain_run")
 
 
 def observe_load(el: Elastic, draining: frozenset[str] = frozenset()) -> ObservedLoad:
@@ -59,6 +60,34 @@ def plan(el: Elastic, tolerance: float, draining: frozenset[str] = frozenset()) 
     return rebalance.plan_rebalance(observe_load(el, draining), tolerance)
 
 
+def resume_abandoned(el: Elastic, report: Callable[[str], None] = lambda _: None) -> int:
+    """Finish what a killed rebalance, drain or fragment command left: its moves and splits are
+    resumed (rolled back and redone before their switch, cleaned up after it) and the abandoned
+    parent jobs are closed. Jobs another live orchestrator runs are refused by ``jobs.claim``.
+    Returns the number of moves and splits finished."""
+    finished = 0
+    for job in jobs.open_jobs(el.coord):
+        if job.state != "running":
+            continue  # queued by SQL: `jobs run` runs those
+        if job.kind not in ("move", "split", *PARENT_KINDS):
+            continue
+        claimed = jobs.try_claim(el.coord, job.job_id)
+        if claimed is None:
+            report(f"job {job.job_id} ({job.kind}) is being run by another orchestrator; left alone")
+            continue
+        if job.kind in ("move", "split"):
+            report(f"resuming interrupted {job.kind} job {job.job_id} ({job.args}) at step {job.step}")
+            log.info("resuming abandoned %s job %d at step %s", job.kind, job.job_id, job.step)
+            if job.kind == "move":
+                move.run_move_job(el, claimed)
+            else:
+                split.run_split_job(el, claimed)
+            finished += 1
+        else:
+            jobs.finish(el.coord, job.job_id, "cancelled", "orchestrator stopped; its moves and splits were resumed")
+    return finished
+
+
 def run(
     el: Elastic,
     tolerance: float = rebalance.DEFAULT_TOLERANCE,
@@ -66,9 +95,10 @@ def run(
     report: Callable[[str], None] = lambda _: None,
     job_kind: str = "rebalance_run",
 ) -> int:
-    """Apply the plan step by step, re-planning after each; returns the number of steps applied."""
+    """Apply the plan step by step, re-planning after each; returns the number of steps applied.
+    Interrupted moves and splits are finished first (a rerun after a kill resumes)."""
+    done = resume_abandoned(el, report)
     parent = jobs.create(el.coord, job_kind, {"tolerance": tolerance, "draining": sorted(draining)})
-    done = 0
     try:
         for _ in range(MAX_ROUNDS):
             steps = plan(el, tolerance, draining)

@@ -17,6 +17,10 @@ from orchestrator.exceptions import ClusterStateError
 log = logging.getLogger(__name__)
 
 OPEN_STATES = ("scheduled", "running")
+# Advisory lock class "this session runs job N" (fragment write locks use 1112755524). The
+# coordinator session of the process running a job holds it, so a job left 'running' by a killed
+# orchestrator is told apart from one another process is running right now: its lock is free.
+_RUN_LOCK = 1112755525
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,23 @@ def create(conn: psycopg.Connection, kind: str, args: dict[str, Any], parent_id:
         ) from exc
     job = _job(row)
     assert job is not None
+    _hold(conn, job.job_id)
     log.info("job %d (%s %s) started", job.job_id, kind, args)
     return job
+
+
+def _hold(conn: psycopg.Connection, job_id: int) -> bool:
+    row = conn.execute("SELECT pg_catalog.pg_try_advisory_lock(%s, %s)", (_RUN_LOCK, job_id)).fetchone()
+    return bool(row and row[0])
+
+
+def _release(conn: psycopg.Connection, job_id: int) -> None:
+    # Only if this session holds it (unlocking a lock not held draws a server WARNING).
+    conn.execute(
+        "SELECT pg_catalog.pg_advisory_unlock(%s, %s) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
+        "AND pid = pg_catalog.pg_backend_pid() AND classid = %s AND objid = %s AND objsubid = 2",
+        (_RUN_LOCK, job_id, _RUN_LOCK, job_id),
+    )
 
 
 def get(conn: psycopg.Connection, job_id: int) -> Job:
@@ -80,7 +99,10 @@ def open_for_fragment(conn: psycopg.Connection, fragment_id: int) -> Job | None:
 
 
 def claim(conn: psycopg.Connection, job_id: int) -> Job:
-    """Mark a scheduled (or abandoned running) job as running by us."""
+    """Mark a scheduled (or abandoned running) job as running by us; refused while another
+    orchestrator runs it."""
+    if not _hold(conn, job_id):
+        raise ClusterStateError(f"job {job_id} is being run by another orchestrator process; wait for it to finish")
     job = _job(
         conn.execute(
             f"UPDATE buildsmart.jobs SET state = 'running', started_at = coalesce(started_at, now()), updated_at = now() "
@@ -89,8 +111,17 @@ def claim(conn: psycopg.Connection, job_id: int) -> Job:
         ).fetchone()
     )
     if job is None:
+        _release(conn, job_id)
         raise ClusterStateError(f"job {job_id} is not open")
     return job
+
+
+def try_claim(conn: psycopg.Connection, job_id: int) -> Job | None:
+    """``claim``, or None when another live orchestrator runs the job (or it closed meanwhile)."""
+    try:
+        return claim(conn, job_id)
+    except ClusterStateError:
+        return None
 
 
 def record_step(conn: psycopg.Connection, job_id: int, step: str, **detail: Any) -> None:
@@ -108,6 +139,7 @@ def finish(conn: psycopg.Connection, job_id: int, state: str = "done", error: st
         "WHERE job_id = %s",
         (state, error, Jsonb(detail), job_id),
     )
+    _release(conn, job_id)
     log.info("job %d %s%s", job_id, state, f": {error}" if error else "")
 
 
@@ -123,10 +155,12 @@ def abandon(conn: psycopg.Connection, job_id: int, error: str, undo: Callable[[]
             except Exception as exc:  # a node may be down: the rerun undoes it
                 log.warning("job %d: undoing after the failure failed too (%s); left open for a rerun", job_id, exc)
                 record_step(conn, job_id, step, error=error, undo_error=str(exc).splitlines()[0] if str(exc) else "")
+                _release(conn, job_id)
                 return
             finish(conn, job_id, "failed", error)
             return
         record_step(conn, job_id, step, error=error)
+        _release(conn, job_id)
         log.warning("job %d failed after %s (%s); left open: rerun the command to finish it", job_id, committed, error)
     except psycopg.Error as exc:  # the coordinator itself is away: the job stays as it was
         log.warning("job %d: could not record the failure (%s)", job_id, exc)

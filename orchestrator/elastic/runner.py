@@ -66,11 +66,15 @@ def run_pending(el: Elastic, job_id: int | None = None, report: Report = lambda 
     for job in todo:
         if job.state not in jobs.OPEN_STATES:
             continue
-        if job.kind in ("rebalance_run", "drain_run") and job.state == "running" and job_id is None:
+        claimed = jobs.claim(el.coord, job.job_id) if job_id is not None else jobs.try_claim(el.coord, job.job_id)
+        if claimed is None:
+            report(f"job {job.job_id} ({job.kind}) is being run by another orchestrator; left alone")
+            continue
+        if job.kind in balancer.PARENT_KINDS and job.state == "running" and job_id is None:
             # A parent whose process died: its children are resumed on their own; close it.
             jobs.finish(el.coord, job.job_id, "cancelled", "orchestrator stopped; rerun the command")
             continue
         report(f"job {job.job_id}: {job.kind} {job.args}")
-        run_job(el, jobs.claim(el.coord, job.job_id), report)
+        run_job(el, claimed, report)
         ran.append(job.job_id)
     return ran
