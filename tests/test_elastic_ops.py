@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -149,6 +150,143 @@ def test_kill_move_and_resume(ecluster: ClusterHandle, kill_at: str) -> None:
         with ecluster.worker(node) as w:
             assert w.execute("SELECT count(*) FROM pg_subscription").fetchone() == (0,)
             assert w.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (0,)
+
+
+# Buildings e00..e19 live in f2 [b, m); preloaded so a split's copy and cleanup take a while.
+E_BUILDINGS = [f"e{i:02d}" for i in range(20)]
+
+
+def _preload_e(handle: ClusterHandle) -> None:
+    with handle.coordinator() as conn:
+        row = conn.execute("SELECT count(*) FROM public.readings WHERE building LIKE 'e%'").fetchone()
+        if row is not None and row[0] > 0:
+            return
+        conn.execute(
+            "INSERT INTO public.readings SELECT 'e' || lpad((i % 20)::text, 2, '0'), 'bulk' || (i % 5), "
+            "timestamptz '2024-06-01' + i * interval '1 minute', i % 97 FROM generate_series(1, 150000) i"
+        )
+
+
+def _kill_at(handle: ClusterHandle, args: list[str], kind: str, steps: tuple[str, ...]) -> str:
+    """Run ``buildsmart ARGS``, SIGKILL it as soon as its newest open ``kind`` job reaches one of
+    ``steps``; returns the step it was killed at."""
+    cmd = [sys.executable, "-m", "orchestrator", *args, "--dir", str(handle.directory)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    step = None
+    with handle.coordinator() as conn:
+        while proc.poll() is None and time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT step FROM buildsmart.jobs WHERE kind = %s AND state = 'running' ORDER BY job_id DESC LIMIT 1",
+                (kind,),
+            ).fetchone()
+            if row is not None and row[0] in steps:
+                step = str(row[0])
+                break
+            time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    out, err = proc.communicate()
+    assert step is not None, f"{args} never reached {steps} (rc {proc.returncode}):\n{out.decode()}\n{err.decode()}"
+    return step
+
+
+def _check_consistent(handle: ClusterHandle) -> None:
+    """Catalog, coordinator partitions and worker tables agree; no job open, no move or split artefact left."""
+    with open_cluster(handle.directory) as el:
+        frags = sorted(el.fragments(), key=lambda f: (f.range_from is not None, f.range_from or ""))
+        coord = el.coord
+        assert coord.execute("SELECT count(*) FROM buildsmart.jobs WHERE state IN ('scheduled', 'running')").fetchone() == (0,)
+        assert coord.execute(
+            "SELECT count(*) FROM buildsmart.fragments f WHERE (SELECT count(*) FROM buildsmart.placements p "
+            "WHERE p.fragment_id = f.fragment_id AND p.state = 'active') <> 1"
+        ).fetchone() == (0,)
+        # Ranges tile the key space: MINVALUE .. MAXVALUE without gap or overlap.
+        assert frags[0].range_from is None and frags[-1].range_to is None
+        assert all(a.range_to == b.range_from for a, b in itertools.pairwise(frags))
+        partitions = dict(
+            coord.execute(
+                "SELECT c.oid::regclass::text, s.srvname || ':' || coalesce((SELECT split_part(o, '=', 2) "
+                "FROM unnest(ft.ftoptions) o WHERE o LIKE 'table_name=%%'), '') FROM pg_inherits i "
+                "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_foreign_table ft ON ft.ftrelid = c.oid "
+                "JOIN pg_foreign_server s ON s.oid = ft.ftserver WHERE i.inhparent = 'public.readings'::regclass"
+            ).fetchall()
+        )
+        servers = dict(coord.execute("SELECT name, server_name FROM buildsmart.nodes WHERE role = 'worker'").fetchall())
+        assert partitions == {f"bsdata.{f.shard_name}": f"{servers[f.node]}:{f.shard_name}" for f in frags}
+        for node in servers:
+            w = el.nodes.get(node)
+            tables = {
+                r[0]
+                for r in w.execute(
+                    "SELECT relname FROM pg_class WHERE relnamespace = 'bsdata'::regnamespace "
+                    "AND relkind = 'p' AND NOT relispartition"
+                ).fetchall()
+            }
+            assert tables == {f.shard_name for f in frags if f.node == node}, node
+            for what in ("pg_subscription", "pg_publication", "pg_replication_slots"):
+                assert w.execute(f"SELECT count(*) FROM {what}").fetchone() == (0,), (node, what)
+            assert w.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'bs_split_mirror'").fetchone() == (0,)
+            assert w.execute("SELECT count(*) FROM pg_views WHERE schemaname = 'bsdata'").fetchone() == (0,)
+
+
+def _fragment_holding(handle: ClusterHandle, building: str) -> int:
+    with open_cluster(handle.directory) as el:
+        return next(f.fragment_id for f in el.fragments() if f.holds(building))
+
+
+@pytest.mark.parametrize(("at", "kill_at"), [("e10", ("mirroring",)), ("e05", ("switched",))])
+def test_kill_split_and_resume(ecluster: ClusterHandle, at: str, kill_at: tuple[str, ...]) -> None:
+    _preload_e(ecluster)
+    fid = _fragment_holding(ecluster, at)
+    load = Load(ecluster, E_BUILDINGS)
+    with ecluster.coordinator() as conn:
+        for b, n, s in conn.execute(
+            "SELECT building, count(*), sum(kwh) FROM public.readings WHERE building = ANY(%s) GROUP BY 1", (E_BUILDINGS,)
+        ).fetchall():
+            load.committed[b] = (int(n), float(s))
+        load.started_rows = sum(n for n, _ in load.committed.values())
+    load.start()
+    try:
+        step = _kill_at(ecluster, ["fragment", "split", str(fid), "--at", at], "split", kill_at)
+        resumed = ecluster.run_cli("fragment", "split", str(fid))
+        assert "split" in resumed.stdout + resumed.stderr
+    finally:
+        load.stop()
+    load.check()
+    _check_consistent(ecluster)
+    with open_cluster(ecluster.directory) as el:
+        assert any(f.range_from == at for f in el.fragments()), f"killed at {step}, the resumed split did not switch"
+    with ecluster.coordinator() as conn:
+        job = conn.execute(
+            "SELECT state, detail ? 'rows' FROM buildsmart.jobs WHERE kind = 'split' AND args->>'at' = %s", (at,)
+        ).fetchall()
+    assert job == [("done", True)]
+
+
+def test_kill_rebalance_and_rerun(ecluster: ClusterHandle) -> None:
+    _preload_e(ecluster)
+    with open_cluster(ecluster.directory) as el:
+        for f in el.fragments():  # everything on w1: the rebalance has work to do
+            if f.node != "w1":
+                move.move_fragment(el, f.fragment_id, "w1")
+    load = _seeded(ecluster).start()
+    try:
+        _kill_at(ecluster, ["rebalance", "--tolerance", "0.2"], "move", ("target_created", "subscribed"))
+        with ecluster.coordinator() as conn:
+            parent = conn.execute(
+                "SELECT job_id FROM buildsmart.jobs WHERE kind = 'rebalance_run' AND state = 'running'"
+            ).fetchone()
+        assert parent is not None
+        rerun = ecluster.run_cli("rebalance", "--tolerance", "0.2")
+        assert "resuming interrupted move" in rerun.stdout + rerun.stderr
+    finally:
+        load.stop()
+    load.check()
+    _check_consistent(ecluster)
+    with open_cluster(ecluster.directory) as el:
+        assert {f.node for f in el.fragments()} == {"w1", "w2"}
+        assert balancer.plan(el, 0.2) == []
+        assert el.coord.execute("SELECT state FROM buildsmart.jobs WHERE job_id = %s", parent).fetchone() == ("cancelled",)
 
 
 def test_citus_functions_through_sql(ecluster: ClusterHandle) -> None:
