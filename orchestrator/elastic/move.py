@@ -2,29 +2,34 @@
 
 Steps (persisted in buildsmart.jobs so a killed orchestrator can resume):
 
-  new -> target_created -> subscribed -> [catch-up] -> switched -> done
+  new -> target_created -> subscribed -> [catch-up, pre-check] -> switched -> done
 
 Before ``switched`` nothing the application sees has changed: a resume rolls the pre-switch
-artefacts back (subscription, publication, target table) and starts again. ``switched`` is
-recorded in the same coordinator transaction that swaps the foreign partition and the placement,
-so it is exactly as durable as the switch; after it a resume only finishes the cleanup.
+artefacts back (subscription, publication, change watch, target table) and starts again.
+``switched`` is recorded in the same coordinator transaction that swaps the foreign partition and
+the placement, so it is exactly as durable as the switch; after it a resume only finishes the
+cleanup.
 
 The write pause: the switch transaction takes the fragment's advisory lock exclusively (loaders
 hold it shared per batch, see buildsmart.fragment_write_lock) and locks public.readings in
 EXCLUSIVE mode (writes through the coordinator wait, reads go on); then the target must reach the
-frozen source's row count and checksum before the partition swap commits.
+frozen source's row count and checksum before the partition swap commits. Most of that is
+checked before the pause, time partition by time partition (orchestrator.elastic.verify); the
+pause re-checks only the partitions written since (orchestrator.elastic.watch), or the whole
+fragment when its time partitions changed meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import psycopg
 from psycopg import sql
 
-from orchestrator.elastic import jobs, shardops
+from orchestrator.elastic import jobs, shardops, verify, watch
 from orchestrator.elastic.context import Elastic
 from orchestrator.exceptions import ClusterStateError, NodeError
 from orchestrator.executor import drop_fragment_sql
@@ -101,7 +106,8 @@ def run_move_job(el: Elastic, job: jobs.Job) -> MoveResult:
             jobs.record_step(el.coord, job.job_id, "subscribed")
             _wait_initial_sync(el, frag, target)
             copy_s = time.monotonic() - started
-            rows, pause = _switch(el, frag, target, job.job_id)
+            changes, pre = _precheck(el, frag, target)
+            rows, pause = _switch(el, frag, target, job.job_id, changes, pre)
         else:
             copy_s, rows, pause = float(job.detail.get("copy_seconds", 0)), int(job.detail.get("rows", 0)), 0.0
         _cleanup(el, fid, source, target)
@@ -121,7 +127,7 @@ def _create_target(el: Elastic, frag: Fragment, target: str) -> None:
         raise ClusterStateError(f"{frag.shard_name} already exists on {target}; drop it or resume the job that made it")
     moved = replace(frag, node=target)
     shardops.create_fragment_table(el.nodes, moved, dst)
-    shardops.copy_time_partitions(src, frag.shard_name, dst, frag.shard_name, frag.time_interval)
+    shardops.mirror_time_partitions(src, frag.shard_name, dst, frag.shard_name, frag.time_interval)
     shardops.copy_indexes(src, frag.shard_name, dst, frag.shard_name)
 
 
@@ -159,22 +165,60 @@ def _wait_initial_sync(el: Elastic, frag: Fragment, target: str) -> None:
             raise ClusterStateError(f"initial copy of {frag.shard_name} to {target} did not finish in {SYNC_TIMEOUT_S:.0f} s")
         time.sleep(0.1)
     # Streaming lag: wait (briefly) until the slot has confirmed up to where the source was now.
-    lsn = src.execute("SELECT pg_catalog.pg_current_wal_lsn()").fetchone()
-    until = time.monotonic() + 10
-    while lsn is not None and time.monotonic() < until:
+    lsn = src.execute("SELECT pg_catalog.pg_current_wal_lsn()::text").fetchone()
+    if lsn is not None:
+        _wait_flushed(src, name, str(lsn[0]))
+
+
+def _wait_flushed(src: psycopg.Connection, slot: str, lsn: str, seconds: float = 10.0) -> bool:
+    """Until the subscriber confirmed everything up to ``lsn`` (False when it did not in time)."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
         got = src.execute(
-            "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = %s", (lsn[0], name)
+            "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = %s", (lsn, slot)
         ).fetchone()
         if got and got[0]:
-            break
+            return True
         time.sleep(0.05)
+    return False
 
 
-def _switch(el: Elastic, frag: Fragment, target: str, job_id: int) -> tuple[int, float]:
+def _precheck(el: Elastic, frag: Fragment, target: str) -> tuple[watch.ChangeWatch, verify.PreCheck]:
+    """Before the pause, while writes go on: start watching the source's changes, let the target
+    catch up to that point and checksum every time partition on both sides."""
+    src, dst = el.nodes.get(frag.node), el.nodes.get(target)
+    changes = watch.ChangeWatch(src, watch.watch_name(frag.fragment_id), frag.shard_name)
+    since = changes.start()
+    # Partitions the source grew since the target was made (same layouts: unit by unit).
+    shardops.mirror_time_partitions(src, frag.shard_name, dst, frag.shard_name, frag.time_interval)
+    if not _wait_flushed(src, _pubsub_name(frag.fragment_id), since):
+        log.info(
+            "target of fragment %d has not confirmed %s yet; unmatched partitions are checked in the pause",
+            frag.fragment_id,
+            since,
+        )
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        s_fut = pool.submit(verify.unit_sums, src, frag.shard_name)
+        d_fut = pool.submit(verify.unit_sums, dst, frag.shard_name)
+        pre = verify.PreCheck(s_fut.result(), d_fut.result())
+    changes.drain()
+    log.info(
+        "pre-verified %d of %d time partitions of fragment %d before the pause",
+        len(pre.verified),
+        len(pre.source),
+        frag.fragment_id,
+    )
+    return changes, pre
+
+
+def _switch(
+    el: Elastic, frag: Fragment, target: str, job_id: int, changes: watch.ChangeWatch, pre: verify.PreCheck
+) -> tuple[int, float]:
     last: Exception | None = None
     for attempt in range(1, SWITCH_ATTEMPTS + 1):
         try:
-            return _switch_once(el, frag, target, job_id)
+            changes.drain()  # what was written during the pre-check: decoded before the pause, not in it
+            return _switch_once(el, frag, target, job_id, changes, pre)
         except (psycopg.errors.LockNotAvailable, _NotCaughtUp) as exc:
             last = exc
             log.info("switch of fragment %d: attempt %d gave way (%s); retrying", frag.fragment_id, attempt, exc)
@@ -186,7 +230,39 @@ class _NotCaughtUp(Exception):
     pass
 
 
-def _switch_once(el: Elastic, frag: Fragment, target: str, job_id: int) -> tuple[int, float]:
+def _verify_in_pause(
+    src: psycopg.Connection, dst: psycopg.Connection, shard: str, changes: watch.ChangeWatch, pre: verify.PreCheck
+) -> tuple[int, int]:
+    """With the source frozen: the time partitions written since the pre-check (or not matched by
+    it) must become equal on the target; the whole fragment when the layouts changed meanwhile."""
+    deadline = time.monotonic() + CATCHUP_IN_PAUSE_S
+    changes.drain(flush=True)
+    recheck = verify.recheck_units(pre, verify.layout(src, shard), verify.layout(dst, shard), changes.changed, changes.truncated)
+    if recheck is None:
+        log.info("time partitions of %s changed during the move: verifying all of it in the pause", shard)
+        src_sum, dst_sum = shardops.parallel_checksums([(src, shard, None), (dst, shard, None)])
+        while dst_sum != src_sum:
+            if time.monotonic() > deadline:
+                raise _NotCaughtUp(f"target has {dst_sum[0]} rows, source {src_sum[0]} (checksums differ)")
+            time.sleep(0.02)
+            dst_sum = shardops.checksum(dst, shard)
+        return src_sum
+    src_units = verify.unit_sums(src, shard, recheck)
+    dst_units = verify.unit_sums(dst, shard, recheck)
+    while dst_units != src_units:
+        if time.monotonic() > deadline:
+            raise _NotCaughtUp(f"{len(recheck)} time partition(s) of {shard} differ on the target")
+        time.sleep(0.02)
+        dst_units = verify.unit_sums(dst, shard, recheck)
+    log.info(
+        "verified %d time partition(s) of %s in the pause, %d before it", len(recheck), shard, len(pre.source) - len(recheck)
+    )
+    return verify.combine({**{b: s for b, s in pre.source.items() if b not in recheck}, **src_units})
+
+
+def _switch_once(
+    el: Elastic, frag: Fragment, target: str, job_id: int, changes: watch.ChangeWatch, pre: verify.PreCheck
+) -> tuple[int, float]:
     coord, src, dst = el.coord, el.nodes.get(frag.node), el.nodes.get(target)
     moved = replace(frag, node=target)
     with coord.transaction():
@@ -195,13 +271,7 @@ def _switch_once(el: Elastic, frag: Fragment, target: str, job_id: int) -> tuple
         coord.execute("LOCK TABLE public.readings IN EXCLUSIVE MODE")
         paused = time.monotonic()
         log.info("write pause for fragment %d started", frag.fragment_id)
-        src_sum, dst_sum = shardops.parallel_checksums([(src, frag.shard_name, None), (dst, frag.shard_name, None)])
-        deadline = paused + CATCHUP_IN_PAUSE_S
-        while dst_sum != src_sum:
-            if time.monotonic() > deadline:
-                raise _NotCaughtUp(f"target has {dst_sum[0]} rows, source {src_sum[0]} (checksums differ)")
-            time.sleep(0.02)
-            dst_sum = shardops.checksum(dst, frag.shard_name)
+        src_sum = _verify_in_pause(src, dst, frag.shard_name, changes, pre)
         shardops.replace_coordinator_partitions(el.nodes, [frag.shard_name], [moved])
         coord.execute(
             "UPDATE buildsmart.placements SET node_name = %s, state = 'active' WHERE fragment_id = %s AND node_name = %s",
@@ -235,10 +305,11 @@ def _cleanup(el: Elastic, fid: int, source: str, target: str) -> None:
     _drop_subscription(el, target, name)
     src = el.nodes.get(source)
     src.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
+    watch.drop(src, watch.watch_name(fid))
     # The source may have grown time partitions during the move; the target's DEFAULT has those rows.
     if shardops.table_exists(src, shard):
         frag = el.fragment(fid)
-        shardops.copy_time_partitions(src, shard, el.nodes.get(target), shard, frag.time_interval)
+        shardops.mirror_time_partitions(src, shard, el.nodes.get(target), shard, frag.time_interval)
         for stmt in drop_fragment_sql(shard):
             src.execute(stmt)
         log.info("dropped source %s on %s", shard, source)
@@ -250,6 +321,7 @@ def rollback(el: Elastic, fid: int, source: str, target: str) -> None:
     shard = f"readings_f{fid}"
     _drop_subscription(el, target, name)
     el.nodes.get(source).execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
+    watch.drop(el.nodes.get(source), watch.watch_name(fid))
     # Only drop the target table if the catalog does not place the fragment there.
     frag = el.fragment(fid)
     if frag.node != target:

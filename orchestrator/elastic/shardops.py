@@ -15,14 +15,6 @@ from orchestrator.nodeconn import NodeConnections
 
 log = logging.getLogger(__name__)
 
-# The lower bound of a time partition from its FOR VALUES clause (DEFAULT has none).
-_BOUNDS_SQL = """
-SELECT min(substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM 'FROM \\(''([^'']+)''\\)')::timestamptz),
-       max(substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM 'FROM \\(''([^'']+)''\\)')::timestamptz)
-  FROM pg_catalog.pg_partition_tree(%s::regclass) t JOIN pg_catalog.pg_class c ON c.oid = t.relid
- WHERE t.level = 1
-"""
-
 
 def table(shard: str) -> sql.Identifier:
     return sql.Identifier(SHARD_SCHEMA, shard)
@@ -51,16 +43,27 @@ def create_fragment_table(nodes: NodeConnections, frag: Fragment, conn: psycopg.
     log.info("created fragment table %s %s on %s", frag.shard_name, frag.describe_range(), frag.node)
 
 
-def copy_time_partitions(src: psycopg.Connection, src_shard: str, dst: psycopg.Connection, dst_shard: str, interval: str) -> int:
-    """Give the destination every time partition the source has (rows would land in DEFAULT otherwise)."""
-    row = src.execute(_BOUNDS_SQL, (regclass(src_shard),)).fetchone()
-    if row is None or row[0] is None:
-        return 0
-    got = dst.execute(
-        "SELECT buildsmart.ensure_time_partitions(%s::regclass, %s::interval, %s, %s)",
-        (regclass(dst_shard), interval, row[0], row[1]),
+def mirror_time_partitions(
+    src: psycopg.Connection, src_shard: str, dst: psycopg.Connection, dst_shard: str, interval: str
+) -> int:
+    """Give the destination exactly the source's time partitions (no others), so the two can be
+    verified partition by partition (orchestrator.elastic.verify)."""
+    starts = [
+        r[0]
+        for r in src.execute(
+            "SELECT substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM 'FROM \\(''([^'']+)''\\)')::timestamptz "
+            "FROM pg_catalog.pg_partition_tree(%s::regclass) t JOIN pg_catalog.pg_class c ON c.oid = t.relid "
+            "WHERE t.isleaf AND t.level = 1 AND c.relpartbound IS NOT NULL",
+            (regclass(src_shard),),
+        ).fetchall()
+        if r[0] is not None
+    ]
+    row = dst.execute(
+        "SELECT coalesce(sum(buildsmart.ensure_time_partitions(%s::regclass, %s::interval, s, s)), 0) "
+        "FROM unnest(%s::timestamptz[]) s",
+        (regclass(dst_shard), interval, starts),
     ).fetchone()
-    return int(got[0]) if got else 0
+    return int(row[0]) if row else 0
 
 
 def copy_indexes(src: psycopg.Connection, src_shard: str, dst: psycopg.Connection, dst_shard: str) -> int:

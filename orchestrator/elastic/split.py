@@ -4,9 +4,10 @@
 
 The upper half [at, hi) gets a new fragment table next to the old one. An ENABLE ALWAYS trigger
 (buildsmart.split_mirror_trigger) mirrors concurrent writes of the upper half while the existing
-rows are copied one time partition at a time; the switch then verifies count and checksum of
-the upper half under the write pause (repairing the rare copy/delete race first), swaps the
-coordinator partitions and the catalog in one transaction. Cleanup deletes the moved rows from
+rows are copied one time partition at a time; count and checksum of the upper half are verified
+per time partition before the write pause and, under it, for the partitions written since (all of
+it, repairing the rare copy/delete race first, when they differ or the layout changed); then the
+switch swaps the coordinator partitions and the catalog in one transaction. Cleanup deletes the moved rows from
 the old table and narrows its CHECK. Before ``switched`` a resume drops the new table and the
 trigger and starts again; after it, it finishes the cleanup. To place the new half elsewhere,
 move it afterwards (rebalance does).
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from orchestrator.elastic import jobs, shardops
+from orchestrator.elastic import jobs, shardops, verify, watch
 from orchestrator.elastic.context import Elastic
 from orchestrator.elastic.move import PAUSE_LOCK_TIMEOUT, SWITCH_ATTEMPTS
 from orchestrator.elastic.rebalance import split_point
@@ -113,7 +114,8 @@ def run_split_job(el: Elastic, job: jobs.Job) -> SplitResult:
             jobs.record_step(el.coord, job.job_id, "mirroring")
             _copy(el, frag, upper)
             jobs.record_step(el.coord, job.job_id, "copied")
-            rows, pause = _switch(el, frag, upper, job.job_id)
+            changes, pre = _precheck(el, frag, upper)
+            rows, pause = _switch(el, frag, upper, job.job_id, changes, pre)
         _cleanup(el, fid, at, new_id, node)
         jobs.finish(el.coord, job.job_id, pause_seconds=pause, rows=rows)
     except (psycopg.Error, ClusterStateError, NodeError) as exc:
@@ -130,7 +132,7 @@ def _create_upper(el: Elastic, frag: Fragment, upper: Fragment) -> None:
     if shardops.table_exists(conn, upper.shard_name):
         raise ClusterStateError(f"{upper.shard_name} already exists on {frag.node}")
     shardops.create_fragment_table(el.nodes, upper, conn)
-    shardops.copy_time_partitions(conn, frag.shard_name, conn, upper.shard_name, frag.time_interval)
+    shardops.mirror_time_partitions(conn, frag.shard_name, conn, upper.shard_name, frag.time_interval)
     shardops.copy_indexes(conn, frag.shard_name, conn, upper.shard_name)
     conn.execute(
         sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT * FROM {} WHERE building < {}").format(
@@ -226,11 +228,37 @@ def _repair(conn: psycopg.Connection, frag: Fragment, upper: Fragment) -> None:
     log.info("repaired %s from %s under the write pause", upper.shard_name, frag.shard_name)
 
 
-def _switch(el: Elastic, frag: Fragment, upper: Fragment, job_id: int) -> tuple[int, float]:
+def _precheck(el: Elastic, frag: Fragment, upper: Fragment) -> tuple[watch.ChangeWatch, verify.PreCheck]:
+    """Before the pause: watch the source's changes from now on and checksum both sides per time
+    partition in one snapshot (both tables are on this node)."""
+    conn = el.nodes.get(frag.node)
+    changes = watch.ChangeWatch(conn, watch.watch_name(frag.fragment_id), frag.shard_name)
+    changes.start()
+    shardops.mirror_time_partitions(conn, frag.shard_name, conn, upper.shard_name, frag.time_interval)
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        pre = verify.PreCheck(
+            verify.unit_sums(conn, frag.shard_name, where=_upper_filter(str(upper.range_from))),
+            verify.unit_sums(conn, upper.shard_name),
+        )
+    changes.drain()
+    log.info(
+        "pre-verified %d of %d time partitions of the upper half of fragment %d before the pause",
+        len(pre.verified),
+        len(pre.source),
+        frag.fragment_id,
+    )
+    return changes, pre
+
+
+def _switch(
+    el: Elastic, frag: Fragment, upper: Fragment, job_id: int, changes: watch.ChangeWatch, pre: verify.PreCheck
+) -> tuple[int, float]:
     last: Exception | None = None
     for attempt in range(1, SWITCH_ATTEMPTS + 1):
         try:
-            return _switch_once(el, frag, upper, job_id)
+            changes.drain()  # what was written meanwhile: decoded before the pause, not in it
+            return _switch_once(el, frag, upper, job_id, changes, pre)
         except psycopg.errors.LockNotAvailable as exc:
             last = exc
             log.info("split switch of fragment %d: attempt %d gave way (%s); retrying", frag.fragment_id, attempt, exc)
@@ -238,7 +266,40 @@ def _switch(el: Elastic, frag: Fragment, upper: Fragment, job_id: int) -> tuple[
     raise ClusterStateError(f"could not switch the split of fragment {frag.fragment_id}: {last}")
 
 
-def _switch_once(el: Elastic, frag: Fragment, upper: Fragment, job_id: int) -> tuple[int, float]:
+def _verify_in_pause(
+    conn: psycopg.Connection, frag: Fragment, upper: Fragment, changes: watch.ChangeWatch, pre: verify.PreCheck
+) -> int:
+    """With the source frozen: the time partitions written since the pre-check (or not matched by
+    it) must be equal in the upper table; all of it when the layouts changed or they are not
+    (then the upper table is repaired from the source first). Returns the upper half's rows."""
+    at = str(upper.range_from)
+    changes.drain(flush=True)
+    recheck = verify.recheck_units(
+        pre, verify.layout(conn, frag.shard_name), verify.layout(conn, upper.shard_name), changes.changed, changes.truncated
+    )
+    if recheck is not None:
+        want_units = verify.unit_sums(conn, frag.shard_name, recheck, _upper_filter(at))
+        if verify.unit_sums(conn, upper.shard_name, recheck) == want_units:
+            log.info(
+                "verified %d time partition(s) of %s in the pause, %d before it",
+                len(recheck),
+                upper.shard_name,
+                len(pre.source) - len(recheck),
+            )
+            return verify.combine({**{b: s for b, s in pre.source.items() if b not in recheck}, **want_units})[0]
+    # One connection (both tables are on this node), so one after the other.
+    want, got = shardops.checksum(conn, frag.shard_name, _upper_filter(at)), shardops.checksum(conn, upper.shard_name)
+    if want != got:
+        _repair(conn, frag, upper)
+        got = shardops.checksum(conn, upper.shard_name)
+        if want != got:
+            raise ClusterStateError(f"split of fragment {frag.fragment_id}: upper half differs after repair ({want} vs {got})")
+    return want[0]
+
+
+def _switch_once(
+    el: Elastic, frag: Fragment, upper: Fragment, job_id: int, changes: watch.ChangeWatch, pre: verify.PreCheck
+) -> tuple[int, float]:
     coord, conn = el.coord, el.nodes.get(frag.node)
     at = str(upper.range_from)
     lower = Fragment(frag.fragment_id, frag.range_from, at, frag.node, frag.time_interval)
@@ -247,15 +308,7 @@ def _switch_once(el: Elastic, frag: Fragment, upper: Fragment, job_id: int) -> t
         coord.execute("SELECT buildsmart.fragment_switch_lock(%s)", (frag.fragment_id,))
         coord.execute("LOCK TABLE public.readings IN EXCLUSIVE MODE")
         paused = time.monotonic()
-        # One connection (both tables are on this node), so one after the other.
-        want, got = shardops.checksum(conn, frag.shard_name, _upper_filter(at)), shardops.checksum(conn, upper.shard_name)
-        if want != got:
-            _repair(conn, frag, upper)
-            got = shardops.checksum(conn, upper.shard_name)
-            if want != got:
-                raise ClusterStateError(
-                    f"split of fragment {frag.fragment_id}: upper half differs after repair ({want} vs {got})"
-                )
+        rows = _verify_in_pause(conn, frag, upper, changes, pre)
         shardops.replace_coordinator_partitions(
             el.nodes, [frag.shard_name], [lower, upper], {lower.shard_name: _lower_view(frag.shard_name)}
         )
@@ -269,22 +322,23 @@ def _switch_once(el: Elastic, frag: Fragment, upper: Fragment, job_id: int) -> t
             "INSERT INTO buildsmart.placements (fragment_id, node_name) VALUES (%s, %s)", (upper.fragment_id, frag.node)
         )
         coord.execute("SELECT buildsmart.bump_catalog_version()")
-        jobs.record_step(coord, job_id, "switched", rows=want[0])
+        jobs.record_step(coord, job_id, "switched", rows=rows)
     pause = time.monotonic() - paused
     log.info(
         "switched split of fragment %d at %r (%d rows to fragment %d); write pause %.3f s",
         frag.fragment_id,
         at,
-        want[0],
+        rows,
         upper.fragment_id,
         pause,
     )
-    return want[0], pause
+    return rows, pause
 
 
 def _cleanup(el: Elastic, fid: int, at: str, new_id: int, node: str) -> None:
     """After the switch (idempotent): stop mirroring, delete the moved rows, narrow the CHECK."""
     conn = el.nodes.get(node)
+    watch.drop(conn, watch.watch_name(fid))
     frag = el.fragment(fid)
     if frag.node != node:  # moved away since; its table there is clean already
         return
@@ -325,6 +379,7 @@ def _rollback(el: Elastic, fid: int, new_id: int, node: str) -> None:
     mirror trigger into the new table, so dropping either without it can deadlock with them."""
     conn = el.nodes.get(node)
     source = shardops.table(shard_name(fid))
+    watch.drop(conn, watch.watch_name(fid))
     with conn.transaction():
         if shardops.table_exists(conn, shard_name(fid)):
             _lock_root(conn, source)
