@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator.elastic import balancer, move, split
+from orchestrator.elastic import balancer, jobs, move, split, verify
 from orchestrator.elastic.context import open_cluster
 from tests.elastic_load import Load
 from tests.harness import ClusterHandle, start_cluster, stop_cluster
@@ -287,6 +287,50 @@ def test_kill_rebalance_and_rerun(ecluster: ClusterHandle) -> None:
         assert {f.node for f in el.fragments()} == {"w1", "w2"}
         assert balancer.plan(el, 0.2) == []
         assert el.coord.execute("SELECT state FROM buildsmart.jobs WHERE job_id = %s", parent).fetchone() == ("cancelled",)
+
+
+def test_switch_checks_everything_when_time_partitions_change(ecluster: ClusterHandle) -> None:
+    """A time partition created on the source between the pre-check and the pause: the switch
+    must fall back to verifying the whole fragment (and still move every row)."""
+    _preload_e(ecluster)
+    fid = _fragment_holding(ecluster, "e00")
+    with open_cluster(ecluster.directory) as el:
+        frag = el.fragment(fid)
+        target = "w1" if frag.node == "w2" else "w2"
+        job = jobs.create(el.coord, "move", {"fragment_id": fid, "source": frag.node, "target": target})
+        move._create_target(el, frag, target)
+        move._subscribe(el, frag, target)
+        move._wait_initial_sync(el, frag, target)
+        changes, pre = move._precheck(el, frag, target)
+        with ecluster.coordinator() as conn:  # through the replace trigger: lands in the new partition
+            el.nodes.get(frag.node).execute(
+                "SELECT buildsmart.ensure_time_partitions(%s::regclass, '1 month', '2031-03-01', '2031-03-01')",
+                (f"bsdata.{frag.shard_name}",),
+            )
+            conn.execute(
+                "INSERT INTO public.readings SELECT 'e01', 'late', timestamptz '2031-03-01' + g * interval '1 h', g "
+                "FROM generate_series(1, 100) g"
+            )
+            want = conn.execute(
+                "SELECT count(*) FROM public.readings WHERE building >= %s AND building < %s", (frag.range_from, frag.range_to)
+            ).fetchone()
+        assert (
+            verify.recheck_units(
+                pre,
+                verify.layout(el.nodes.get(frag.node), frag.shard_name),
+                verify.layout(el.nodes.get(target), frag.shard_name),
+                set(),
+                False,
+            )
+            is None
+        )
+        rows, _ = move._switch(el, frag, target, job.job_id, changes, pre)
+        move._cleanup(el, fid, frag.node, target)
+        jobs.finish(el.coord, job.job_id, rows=rows)
+    assert want is not None and rows == want[0]
+    _check_consistent(ecluster)
+    with ecluster.coordinator() as conn:
+        assert conn.execute("SELECT count(*) FROM public.readings WHERE meter = 'late'").fetchone() == (100,)
 
 
 def test_citus_functions_through_sql(ecluster: ClusterHandle) -> None:

@@ -1,4 +1,4 @@
-"""Unit tests of the pure rebalance/split planner (no servers)."""
+"""Unit tests of the pure planning functions of elasticity: rebalance/split plans, pause verification (no servers)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from orchestrator.elastic.rebalance import (
     simulate,
     split_point,
 )
+from orchestrator.elastic.verify import PreCheck, recheck_units
 from orchestrator.exceptions import ClusterStateError
 
 
@@ -90,3 +91,38 @@ def test_split_point_halves_bytes() -> None:
     assert split_point([("a", 100), ("b", 1)]) == "b"
     assert split_point([("a", 5)]) is None
     assert split_point([]) is None
+
+
+# -- which time partitions a switch must verify inside its write pause ---------------------------
+
+_JAN, _FEB, _DEF = (
+    "FOR VALUES FROM ('2025-01-01') TO ('2025-02-01')",
+    "FOR VALUES FROM ('2025-02-01') TO ('2025-03-01')",
+    "DEFAULT",
+)
+
+
+def _pre(target_feb: tuple[int, int] = (5, 50)) -> PreCheck:
+    return PreCheck({_JAN: (10, 100), _FEB: (5, 50), _DEF: (0, 0)}, {_JAN: (10, 100), _FEB: target_feb, _DEF: (0, 0)})
+
+
+def test_recheck_nothing_when_nothing_changed() -> None:
+    layout = {_JAN: 1, _FEB: 2, _DEF: 3}
+    assert recheck_units(_pre(), layout, {_JAN: 11, _FEB: 12, _DEF: 13}, set(), False) == set()
+
+
+def test_recheck_written_and_unmatched_partitions() -> None:
+    layout = {_JAN: 1, _FEB: 2, _DEF: 3}
+    target = {_JAN: 11, _FEB: 12, _DEF: 13}
+    assert recheck_units(_pre(), layout, target, {3}, False) == {_DEF}
+    assert recheck_units(_pre(target_feb=(4, 40)), layout, target, set(), False) == {_FEB}
+    assert recheck_units(_pre(), layout, target, {12, 99}, False) == set()  # target OIDs or other tables: not source changes
+
+
+def test_recheck_falls_back_to_full_check() -> None:
+    layout = {_JAN: 1, _FEB: 2, _DEF: 3}
+    target = {_JAN: 11, _FEB: 12, _DEF: 13}
+    assert recheck_units(_pre(), layout, target, set(), True) is None  # TRUNCATE seen
+    assert recheck_units(_pre(), {**layout, "FOR VALUES FROM ('2025-03-01') TO ('2025-04-01')": 4}, target, set(), False) is None
+    assert recheck_units(_pre(), layout, {_JAN: 11, _DEF: 13}, set(), False) is None  # layouts differ
+    assert recheck_units(_pre(), {_JAN: 1, _DEF: 3}, {_JAN: 11, _DEF: 13}, set(), False) is None  # dropped since
