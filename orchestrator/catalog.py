@@ -33,11 +33,22 @@ def load_fragments(conn: psycopg.Connection) -> tuple[Fragment, ...]:
         return tuple(Fragment(fid, lo, hi, node, iv) for fid, lo, hi, node, iv in cur.fetchall())
 
 
-def _extension_ok(conn: psycopg.Connection) -> bool:
+def _extension_ok(conn: psycopg.Connection, coordinator: bool = False) -> bool:
+    """The current extension version is installed (and, on the coordinator, its C module is
+    preloaded into every session of the database)."""
     with conn.cursor() as cur:
         cur.execute("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = %s", (EXTENSION_NAME,))
         row = cur.fetchone()
-    return row is not None and row[0] == EXTENSION_VERSION
+        if row is None or row[0] != EXTENSION_VERSION:
+            return False
+        if not coordinator:
+            return True
+        cur.execute(
+            "SELECT 1 FROM pg_catalog.pg_db_role_setting s JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase "
+            "WHERE d.datname = current_database() AND s.setrole = 0 AND %s = ANY (s.setconfig)",
+            (f"session_preload_libraries={EXTENSION_NAME}",),
+        )
+        return cur.fetchone() is not None
 
 
 def _worker_tables(conn: psycopg.Connection) -> set[str]:
@@ -53,8 +64,10 @@ def _worker_tables(conn: psycopg.Connection) -> set[str]:
 def observe(nodes: NodeConnections) -> ObservedCluster:
     """Snapshot the catalog, foreign servers and fragment tables of every node."""
     coord = nodes.coordinator
-    ext_ok = {name for name in (g.name for g in nodes.topology.groups) if _extension_ok(nodes.get(name))}
     coordinator_name = nodes.topology.coordinator.name
+    ext_ok = {
+        name for name in (g.name for g in nodes.topology.groups) if _extension_ok(nodes.get(name), name == coordinator_name)
+    }
     if coordinator_name not in ext_ok or not has_catalog(coord):
         worker_tables = {
             (w.name, t) for w in nodes.topology.workers if w.name in ext_ok for t in _worker_tables(nodes.get(w.name))

@@ -91,6 +91,8 @@ def _ensure_extension(nodes: NodeConnections, step: EnsureExtension) -> None:
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA buildsmart, {} TO {}").format(sql.Identifier(SHARD_SCHEMA), _app_role(nodes)))
         conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA buildsmart TO {}").format(_app_role(nodes)))
         dbname = nodes.topology.group(step.node).dbname
+        if step.node == nodes.topology.coordinator.name:
+            extension.preload_in_database(conn, dbname)
         for setting in ("enable_partitionwise_aggregate", "enable_partitionwise_join"):
             conn.execute(sql.SQL("ALTER DATABASE {} SET {} = on").format(sql.Identifier(dbname), sql.Identifier(setting)))
 

@@ -40,6 +40,13 @@ def share_dir() -> Path:
 
 
 @functools.cache
+def pkglib_dir() -> Path:
+    """Where the server loads modules from (``$libdir``); the buildsmart C module goes there."""
+    out = subprocess.run([tool("pg_config"), "--pkglibdir"], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip())
+
+
+@functools.cache
 def server_version() -> str:
     out = subprocess.run([tool("postgres"), "--version"], check=True, capture_output=True, text=True)
     return out.stdout.strip()

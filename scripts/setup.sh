@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what BuildSmartDB needs on Debian 12, idempotently: Debian packages (python3-venv,
-# etcd-server for the Patroni DCS), a venv that the unprivileged service user can run (made from
+# etcd-server for the Patroni DCS, gcc and make for the extension's C module), a venv that the unprivileged service user can run (made from
 # /usr/bin/python3, because /root is 0700), and this checkout installed into it.
 #   scripts/setup.sh        runtime only
 #   scripts/setup.sh dev    with the test tools (pytest, ruff, mypy)
@@ -12,6 +12,10 @@ EXTRAS=${1:-}
 apt_missing=()
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || apt_missing+=(python3-venv)
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || apt_missing+=(etcd-server)
+# the extension's C module (distributed planner) is compiled here against the bundled PostgreSQL
+command -v gcc >/dev/null 2>&1 || apt_missing+=(gcc)
+command -v make >/dev/null 2>&1 || apt_missing+=(make)
+[ -e /usr/include/stdio.h ] || apt_missing+=(libc6-dev)
 if ((${#apt_missing[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install ${apt_missing[*]} (apt-get)" >&2
@@ -38,4 +42,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -e "$spec"
   echo "$want" > "$stamp"
 fi
+"$VENV/bin/python" -m orchestrator.extension build >/dev/null
 chmod -R a+rX "$VENV"

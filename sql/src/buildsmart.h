@@ -1,0 +1,137 @@
+/*
+ * buildsmart.h: the C part of the buildsmart extension.
+ *
+ * Why C at all: postgres_fdw plans each foreign partition on its own and ships only what it can
+ * prove safe one partition at a time. It never ships DISTINCT ON, ORDER BY ... LIMIT through a
+ * partitioned parent, date_trunc()/AT TIME ZONE with a constant zone, or aggregates that it would
+ * have to finish per partition, so the everyday dashboard queries pulled every row to the
+ * coordinator. The distributed planner here recognises a SELECT over the distributed table as a
+ * whole, sends the query itself to the workers (one statement per worker, all workers at once,
+ * without a cursor so workers may use parallel query), and only merges on the coordinator.
+ *
+ * Modules:
+ *   buildsmart.c      _PG_init, settings, hook chaining
+ *   dist_planner.c    which queries can run on the workers, and the plan that runs them
+ *   dist_deparse.c    shippability rules and the SQL each worker receives
+ *   dist_executor.c   the custom scan: pruning, dispatch, merge, LIMIT, fallback, EXPLAIN
+ *   dist_combine.c    aggregates not keyed by building, in two phases
+ *   remote.c          connections to workers: settings, transactions, cancel, errors
+ */
+#ifndef BUILDSMART_H
+#define BUILDSMART_H
+
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "libpq-fe.h"
+#include "nodes/execnodes.h"
+#include "nodes/extensible.h"
+#include "nodes/parsenodes.h"
+#include "nodes/plannodes.h"
+#include "utils/palloc.h"
+
+/* settings (buildsmart.c) */
+extern bool bs_enable_pushdown;
+extern bool bs_enable_skip_scan;
+extern bool bs_log_pushdown;
+
+/* planner (dist_planner.c) */
+extern void bs_planner_init(void);
+extern bool bs_planning_fallback;
+
+/* how the results of several fragments combine */
+typedef enum BsShape
+{
+	BS_SHAPE_ROWS = 1,			/* rows are independent: any set of fragments, concatenated */
+	BS_SHAPE_BUILDING = 2,		/* groups/distinct/windows keyed by building: concatenated */
+	BS_SHAPE_SINGLE = 3			/* anything else: only when one fragment remains */
+} BsShape;
+
+/*
+ * Positions in CustomScan.custom_private. Everything the executor needs is plain node data so a
+ * cached plan can be copied.
+ */
+enum
+{
+	BS_PRIV_QUERY = 0,			/* Query: the original, planned by PostgreSQL in fallback mode */
+	BS_PRIV_FRAG_OIDS,			/* OID list: candidate fragments (coordinator foreign tables) */
+	BS_PRIV_FRAG_SQL,			/* List of String: the statement for each fragment */
+	BS_PRIV_FRAG_LOWER,			/* List of Const (text, NULL = unbounded): building lower bounds */
+	BS_PRIV_FRAG_UPPER,			/* List of Const: upper bounds (exclusive) */
+	BS_PRIV_INTS,				/* Integer list, see BS_INT_* */
+	BS_PRIV_SORT_ATTNO,			/* Integer list: output column of each sort key */
+	BS_PRIV_SORT_OP,			/* OID list */
+	BS_PRIV_SORT_COLL,			/* OID list */
+	BS_PRIV_SORT_NULLSFIRST,	/* Integer list */
+	BS_PRIV_PRUNE_KIND,			/* Integer list: BS_PRUNE_* of each pruning expression */
+	BS_PRIV_NOTE,				/* String: how the planner read the query (EXPLAIN) */
+	BS_PRIV_COUNT
+};
+
+enum
+{
+	BS_INT_SHAPE = 0,
+	BS_INT_NPARAMS,				/* worker parameters: the first custom_exprs */
+	BS_INT_NPRUNE,				/* pruning expressions: the next custom_exprs */
+	BS_INT_HAS_LIMIT,			/* limitCount and limitOffset follow them in custom_exprs */
+	BS_INT_LIMIT_PARAM,			/* worker parameter number of LIMIT count+offset, or 0 */
+	BS_INT_BINARY,				/* results in binary format */
+	BS_INT_CURSOR_OPTIONS,
+	BS_INT_SKIP_SCAN,
+	BS_INT_LEAF,				/* partial query under a combine plan: rows only, child = fallback */
+	BS_INT_COUNT
+};
+
+typedef enum BsPruneKind
+{
+	BS_PRUNE_EQ = 1,			/* building = value */
+	BS_PRUNE_ANY = 2			/* building = ANY(array) */
+} BsPruneKind;
+
+/* two-phase aggregates (dist_combine.c) */
+typedef struct BsCombine
+{
+	Query	   *query;			/* the combine query, over subquery "bs_partial" */
+	char	   *sql;
+} BsCombine;
+extern BsCombine *bs_build_combine(Query *parse, Oid dist, Index dist_rti, Index group_rti,
+								   const char **reason);
+
+/* executor (dist_executor.c) */
+extern void bs_executor_init(void);
+extern CustomScan *bs_make_custom_scan(List *tlist, List *custom_exprs, List *custom_private);
+extern bool bs_xact_wrote_through_fdw;
+
+/* deparse (dist_deparse.c) */
+typedef struct BsShipContext
+{
+	Index		dist_rti;		/* range table index of the distributed table */
+	Index		group_rti;		/* of the RTE_GROUP entry, or 0 */
+	List	   *param_exprs;	/* expressions the coordinator evaluates, in worker $n order */
+	const char *reason;			/* why not, when not shippable */
+} BsShipContext;
+
+extern bool bs_expr_shippable(Node *node, BsShipContext *ctx);
+extern Node *bs_extract_params(Node *node, BsShipContext *ctx);
+extern char *bs_deparse_query(Query *query);
+extern char *bs_deparse_skip_scan(Query *query, Oid fragment, const char *qualified_name,
+								  bool ts_desc, int limit_param);
+extern void bs_set_transmission_modes(int *nestlevel);
+extern void bs_reset_transmission_modes(int nestlevel);
+extern bool bs_type_is_builtin(Oid typid);
+
+/* remote (remote.c) */
+typedef struct BsConn BsConn;
+extern void bs_remote_init(void);
+extern BsConn *bs_get_conn(Oid serverid, bool *in_xact_mode);
+extern PGconn *bs_conn_pg(BsConn *c);
+extern const char *bs_conn_name(BsConn *c);
+extern void bs_conn_send(BsConn *c, const char *sql, int nparams, const Oid *types,
+						 const char *const *values, const int *lengths, const int *formats,
+						 int result_format);
+extern PGresult *bs_conn_get_result(BsConn *c);
+extern void bs_conn_finish(BsConn *c);
+extern void bs_conn_abandon(BsConn *c);
+extern void bs_report_remote_error(int elevel, PGresult *res, BsConn *c, const char *sql);
+
+#endif							/* BUILDSMART_H */

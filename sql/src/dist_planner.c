@@ -1,0 +1,1050 @@
+/*
+ * dist_planner.c: which queries run on the workers, and the plan that runs them.
+ *
+ * A SELECT whose only relation is the distributed table (public.readings) is split by how the
+ * rows of different fragments combine:
+ *   ROWS      no aggregation, DISTINCT or window: each row stands alone, fragments concatenate;
+ *   BUILDING  GROUP BY / DISTINCT / PARTITION BY include building: a building lives in exactly
+ *             one fragment, so every group is complete on one worker and fragments concatenate;
+ *   SINGLE    anything else: runs on a worker only when pruning leaves one fragment
+ *             (building = $1), otherwise PostgreSQL's own plan through postgres_fdw.
+ * Every worker receives the whole query for its fragments (WHERE, GROUP BY, HAVING, DISTINCT ON,
+ * ORDER BY, LIMIT count+offset); the coordinator merges sorted streams and applies OFFSET/LIMIT.
+ *
+ * The plan is a single custom scan carrying the original query too: at execution it falls back
+ * to PostgreSQL's plan when this transaction wrote through postgres_fdw (its uncommitted rows are
+ * only visible on those connections), when pushdown was turned off, or when a SINGLE query's
+ * parameters select more than one fragment. Anything this planner does not recognise is planned
+ * by PostgreSQL as before, so results never depend on whether the pushdown applies.
+ */
+#include "buildsmart.h"
+
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_collation.h"
+#include "catalog/pg_foreign_data_wrapper.h"
+#include "catalog/pg_operator.h"
+#include "catalog/pg_type.h"
+#include "commands/defrem.h"
+#include "foreign/foreign.h"
+#include "nodes/makefuncs.h"
+#include "nodes/nodeFuncs.h"
+#include "nodes/readfuncs.h"
+#include "optimizer/clauses.h"
+#include "optimizer/optimizer.h"
+#include "optimizer/pathnode.h"
+#include "optimizer/paths.h"
+#include "optimizer/planner.h"
+#include "optimizer/restrictinfo.h"
+#include "rewrite/rewriteManip.h"
+#include "parser/parsetree.h"
+#include "partitioning/partbounds.h"
+#include "partitioning/partdesc.h"
+#include "storage/lmgr.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/partcache.h"
+#include "utils/rel.h"
+#include "utils/syscache.h"
+
+static planner_hook_type prev_planner = NULL;
+bool		bs_planning_fallback = false;
+
+typedef struct BsFragment
+{
+	Oid			relid;			/* coordinator foreign table */
+	char	   *qualified_name; /* the same name on the worker */
+	Const	   *lower;			/* NULL = unbounded */
+	Const	   *upper;
+} BsFragment;
+
+
+static PlannedStmt *
+bs_next_planner(Query *parse, const char *query_string, int cursorOptions, ParamListInfo boundParams)
+{
+	if (prev_planner)
+		return prev_planner(parse, query_string, cursorOptions, boundParams);
+	return standard_planner(parse, query_string, cursorOptions, boundParams);
+}
+
+/* The distributed table, if this database has one. */
+static Oid
+bs_distributed_table(void)
+{
+	Oid			nsp = get_namespace_oid("public", true);
+	Oid			relid;
+
+	if (!OidIsValid(nsp))
+		return InvalidOid;
+	relid = get_relname_relid("readings", nsp);
+	if (!OidIsValid(relid) || get_rel_relkind(relid) != RELKIND_PARTITIONED_TABLE)
+		return InvalidOid;
+	return relid;
+}
+
+#define NOT_PUSHED(why) do { *reason = (why); return NULL; } while (0)
+
+static Const *
+bs_bound_const(List *datums)
+{
+	PartitionRangeDatum *d = linitial_node(PartitionRangeDatum, datums);
+
+	if (d->kind != PARTITION_RANGE_DATUM_VALUE)
+		return NULL;
+	return (Const *) copyObject(d->value);
+}
+
+/*
+ * The fragments of the distributed table with their building ranges. NULL when the layout is not
+ * one this planner handles (a building split by time, a partition that is not a postgres_fdw
+ * table over the same-named worker table).
+ */
+static List *
+bs_load_fragments(Oid dist, const char **reason)
+{
+	Relation	rel = table_open(dist, NoLock);	/* locked by the parser */
+	PartitionDesc pd = RelationGetPartitionDesc(rel, true);
+	List	   *out = NIL;
+	int			i;
+
+	for (i = 0; i < pd->nparts; i++)
+	{
+		Oid			child = pd->oids[i];
+		BsFragment *f;
+		HeapTuple	tup;
+		Datum		boundd;
+		bool		isnull;
+		PartitionBoundSpec *spec;
+		ForeignTable *ft;
+		ForeignServer *srv;
+		ForeignDataWrapper *fdw;
+		ListCell   *lc;
+		char	   *schema = NULL;
+		char	   *table = NULL;
+
+		if (get_rel_relkind(child) != RELKIND_FOREIGN_TABLE)
+		{
+			table_close(rel, NoLock);
+			NOT_PUSHED("a fragment split by time");
+		}
+		LockRelationOid(child, AccessShareLock);
+		ft = GetForeignTable(child);
+		srv = GetForeignServer(ft->serverid);
+		fdw = GetForeignDataWrapper(srv->fdwid);
+		if (strcmp(fdw->fdwname, "postgres_fdw") != 0)
+		{
+			table_close(rel, NoLock);
+			NOT_PUSHED("a partition that is not a postgres_fdw table");
+		}
+		foreach(lc, ft->options)
+		{
+			DefElem    *d = lfirst(lc);
+
+			if (strcmp(d->defname, "schema_name") == 0)
+				schema = defGetString(d);
+			else if (strcmp(d->defname, "table_name") == 0)
+				table = defGetString(d);
+		}
+		if (schema == NULL || table == NULL ||
+			strcmp(schema, get_namespace_name(get_rel_namespace(child))) != 0 ||
+			strcmp(table, get_rel_name(child)) != 0)
+		{
+			table_close(rel, NoLock);
+			NOT_PUSHED("a fragment whose worker table has another name");
+		}
+		tup = SearchSysCache1(RELOID, ObjectIdGetDatum(child));
+		if (!HeapTupleIsValid(tup))
+			elog(ERROR, "cache lookup failed for relation %u", child);
+		boundd = SysCacheGetAttr(RELOID, tup, Anum_pg_class_relpartbound, &isnull);
+		if (isnull)
+			elog(ERROR, "partition %u has no bound", child);
+		spec = castNode(PartitionBoundSpec, stringToNode(TextDatumGetCString(boundd)));
+		ReleaseSysCache(tup);
+		if (spec->is_default || spec->strategy != PARTITION_STRATEGY_RANGE)
+		{
+			table_close(rel, NoLock);
+			NOT_PUSHED("a default or non-range partition");
+		}
+		f = palloc0(sizeof(BsFragment));
+		f->relid = child;
+		f->qualified_name = quote_qualified_identifier(schema, table);
+		f->lower = bs_bound_const(spec->lowerdatums);
+		f->upper = bs_bound_const(spec->upperdatums);
+		out = lappend(out, f);
+	}
+	table_close(rel, NoLock);
+	if (out == NIL)
+		NOT_PUSHED("no fragments");
+	return out;
+}
+
+/* text comparison in C collation (byte order), as the building range partitions use */
+static int
+bs_cmp_c(Datum a, Datum b)
+{
+	return DatumGetInt32(DirectFunctionCall2Coll(bttextcmp, C_COLLATION_OID, a, b));
+}
+
+static bool
+bs_fragment_holds(BsFragment *f, Datum building)
+{
+	if (f->lower != NULL && bs_cmp_c(building, f->lower->constvalue) < 0)
+		return false;
+	if (f->upper != NULL && bs_cmp_c(building, f->upper->constvalue) >= 0)
+		return false;
+	return true;
+}
+
+static Node *
+bs_strip(Node *n)
+{
+	while (n && IsA(n, RelabelType))
+		n = (Node *) ((RelabelType *) n)->arg;
+	return n;
+}
+
+/* Follow a Var of the RTE_GROUP entry to the grouping expression it stands for. */
+static Node *
+bs_ungroup(Query *q, Index group_rti, Node *n)
+{
+	n = bs_strip(n);
+	if (group_rti > 0 && n && IsA(n, Var) && ((Var *) n)->varno == (int) group_rti &&
+		((Var *) n)->varlevelsup == 0)
+	{
+		RangeTblEntry *g = rt_fetch(group_rti, q->rtable);
+
+		n = bs_strip(list_nth(g->groupexprs, ((Var *) n)->varattno - 1));
+	}
+	return n;
+}
+
+static bool
+bs_is_column(Query *q, Index dist_rti, Index group_rti, Node *n, AttrNumber attno)
+{
+	n = bs_ungroup(q, group_rti, n);
+	return n && IsA(n, Var) && ((Var *) n)->varno == (int) dist_rti &&
+		((Var *) n)->varlevelsup == 0 && ((Var *) n)->varattno == attno;
+}
+
+/* Does a list of SortGroupClauses include the building column? */
+static bool
+bs_clauses_include(Query *q, Index dist_rti, Index group_rti, List *clauses, AttrNumber attno)
+{
+	ListCell   *lc;
+
+	foreach(lc, clauses)
+	{
+		SortGroupClause *sgc = lfirst(lc);
+		TargetEntry *tle = get_sortgroupclause_tle(sgc, q->targetList);
+
+		if (bs_is_column(q, dist_rti, group_rti, (Node *) tle->expr, attno))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Conjuncts of WHERE that pin the building: building = value, building = ANY(array). The value
+ * must not depend on the row; constants prune now, parameters when the plan runs.
+ */
+static void
+bs_find_pruning(Node *quals, Index dist_rti, AttrNumber attno, List **exprs, List **kinds)
+{
+	List	   *conj = make_ands_implicit((Expr *) quals);
+	ListCell   *lc;
+
+	foreach(lc, conj)
+	{
+		Node	   *c = lfirst(lc);
+
+		if (IsA(c, OpExpr) && list_length(((OpExpr *) c)->args) == 2 &&
+			((OpExpr *) c)->opno == TextEqualOperator)
+		{
+			OpExpr	   *op = (OpExpr *) c;
+			Node	   *l = bs_strip(linitial(op->args));
+			Node	   *r = bs_strip(lsecond(op->args));
+			Node	   *val = NULL;
+
+			if (IsA(l, Var) && ((Var *) l)->varno == (int) dist_rti && ((Var *) l)->varattno == attno)
+				val = r;
+			else if (IsA(r, Var) && ((Var *) r)->varno == (int) dist_rti && ((Var *) r)->varattno == attno)
+				val = l;
+			if (val && !contain_vars_of_level(val, 0) && !contain_volatile_functions(val) &&
+				!contain_subplans(val) && !contain_agg_clause(val))
+			{
+				*exprs = lappend(*exprs, copyObject(val));
+				*kinds = lappend_int(*kinds, BS_PRUNE_EQ);
+			}
+		}
+		else if (IsA(c, ScalarArrayOpExpr) && ((ScalarArrayOpExpr *) c)->useOr &&
+				 ((ScalarArrayOpExpr *) c)->opno == TextEqualOperator)
+		{
+			ScalarArrayOpExpr *op = (ScalarArrayOpExpr *) c;
+			Node	   *l = bs_strip(linitial(op->args));
+			Node	   *r = lsecond(op->args);
+
+			if (IsA(l, Var) && ((Var *) l)->varno == (int) dist_rti && ((Var *) l)->varattno == attno &&
+				!contain_vars_of_level(r, 0) && !contain_volatile_functions(r) && !contain_subplans(r))
+			{
+				*exprs = lappend(*exprs, copyObject(r));
+				*kinds = lappend_int(*kinds, BS_PRUNE_ANY);
+			}
+		}
+	}
+}
+
+/* The value of a parameter known at planning time (a custom plan), as a constant. */
+static Const *
+bs_bound_param(Node *e, ParamListInfo bound)
+{
+	Param	   *p = (Param *) e;
+	ParamExternData *prm;
+	ParamExternData prmdata;
+
+	if (!IsA(e, Param) || p->paramkind != PARAM_EXTERN || bound == NULL ||
+		p->paramid <= 0 || p->paramid > bound->numParams)
+		return NULL;
+	prm = bound->paramFetch ? bound->paramFetch(bound, p->paramid, false, &prmdata)
+		: &bound->params[p->paramid - 1];
+	if (prm == NULL || !OidIsValid(prm->ptype) || prm->ptype != p->paramtype ||
+		!(prm->pflags & PARAM_FLAG_CONST))
+		return NULL;
+	return makeConst(p->paramtype, p->paramtypmod, p->paramcollid, get_typlen(p->paramtype),
+					 prm->value, prm->isnull, get_typbyval(p->paramtype));
+}
+
+/*
+ * Static pruning: which fragments can hold rows when the pruning values are constants (or
+ * parameters whose values this custom plan is made for).
+ */
+static List *
+bs_prune_static(List *fragments, List *exprs, List *kinds, ParamListInfo bound)
+{
+	ListCell   *le,
+			   *lk;
+	List	   *keep = fragments;
+
+	forboth(le, exprs, lk, kinds)
+	{
+		Node	   *e = lfirst(le);
+		List	   *next = NIL;
+		ListCell   *lf;
+		Const	   *bp = bs_bound_param(e, bound);
+
+		if (bp != NULL)
+			e = (Node *) bp;
+		if (!IsA(e, Const))
+			continue;
+		foreach(lf, keep)
+		{
+			BsFragment *f = lfirst(lf);
+			Const	   *c = (Const *) e;
+			bool		hit = false;
+
+			if (c->constisnull)
+				hit = false;
+			else if (lfirst_int(lk) == BS_PRUNE_EQ)
+				hit = bs_fragment_holds(f, c->constvalue);
+			else
+			{
+				ArrayType  *arr = DatumGetArrayTypeP(c->constvalue);
+				Datum	   *elems;
+				bool	   *nulls;
+				int			n,
+							i;
+
+				deconstruct_array_builtin(arr, TEXTOID, &elems, &nulls, &n);
+				for (i = 0; i < n && !hit; i++)
+					hit = !nulls[i] && bs_fragment_holds(f, elems[i]);
+			}
+			if (hit)
+				next = lappend(next, f);
+		}
+		keep = next;
+	}
+	return keep;
+}
+
+static Oid
+bs_attcollation(Oid relid, AttrNumber attno)
+{
+	Oid			typid,
+				collid;
+	int32		typmod;
+
+	get_atttypetypmodcoll(relid, attno, &typid, &typmod, &collid);
+	return collid;
+}
+
+typedef struct BsSkipScan
+{
+	bool		applies;
+	bool		ts_desc;
+} BsSkipScan;
+
+/*
+ * DISTINCT ON (building, meter) ... ORDER BY building, meter, ts [DESC]: the latest (or first)
+ * reading of every meter.
+ */
+static BsSkipScan
+bs_skip_scan_shape(Query *q, Index dist_rti, AttrNumber a_building, AttrNumber a_meter, AttrNumber a_ts)
+{
+	BsSkipScan	r = {false, false};
+	SortGroupClause *s1,
+			   *s2,
+			   *s3;
+	TargetEntry *t1,
+			   *t2,
+			   *t3;
+	bool		reverse;
+	Oid			opfamily,
+				opcintype;
+	CompareType strategy;
+
+	if (!bs_enable_skip_scan || !q->hasDistinctOn || list_length(q->distinctClause) != 2 ||
+		list_length(q->sortClause) != 3 || q->hasAggs || q->groupClause || q->havingQual ||
+		q->hasWindowFuncs || q->hasTargetSRFs || list_length(q->rtable) != 1)
+		return r;
+	s1 = linitial(q->sortClause);
+	s2 = lsecond(q->sortClause);
+	s3 = lthird(q->sortClause);
+	t1 = get_sortgroupclause_tle(s1, q->targetList);
+	t2 = get_sortgroupclause_tle(s2, q->targetList);
+	t3 = get_sortgroupclause_tle(s3, q->targetList);
+	if (!bs_is_column(q, dist_rti, 0, (Node *) t1->expr, a_building) ||
+		!bs_is_column(q, dist_rti, 0, (Node *) t2->expr, a_meter) ||
+		!bs_is_column(q, dist_rti, 0, (Node *) t3->expr, a_ts))
+		return r;
+	if (!bs_clauses_include(q, dist_rti, 0, q->distinctClause, a_building) ||
+		!bs_clauses_include(q, dist_rti, 0, q->distinctClause, a_meter))
+		return r;
+	/* building and meter ascending in their own collation, as the primary key index */
+	if (!get_ordering_op_properties(s1->sortop, &opfamily, &opcintype, &strategy) || strategy != COMPARE_LT)
+		return r;
+	if (!get_ordering_op_properties(s2->sortop, &opfamily, &opcintype, &strategy) || strategy != COMPARE_LT)
+		return r;
+	if (exprCollation((Node *) t1->expr) != C_COLLATION_OID ||
+		exprCollation((Node *) t2->expr) != bs_attcollation(rt_fetch(dist_rti, q->rtable)->relid, a_meter))
+		return r;
+	if (!get_ordering_op_properties(s3->sortop, &opfamily, &opcintype, &strategy))
+		return r;
+	reverse = (strategy == COMPARE_GT);
+	r.applies = true;
+	r.ts_desc = reverse;
+	return r;
+}
+
+/*
+ * The output expressions as EXPLAIN shows them: Vars of the RTE_GROUP entry become the
+ * expressions they stand for, and window functions plain calls (their window is on the worker).
+ * Never evaluated on the coordinator.
+ */
+static Node *
+bs_flatten_group_mutator(Node *node, Query *q)
+{
+	if (node == NULL)
+		return NULL;
+	if (IsA(node, WindowFunc))
+	{
+		WindowFunc *w = (WindowFunc *) node;
+
+		return (Node *) makeFuncExpr(w->winfnoid, w->wintype,
+									 (List *) bs_flatten_group_mutator((Node *) w->args, q),
+									 w->wincollid, w->inputcollid, COERCE_EXPLICIT_CALL);
+	}
+	if (IsA(node, Var) && q->hasGroupRTE)
+	{
+		Var		   *v = (Var *) node;
+		RangeTblEntry *rte;
+
+		if (v->varlevelsup == 0 && v->varno > 0 && v->varno <= list_length(q->rtable))
+		{
+			rte = rt_fetch(v->varno, q->rtable);
+			if (rte->rtekind == RTE_GROUP)
+				return copyObject(list_nth(rte->groupexprs, v->varattno - 1));
+		}
+	}
+	return expression_tree_mutator(node, bs_flatten_group_mutator, q);
+}
+
+/* What a query over the distributed table is, when this planner can run it. */
+typedef struct BsAnalysis
+{
+	Oid			dist;
+	Index		dist_rti;
+	Index		group_rti;
+	AttrNumber	a_building;
+	AttrNumber	a_meter;
+	AttrNumber	a_ts;
+	BsShape		shape;
+	List	   *fragments;		/* after static pruning */
+	List	   *prune_exprs;
+	List	   *prune_kinds;
+} BsAnalysis;
+
+/*
+ * Can this query (or the partial query of a two-phase aggregate) run on the workers at all?
+ * Fills the analysis; NULL reason when it can.
+ */
+static bool
+bs_analyze(Query *q, Oid dist, ParamListInfo bound, BsAnalysis *a, const char **reason)
+{
+	Index		rti = 0;
+	ListCell   *lc;
+	BsShipContext ship;
+
+	memset(a, 0, sizeof(*a));
+	a->dist = dist;
+	if (q->cteList || q->setOperations || q->rowMarks || q->hasSubLinks || q->hasModifyingCTE ||
+		q->hasForUpdate || q->hasRecursive || q->groupingSets || q->hasRowSecurity || q->utilityStmt)
+	{
+		*reason = "sub-selects, CTEs, set operations, locking clauses or grouping sets";
+		return false;
+	}
+	if (q->limitOption == LIMIT_OPTION_WITH_TIES)
+	{
+		*reason = "FETCH ... WITH TIES";
+		return false;
+	}
+	foreach(lc, q->rtable)
+	{
+		RangeTblEntry *rte = lfirst(lc);
+
+		rti++;
+		if (rte->rtekind == RTE_RELATION && rte->relid == dist && rte->inh && rte->tablesample == NULL &&
+			a->dist_rti == 0)
+			a->dist_rti = rti;
+		else if (rte->rtekind == RTE_GROUP && a->group_rti == 0)
+			a->group_rti = rti;
+		else
+		{
+			*reason = "another relation besides readings";
+			return false;
+		}
+	}
+	if (a->dist_rti == 0 || list_length(q->jointree->fromlist) != 1 ||
+		!IsA(linitial(q->jointree->fromlist), RangeTblRef))
+	{
+		*reason = "not a plain scan of readings";
+		return false;
+	}
+	{
+		Relation	rel = table_open(dist, NoLock);
+		bool		rls = rel->rd_rel->relrowsecurity;
+
+		table_close(rel, NoLock);
+		if (rls)
+		{
+			*reason = "row level security on readings";
+			return false;
+		}
+	}
+	memset(&ship, 0, sizeof(ship));
+	ship.dist_rti = a->dist_rti;
+	ship.group_rti = a->group_rti;
+	if (!bs_expr_shippable((Node *) q->targetList, &ship) ||
+		!bs_expr_shippable(q->jointree->quals, &ship) ||
+		!bs_expr_shippable(q->havingQual, &ship) ||
+		(a->group_rti > 0 && !bs_expr_shippable((Node *) rt_fetch(a->group_rti, q->rtable)->groupexprs, &ship)))
+	{
+		*reason = ship.reason;
+		return false;
+	}
+	foreach(lc, q->windowClause)
+	{
+		WindowClause *wc = lfirst(lc);
+
+		if (!bs_expr_shippable(wc->startOffset, &ship) || !bs_expr_shippable(wc->endOffset, &ship))
+		{
+			*reason = ship.reason;
+			return false;
+		}
+	}
+	if (contain_volatile_functions(q->limitCount) || contain_volatile_functions(q->limitOffset))
+	{
+		*reason = "a volatile LIMIT";
+		return false;
+	}
+	a->a_building = get_attnum(dist, "building");
+	a->a_meter = get_attnum(dist, "meter");
+	a->a_ts = get_attnum(dist, "ts");
+	if (a->a_building == InvalidAttrNumber || a->a_meter == InvalidAttrNumber || a->a_ts == InvalidAttrNumber)
+	{
+		*reason = "readings without building, meter and ts";
+		return false;
+	}
+
+	/* how fragments combine */
+	if (!q->hasAggs && q->groupClause == NIL && q->havingQual == NULL && !q->hasWindowFuncs &&
+		q->distinctClause == NIL)
+		a->shape = BS_SHAPE_ROWS;
+	else
+	{
+		bool		ok = true;
+
+		if (q->hasAggs || q->groupClause || q->havingQual)
+			ok = ok && bs_clauses_include(q, a->dist_rti, a->group_rti, q->groupClause, a->a_building);
+		if (q->hasWindowFuncs)
+			foreach(lc, q->windowClause)
+				ok = ok && bs_clauses_include(q, a->dist_rti, a->group_rti,
+											  ((WindowClause *) lfirst(lc))->partitionClause, a->a_building);
+		if (q->distinctClause)
+		{
+			ok = ok && bs_clauses_include(q, a->dist_rti, a->group_rti, q->distinctClause, a->a_building);
+			if (!q->hasDistinctOn)
+				foreach(lc, q->targetList)
+					ok = ok && !((TargetEntry *) lfirst(lc))->resjunk;	/* junk would change DISTINCT */
+		}
+		a->shape = ok ? BS_SHAPE_BUILDING : BS_SHAPE_SINGLE;
+	}
+	a->fragments = bs_load_fragments(dist, reason);
+	if (a->fragments == NIL)
+		return false;
+	bs_find_pruning(q->jointree->quals, a->dist_rti, a->a_building, &a->prune_exprs, &a->prune_kinds);
+	a->fragments = bs_prune_static(a->fragments, a->prune_exprs, a->prune_kinds, bound);
+	return true;
+}
+
+/*
+ * The custom scan that sends q to the fragments. Direct mode (the whole query): worker LIMIT is
+ * count+offset, the coordinator merges sorted streams and applies OFFSET/LIMIT, the latest-per-
+ * meter shape becomes a skip scan. Leaf mode (the partial query under a two-phase aggregate):
+ * rows are only concatenated; the plan above does the rest.
+ */
+static CustomScan *
+bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const char *extra_note)
+{
+	BsShipContext ship;
+	Query	   *wq;
+	ListCell   *lc;
+	bool		has_limit = direct && (q->limitCount != NULL || q->limitOffset != NULL);
+	int			limit_param = 0;
+	BsSkipScan	skip = {false, false};
+	List	   *frag_oids = NIL,
+			   *frag_sql = NIL,
+			   *frag_lower = NIL,
+			   *frag_upper = NIL;
+	List	   *sort_attno = NIL,
+			   *sort_op = NIL,
+			   *sort_coll = NIL,
+			   *sort_nf = NIL;
+	bool		binary = true;
+	List	   *custom_exprs;
+	List	   *priv = NIL;
+	List	   *ints = NIL;
+	List	   *tlist = NIL;
+	List	   *scan_tlist = NIL;
+	StringInfoData note;
+	int			i;
+
+	memset(&ship, 0, sizeof(ship));
+	ship.dist_rti = a->dist_rti;
+	ship.group_rti = a->group_rti;
+
+	/* the worker query: all target columns (sort keys too), LIMIT count+offset as a parameter */
+	wq = copyObject(q);
+	foreach(lc, wq->targetList)
+		((TargetEntry *) lfirst(lc))->resjunk = false;
+	if (direct)
+	{
+		wq->limitCount = NULL;
+		wq->limitOffset = NULL;
+		wq->limitOption = LIMIT_OPTION_COUNT;
+	}
+	wq->targetList = (List *) bs_extract_params((Node *) wq->targetList, &ship);
+	wq->jointree->quals = bs_extract_params(wq->jointree->quals, &ship);
+	wq->havingQual = bs_extract_params(wq->havingQual, &ship);
+	wq->limitCount = bs_extract_params(wq->limitCount, &ship);
+	wq->limitOffset = bs_extract_params(wq->limitOffset, &ship);
+	if (a->group_rti > 0)
+	{
+		RangeTblEntry *g = rt_fetch(a->group_rti, wq->rtable);
+
+		g->groupexprs = (List *) bs_extract_params((Node *) g->groupexprs, &ship);
+	}
+	foreach(lc, wq->windowClause)
+	{
+		WindowClause *wc = lfirst(lc);
+
+		wc->startOffset = bs_extract_params(wc->startOffset, &ship);
+		wc->endOffset = bs_extract_params(wc->endOffset, &ship);
+	}
+	if (has_limit && q->limitCount != NULL)
+	{
+		Param	   *p = makeNode(Param);
+
+		limit_param = list_length(ship.param_exprs) + 1;
+		p->paramkind = PARAM_EXTERN;
+		p->paramid = limit_param;
+		p->paramtype = INT8OID;
+		p->paramtypmod = -1;
+		p->paramcollid = InvalidOid;
+		p->location = -1;
+		wq->limitCount = (Node *) p;
+	}
+
+	if (direct)
+		skip = bs_skip_scan_shape(q, a->dist_rti, a->a_building, a->a_meter, a->a_ts);
+	foreach(lc, a->fragments)
+	{
+		BsFragment *f = lfirst(lc);
+		RangeTblEntry *r = rt_fetch(a->dist_rti, wq->rtable);
+		char	   *sql;
+
+		r->relid = f->relid;
+		r->relkind = RELKIND_FOREIGN_TABLE;
+		r->inh = true;			/* no ONLY: the worker table is partitioned by time */
+		if (skip.applies)
+			sql = bs_deparse_skip_scan(wq, f->relid, f->qualified_name, skip.ts_desc, limit_param);
+		else
+			sql = bs_deparse_query(wq);
+		frag_oids = lappend_oid(frag_oids, f->relid);
+		frag_sql = lappend(frag_sql, makeString(sql));
+		frag_lower = lappend(frag_lower, f->lower ? (Node *) f->lower :
+							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
+		frag_upper = lappend(frag_upper, f->upper ? (Node *) f->upper :
+							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
+	}
+
+	/* coordinator merge keys */
+	if (direct)
+	{
+		foreach(lc, q->sortClause)
+		{
+			SortGroupClause *sgc = lfirst(lc);
+			TargetEntry *tle = get_sortgroupclause_tle(sgc, q->targetList);
+
+			sort_attno = lappend_int(sort_attno, tle->resno);
+			sort_op = lappend_oid(sort_op, sgc->sortop);
+			sort_coll = lappend_oid(sort_coll, exprCollation((Node *) tle->expr));
+			sort_nf = lappend_int(sort_nf, sgc->nulls_first);
+		}
+	}
+
+	/* output: the query's target list; binary transfer when every column is a built-in type */
+	i = 0;
+	foreach(lc, q->targetList)
+	{
+		TargetEntry *tle = lfirst(lc);
+		Node	   *expr = bs_flatten_group_mutator((Node *) tle->expr, q);
+		Var		   *v;
+
+		i++;
+		if (!bs_type_is_builtin(exprType(expr)))
+			binary = false;
+		if (a->dist_rti != 1)
+			ChangeVarNodes(expr, a->dist_rti, 1, 0);
+		scan_tlist = lappend(scan_tlist, makeTargetEntry((Expr *) expr, i, tle->resname, false));
+		v = makeVar(INDEX_VAR, i, exprType(expr), exprTypmod(expr), exprCollation(expr), 0);
+		tlist = lappend(tlist, makeTargetEntry((Expr *) v, i, tle->resname, tle->resjunk));
+	}
+
+	custom_exprs = list_concat(list_copy(ship.param_exprs), a->prune_exprs);
+	if (has_limit)
+	{
+		custom_exprs = lappend(custom_exprs, copyObject(q->limitCount));
+		custom_exprs = lappend(custom_exprs, copyObject(q->limitOffset));
+	}
+	for (i = 0; i < BS_INT_COUNT; i++)
+		ints = lappend_int(ints, 0);
+	list_nth_cell(ints, BS_INT_SHAPE)->int_value = direct ? a->shape : BS_SHAPE_ROWS;
+	list_nth_cell(ints, BS_INT_NPARAMS)->int_value = list_length(ship.param_exprs);
+	list_nth_cell(ints, BS_INT_NPRUNE)->int_value = list_length(a->prune_exprs);
+	list_nth_cell(ints, BS_INT_HAS_LIMIT)->int_value = has_limit;
+	list_nth_cell(ints, BS_INT_LIMIT_PARAM)->int_value = limit_param;
+	list_nth_cell(ints, BS_INT_BINARY)->int_value = binary;
+	list_nth_cell(ints, BS_INT_CURSOR_OPTIONS)->int_value = cursorOptions;
+	list_nth_cell(ints, BS_INT_SKIP_SCAN)->int_value = skip.applies;
+	list_nth_cell(ints, BS_INT_LEAF)->int_value = !direct;
+
+	initStringInfo(&note);
+	if (extra_note)
+		appendStringInfoString(&note, extra_note);
+	else
+		appendStringInfoString(&note, a->shape == BS_SHAPE_ROWS ? "rows" :
+							   a->shape == BS_SHAPE_BUILDING ? "grouped by building" : "single fragment");
+	if (skip.applies)
+		appendStringInfoString(&note, ", latest per meter by index skip scan");
+
+	priv = lappend(priv, copyObject(q));
+	priv = lappend(priv, frag_oids);
+	priv = lappend(priv, frag_sql);
+	priv = lappend(priv, frag_lower);
+	priv = lappend(priv, frag_upper);
+	priv = lappend(priv, ints);
+	priv = lappend(priv, sort_attno);
+	priv = lappend(priv, sort_op);
+	priv = lappend(priv, sort_coll);
+	priv = lappend(priv, sort_nf);
+	priv = lappend(priv, a->prune_kinds);
+	priv = lappend(priv, makeString(note.data));
+	Assert(list_length(priv) == BS_PRIV_COUNT);
+
+	{
+		CustomScan *cscan = bs_make_custom_scan(tlist, custom_exprs, priv);
+
+		cscan->custom_scan_tlist = scan_tlist;
+		return cscan;
+	}
+}
+
+/* The whole query as one custom scan: the plan is just that node. */
+static PlannedStmt *
+bs_plan_direct(Query *parse, BsAnalysis *a, int cursorOptions)
+{
+	CustomScan *cscan = bs_build_scan(parse, a, true, cursorOptions, NULL);
+	PlannedStmt *stmt = makeNode(PlannedStmt);
+	RangeTblEntry *drte = rt_fetch(a->dist_rti, parse->rtable);
+	RangeTblEntry *r = copyObject(drte);
+	RTEPermissionInfo *perm = copyObject(list_nth(parse->rteperminfos, drte->perminfoindex - 1));
+	List	   *frag_oids = list_nth(cscan->custom_private, BS_PRIV_FRAG_OIDS);
+
+	stmt->commandType = CMD_SELECT;
+	stmt->queryId = parse->queryId;
+	stmt->canSetTag = parse->canSetTag;
+	stmt->planTree = (Plan *) cscan;
+	/* the distributed table stays in the range table: it is locked and its privileges checked */
+	r->perminfoindex = 1;
+	stmt->rtable = list_make1(r);
+	stmt->permInfos = list_make1(perm);
+	stmt->unprunableRelids = bms_make_singleton(1);
+	stmt->relationOids = lappend_oid(list_copy(frag_oids), a->dist);
+	stmt->stmt_location = parse->stmt_location;
+	stmt->stmt_len = parse->stmt_len;
+	return stmt;
+}
+
+/* ---------------------------------------------------------------- two-phase aggregates */
+
+/* set while PostgreSQL plans the combine query of a two-phase aggregate */
+static Query *bs_pending_partial = NULL;
+static BsAnalysis *bs_pending_analysis = NULL;
+static int	bs_pending_cursor = 0;
+static set_rel_pathlist_hook_type prev_set_rel_pathlist = NULL;
+
+static Plan *
+bs_plan_custom_path(PlannerInfo *root, RelOptInfo *rel, CustomPath *best_path, List *tlist,
+					List *clauses, List *custom_plans)
+{
+	CustomScan *cscan = copyObject((CustomScan *) linitial(best_path->custom_private));
+	RangeTblEntry *rte = planner_rt_fetch(rel->relid, root);
+	ListCell   *lc;
+	List	   *scan_tlist = NIL;
+
+	/*
+	 * The workers return every column of the partial query, in its order: the scan tuple. The
+	 * plan above uses some of them (tlist, Vars of this rel); setrefs maps those onto the scan
+	 * tuple and the node projects.
+	 */
+	foreach(lc, rte->subquery->targetList)
+	{
+		TargetEntry *tle = lfirst(lc);
+		Var		   *v;
+
+		if (tle->resjunk)
+			continue;
+		v = makeVar(rel->relid, tle->resno, exprType((Node *) tle->expr), exprTypmod((Node *) tle->expr),
+					exprCollation((Node *) tle->expr), 0);
+		scan_tlist = lappend(scan_tlist, makeTargetEntry((Expr *) v, tle->resno, tle->resname, false));
+	}
+	cscan->scan.plan.targetlist = tlist;
+	cscan->custom_scan_tlist = scan_tlist;
+	cscan->scan.plan.qual = extract_actual_clauses(clauses, false);
+	cscan->custom_plans = custom_plans;
+	cscan->scan.plan.plan_rows = best_path->path.rows;
+	return (Plan *) cscan;
+}
+
+static CustomPathMethods bs_path_methods = {
+	.CustomName = "BuildSmart Distributed",
+	.PlanCustomPath = bs_plan_custom_path,
+};
+
+/*
+ * The subquery "bs_partial" of a combine query: its rows come from the workers. The plan
+ * PostgreSQL made for it stays as the child, run only when this execution falls back.
+ */
+static void
+bs_set_rel_pathlist(PlannerInfo *root, RelOptInfo *rel, Index rti, RangeTblEntry *rte)
+{
+	if (prev_set_rel_pathlist)
+		prev_set_rel_pathlist(root, rel, rti, rte);
+	if (bs_pending_partial != NULL && rte->rtekind == RTE_SUBQUERY && rte->alias != NULL &&
+		strcmp(rte->alias->aliasname, "bs_partial") == 0 && rel->pathlist != NIL &&
+		rel->reloptkind == RELOPT_BASEREL && rel->baserestrictinfo == NIL)
+	{
+		CustomPath *cp = makeNode(CustomPath);
+		Path	   *child = linitial(rel->pathlist);	/* cheapest total after add_path */
+		CustomScan *leaf = bs_build_scan(bs_pending_partial, bs_pending_analysis, false,
+										 bs_pending_cursor, "partial aggregate per fragment");
+		ListCell   *lc;
+
+		foreach(lc, rel->pathlist)
+		{
+			Path	   *p = lfirst(lc);
+
+			if (p->param_info == NULL && p->total_cost < child->total_cost)
+				child = p;
+		}
+		cp->path.pathtype = T_CustomScan;
+		cp->path.parent = rel;
+		cp->path.pathtarget = rel->reltarget;
+		cp->path.param_info = NULL;
+		cp->path.parallel_aware = false;
+		cp->path.parallel_safe = false;
+		cp->path.parallel_workers = 0;
+		cp->path.rows = child->rows;
+		cp->path.startup_cost = 0;
+		cp->path.total_cost = 0;
+		cp->path.pathkeys = NIL;
+		cp->flags = 0;
+		cp->custom_paths = list_make1(child);
+		cp->custom_private = list_make1(leaf);
+		cp->methods = &bs_path_methods;
+		rel->pathlist = NIL;
+		rel->partial_pathlist = NIL;
+		add_path(rel, (Path *) cp);
+		bs_pending_partial = NULL;	/* one leaf per combine query */
+	}
+}
+
+static PlannedStmt *
+bs_plan_two_phase(Query *parse, BsAnalysis *a, int cursorOptions, ParamListInfo bound,
+				  const char **reason)
+{
+	BsCombine  *c = bs_build_combine(parse, a->dist, a->dist_rti, a->group_rti, reason);
+	PlannedStmt *stmt;
+	RangeTblEntry *sub = NULL;
+	ListCell   *lc;
+	BsAnalysis	pa;
+
+	if (c == NULL)
+		return NULL;
+	foreach(lc, c->query->rtable)
+	{
+		RangeTblEntry *rte = lfirst(lc);
+
+		if (rte->rtekind == RTE_SUBQUERY && rte->alias && strcmp(rte->alias->aliasname, "bs_partial") == 0)
+			sub = rte;
+	}
+	if (sub == NULL)
+	{
+		*reason = "combine query without its partial subquery";
+		return NULL;
+	}
+	if (!bs_analyze(sub->subquery, a->dist, bound, &pa, reason))
+		return NULL;
+	bs_pending_partial = copyObject(sub->subquery);
+	bs_pending_analysis = &pa;
+	bs_pending_cursor = cursorOptions;
+	PG_TRY();
+	{
+		stmt = standard_planner(c->query, c->sql, cursorOptions, bound);
+	}
+	PG_FINALLY();
+	{
+		bs_pending_partial = NULL;
+		bs_pending_analysis = NULL;
+	}
+	PG_END_TRY();
+	stmt->queryId = parse->queryId;
+	stmt->stmt_location = parse->stmt_location;
+	stmt->stmt_len = parse->stmt_len;
+	return stmt;
+}
+
+/* ---------------------------------------------------------------- the hook */
+
+static PlannedStmt *
+bs_try_distribute(Query *parse, int cursorOptions, ParamListInfo bound, Oid dist, const char **reason)
+{
+	BsAnalysis	a;
+
+	if (cursorOptions & CURSOR_OPT_SCROLL)
+	{
+		*reason = "a scrollable cursor";
+		return NULL;
+	}
+	if (!bs_analyze(parse, dist, bound, &a, reason))
+		return NULL;
+	if (a.shape != BS_SHAPE_SINGLE || list_length(a.fragments) <= 1 ||
+		(a.prune_exprs != NIL && !parse->hasAggs && parse->groupClause == NIL))
+		return bs_plan_direct(parse, &a, cursorOptions);
+	/* aggregates not keyed by building over several fragments: partial on the workers */
+	if ((parse->hasAggs || parse->groupClause) && !parse->hasWindowFuncs && parse->distinctClause == NIL &&
+		!parse->hasTargetSRFs)
+	{
+		PlannedStmt *stmt = bs_plan_two_phase(parse, &a, cursorOptions, bound, reason);
+
+		if (stmt != NULL)
+			return stmt;
+		/* a parameter may still select one fragment: run directly, falling back when it does not */
+		if (a.prune_exprs != NIL)
+			return bs_plan_direct(parse, &a, cursorOptions);
+		return NULL;
+	}
+	if (a.prune_exprs != NIL)
+		return bs_plan_direct(parse, &a, cursorOptions);
+	*reason = "a DISTINCT or window not keyed by building over several fragments";
+	return NULL;
+}
+
+static PlannedStmt *
+bs_planner(Query *parse, const char *query_string, int cursorOptions, ParamListInfo boundParams)
+{
+	PlannedStmt *stmt = NULL;
+
+	if (bs_enable_pushdown && !bs_planning_fallback && bs_pending_partial == NULL &&
+		parse->commandType == CMD_SELECT && parse->rtable != NIL)
+	{
+		bool		candidate = false;
+		ListCell   *lc;
+		Oid			dist = InvalidOid;
+
+		foreach(lc, parse->rtable)
+		{
+			RangeTblEntry *rte = lfirst(lc);
+
+			if (rte->rtekind == RTE_RELATION && rte->relkind == RELKIND_PARTITIONED_TABLE)
+				candidate = true;
+		}
+		if (candidate)
+			dist = bs_distributed_table();
+		if (OidIsValid(dist))
+		{
+			bool		uses = false;
+
+			foreach(lc, parse->rtable)
+			{
+				RangeTblEntry *rte = lfirst(lc);
+
+				if (rte->rtekind == RTE_RELATION && rte->relid == dist)
+					uses = true;
+			}
+			if (uses)
+			{
+				const char *reason = NULL;
+
+				stmt = bs_try_distribute(parse, cursorOptions, boundParams, dist, &reason);
+				if (stmt == NULL && bs_log_pushdown)
+					elog(LOG, "buildsmart: not pushed down: %s", reason ? reason : "?");
+				else if (stmt != NULL && bs_log_pushdown)
+					elog(LOG, "buildsmart: pushed down");
+			}
+		}
+	}
+	if (stmt == NULL)
+		stmt = bs_next_planner(parse, query_string, cursorOptions, boundParams);
+	return stmt;
+}
+
+void
+bs_planner_init(void)
+{
+	prev_planner = planner_hook;
+	planner_hook = bs_planner;
+	prev_set_rel_pathlist = set_rel_pathlist_hook;
+	set_rel_pathlist_hook = bs_set_rel_pathlist;
+}
