@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 EXTENSION_NAME = "buildsmart"
-EXTENSION_VERSION = "0.1"
+EXTENSION_VERSION = "0.2"

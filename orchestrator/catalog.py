@@ -61,6 +61,20 @@ def _worker_tables(conn: psycopg.Connection) -> set[str]:
         return {r[0] for r in cur.fetchall()}
 
 
+def _old_triggers(conn: psycopg.Connection) -> set[str]:
+    """Fragment tables whose latest-wins trigger is still the 0.1 PL/pgSQL function."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT c.relname FROM pg_catalog.pg_trigger t "
+            "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            "JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace "
+            "WHERE n.nspname = %s AND c.relkind = 'p' AND NOT c.relispartition AND t.tgname = 'readings_replace' "
+            "AND NOT t.tgisinternal AND (pn.nspname, p.proname) <> ('buildsmart', 'replace_existing')",
+            (SHARD_SCHEMA,),
+        )
+        return {r[0] for r in cur.fetchall()}
+
+
 def observe(nodes: NodeConnections) -> ObservedCluster:
     """Snapshot the catalog, foreign servers and fragment tables of every node."""
     coord = nodes.coordinator
@@ -68,7 +82,8 @@ def observe(nodes: NodeConnections) -> ObservedCluster:
     ext_ok = {
         name for name in (g.name for g in nodes.topology.groups) if _extension_ok(nodes.get(name), name == coordinator_name)
     }
-    if coordinator_name not in ext_ok or not has_catalog(coord):
+    # an older extension still has a readable catalog (an upgrade); only a new coordinator has none
+    if not has_catalog(coord):
         worker_tables = {
             (w.name, t) for w in nodes.topology.workers if w.name in ext_ok for t in _worker_tables(nodes.get(w.name))
         }
@@ -96,9 +111,11 @@ def observe(nodes: NodeConnections) -> ObservedCluster:
         )
         partitions = {r[0] for r in cur.fetchall()}
     worker_tables = set()
+    old_triggers = set()
     for worker in nodes.topology.workers:
-        if worker.name in ext_ok:
-            worker_tables |= {(worker.name, t) for t in _worker_tables(nodes.get(worker.name))}
+        # also on workers whose extension is older: the tables exist, only their trigger changes
+        worker_tables |= {(worker.name, t) for t in _worker_tables(nodes.get(worker.name))}
+        old_triggers |= {(worker.name, t) for t in _old_triggers(nodes.get(worker.name))}
     return ObservedCluster(
         extension_ok=frozenset(ext_ok),
         app_schema=True,
@@ -107,5 +124,6 @@ def observe(nodes: NodeConnections) -> ObservedCluster:
         user_mappings=frozenset(mappings),
         fragments=load_fragments(coord),
         worker_tables=frozenset(worker_tables),
+        old_triggers=frozenset(old_triggers),
         coordinator_partitions=frozenset(partitions),
     )

@@ -24,6 +24,7 @@ from orchestrator.planner import (
     RegisterFragment,
     RegisterNode,
     Step,
+    UpgradeFragmentTrigger,
 )
 from orchestrator.sqlbuild import SQL_DIR
 
@@ -215,25 +216,33 @@ def fragment_table_ddl(frag: Fragment, columns: list[tuple[str, str, bool]]) -> 
 
 
 def replace_function(shard: str) -> sql.Identifier:
+    """The PL/pgSQL replace function of a fragment made by release 0.1 (dropped on upgrade)."""
     return sql.Identifier(SHARD_SCHEMA, f"{shard}_replace")
+
+
+REPLACE_TRIGGER = "readings_replace"
+REPLACE_FUNCTION = "buildsmart.replace_existing"
 
 
 def replace_trigger_ddl(shard: str) -> list[sql.Composed]:
     """Latest value wins for plain INSERT/COPY (SQL clients through the coordinator): a BEFORE
-    INSERT row trigger deletes a stored row with the same key. One function per fragment so the
-    DELETE is static SQL with a cached plan; a forced generic plan prunes partitions at run time
-    (the default re-planned the partitioned DELETE for every row: 3x slower, measured).
-    The column-agnostic DELETE keeps it correct after migrations add columns. The orchestrator's
-    own loader upserts in bulk and skips it (session_replication_role = replica)."""
-    table = sql.Identifier(SHARD_SCHEMA, shard)
+    INSERT row trigger deletes a stored row with the same key. The function is the extension's C
+    trigger (sql/src/replace_trigger.c): it probes the primary key of the time partition the row
+    goes into and deletes only when a row is there. The orchestrator's own loader writes in bulk
+    and skips it (session_replication_role = replica)."""
     return [
-        sql.SQL(
-            "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$ "
-            "BEGIN DELETE FROM {table} WHERE building = NEW.building AND meter = NEW.meter AND ts = NEW.ts; RETURN NEW; END $$"
-        ).format(fn=replace_function(shard), table=table),
-        sql.SQL("CREATE TRIGGER readings_replace BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
-            table, replace_function(shard)
+        sql.SQL("CREATE TRIGGER {} BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION buildsmart.replace_existing()").format(
+            sql.Identifier(REPLACE_TRIGGER), sql.Identifier(SHARD_SCHEMA, shard)
         ),
+    ]
+
+
+def upgrade_replace_trigger_ddl(shard: str) -> list[sql.Composed]:
+    """Swap a 0.1 fragment's PL/pgSQL trigger for the C one (one transaction on the worker)."""
+    return [
+        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(REPLACE_TRIGGER), sql.Identifier(SHARD_SCHEMA, shard)),
+        sql.SQL("DROP FUNCTION IF EXISTS {}()").format(replace_function(shard)),
+        *replace_trigger_ddl(shard),
     ]
 
 
@@ -258,6 +267,14 @@ def _create_worker_fragment(nodes: NodeConnections, step: CreateWorkerFragment) 
                 sql.Identifier(SHARD_SCHEMA, step.fragment.shard_name), _app_role(nodes)
             )
         )
+
+
+@implements(UpgradeFragmentTrigger)
+def _upgrade_fragment_trigger(nodes: NodeConnections, step: UpgradeFragmentTrigger) -> None:
+    worker = nodes.get(step.fragment.node)
+    with worker.transaction():
+        for stmt in upgrade_replace_trigger_ddl(step.fragment.shard_name):
+            worker.execute(stmt)
 
 
 @implements(RegisterFragment)

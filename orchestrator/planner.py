@@ -44,6 +44,7 @@ class ObservedCluster:
     user_mappings: frozenset[str] = frozenset()  # servers with a PUBLIC user mapping
     fragments: tuple[Fragment, ...] = ()  # catalog fragments with their active placement
     worker_tables: frozenset[tuple[str, str]] = frozenset()  # (node, shard_name) existing on workers
+    old_triggers: frozenset[tuple[str, str]] = frozenset()  # (node, shard_name) with a 0.1 replace trigger
     coordinator_partitions: frozenset[str] = frozenset()  # shard names attached on the coordinator
 
 
@@ -105,6 +106,14 @@ class CreateWorkerFragment(Step):
 
 
 @dataclass(frozen=True)
+class UpgradeFragmentTrigger(Step):
+    fragment: Fragment
+
+    def describe(self) -> str:
+        return f"swap the PL/pgSQL replace trigger of {self.fragment.shard_name} on {self.fragment.node} for the C one"
+
+
+@dataclass(frozen=True)
 class RegisterFragment(Step):
     fragment: Fragment
 
@@ -139,6 +148,8 @@ def plan(desired: DesiredCluster, observed: ObservedCluster) -> list[Step]:
     for frag in fragments:
         if (frag.node, frag.shard_name) not in observed.worker_tables:
             steps.append(CreateWorkerFragment(frag))
+        elif (frag.node, frag.shard_name) in observed.old_triggers:
+            steps.append(UpgradeFragmentTrigger(frag))
         if frag.fragment_id not in known:
             steps.append(RegisterFragment(frag))
         if frag.shard_name not in observed.coordinator_partitions:

@@ -158,3 +158,58 @@ def test_queries_the_planner_does_not_know_still_answer(main_cluster: ClusterHan
             (f"z{loaded}",),
         ).fetchone()
     assert got == (12,)
+
+
+def test_insert_of_one_fragment_runs_on_its_worker(main_cluster: ClusterHandle, token: str) -> None:
+    """A single-statement INSERT whose rows belong to one fragment is one statement on that worker;
+    across fragments, or inside a transaction block, PostgreSQL's plan through postgres_fdw keeps it
+    atomic. Either way the latest value wins and the row count is right."""
+    b, other = f"c{token}", f"z{token}"
+    with main_cluster.coordinator(admin=False) as conn:
+        plan = "\n".join(
+            r[0] for r in conn.execute(f"EXPLAIN (COSTS OFF) INSERT INTO readings VALUES ('{b}', 'el', '2023-05-01', 1)")
+        )
+        assert "INSERT of 1 row(s) into one fragment" in plan, plan
+        cur = conn.execute(
+            "INSERT INTO readings VALUES (%s, 'el', '2023-05-01 00:00+00', 1), (%s, 'el', '2023-05-01 01:00+00', 2)", (b, b)
+        )
+        assert cur.rowcount == 2
+        got = conn.execute(
+            "INSERT INTO readings VALUES (%s, 'el', '2023-05-01 00:00+00', 10) RETURNING building, kwh * 2", (b,)
+        ).fetchall()
+        assert got == [(b, 20.0)]
+        # rows of two fragments: postgres_fdw, one transaction
+        cur = conn.execute(
+            "INSERT INTO readings VALUES (%s, 'el', '2023-05-01 02:00+00', 3), (%s, 'el', '2023-05-01 02:00+00', 4)", (b, other)
+        )
+        assert cur.rowcount == 2
+        with conn.transaction():
+            conn.execute("INSERT INTO readings VALUES (%s, 'el', '2023-05-01 03:00+00', 5)", (b,))
+            assert conn.execute("SELECT count(*) FROM readings WHERE building = %s", (b,)).fetchone() == (4,)
+        rows = conn.execute(
+            "SELECT ts, kwh FROM readings WHERE building IN (%s, %s) ORDER BY building, ts", (b, other)
+        ).fetchall()
+    assert [k for _, k in rows] == [10.0, 2.0, 3.0, 5.0, 4.0]
+
+
+def test_rolled_back_insert_in_a_transaction_leaves_nothing(main_cluster: ClusterHandle, token: str) -> None:
+    b = f"t{token}"
+    with main_cluster.coordinator(admin=False) as conn:
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO readings VALUES (%s, 'el', '2023-05-01 00:00+00', 1)", (b,))
+        conn.execute("ROLLBACK")
+        assert conn.execute("SELECT count(*) FROM readings WHERE building = %s", (b,)).fetchone() == (0,)
+
+
+def test_copy_through_the_coordinator_replaces_existing_readings(main_cluster: ClusterHandle, token: str) -> None:
+    """COPY through the coordinator: the fragments' C trigger lets the last value of a key win,
+    also for a key repeated inside the same COPY."""
+    b = f"b4{token}"
+    with main_cluster.coordinator(admin=False) as conn:
+        with conn.cursor().copy("COPY readings FROM STDIN") as copy:
+            for h, v in ((0, 1.0), (1, 2.0), (0, 3.0)):
+                copy.write_row((b, "el", f"2023-06-01 0{h}:00+00", v))
+        with conn.cursor().copy("COPY readings FROM STDIN") as copy:
+            copy.write_row((b, "el", "2023-06-01 01:00+00", 7.0))
+        got = conn.execute("SELECT kwh FROM readings WHERE building = %s ORDER BY ts", (b,)).fetchall()
+    assert got == [(3.0,), (7.0,)]

@@ -16,6 +16,7 @@
  *   dist_executor.c   the custom scan: pruning, dispatch, merge, LIMIT, fallback, EXPLAIN
  *   dist_combine.c    aggregates not keyed by building, in two phases
  *   remote.c          connections to workers: settings, transactions, cancel, errors
+ *   replace_trigger.c latest-wins row trigger of fragments (writes through the coordinator)
  */
 #ifndef BUILDSMART_H
 #define BUILDSMART_H
@@ -79,6 +80,7 @@ enum
 	BS_INT_CURSOR_OPTIONS,
 	BS_INT_SKIP_SCAN,
 	BS_INT_LEAF,				/* partial query under a combine plan: rows only, child = fallback */
+	BS_INT_INSERT,				/* an INSERT routed to one fragment */
 	BS_INT_COUNT
 };
 
@@ -101,6 +103,7 @@ extern BsCombine *bs_build_combine(Query *parse, Oid dist, Index dist_rti, Index
 extern void bs_executor_init(void);
 extern CustomScan *bs_make_custom_scan(List *tlist, List *custom_exprs, List *custom_private);
 extern bool bs_xact_wrote_through_fdw;
+extern int	bs_exec_depth;
 
 /* deparse (dist_deparse.c) */
 typedef struct BsShipContext

@@ -41,8 +41,10 @@
 #include "utils/tuplesort.h"
 
 bool		bs_xact_wrote_through_fdw = false;
+int			bs_exec_depth = 0;		/* executors running in this backend (1 = top level) */
 
 static ExecutorStart_hook_type prev_executor_start = NULL;
+static ExecutorEnd_hook_type prev_executor_end = NULL;
 static ProcessUtility_hook_type prev_process_utility = NULL;
 
 typedef struct BsRun
@@ -76,6 +78,9 @@ typedef struct BsScanState
 	int			limit_param;
 	bool		binary;
 	bool		leaf;
+	bool		insert;
+	int64		processed;		/* rows inserted (INSERT) */
+	bool		counted;		/* ... and added to es_processed */
 	int			cursor_options;
 	List	   *prune_kinds;
 	char	   *note;
@@ -138,6 +143,7 @@ static CustomExecMethods bs_exec_methods = {
 };
 
 static void bs_executor_start(QueryDesc *queryDesc, int eflags);
+static void bs_executor_end(QueryDesc *queryDesc);
 static void bs_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 							   ProcessUtilityContext context, ParamListInfo params,
 							   QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc);
@@ -148,6 +154,8 @@ bs_executor_init(void)
 	RegisterCustomScanMethods(&bs_scan_methods);
 	prev_executor_start = ExecutorStart_hook;
 	ExecutorStart_hook = bs_executor_start;
+	prev_executor_end = ExecutorEnd_hook;
+	ExecutorEnd_hook = bs_executor_end;
 	prev_process_utility = ProcessUtility_hook;
 	ProcessUtility_hook = bs_process_utility;
 }
@@ -197,6 +205,7 @@ bs_create_state(CustomScan *cscan)
 	s->binary = list_nth_int(ints, BS_INT_BINARY);
 	s->cursor_options = list_nth_int(ints, BS_INT_CURSOR_OPTIONS);
 	s->leaf = list_nth_int(ints, BS_INT_LEAF);
+	s->insert = list_nth_int(ints, BS_INT_INSERT);
 	s->prune_kinds = list_nth(priv, BS_PRIV_PRUNE_KIND);
 	s->note = strVal(list_nth(priv, BS_PRIV_NOTE));
 	s->nsort = list_length(sattno);
@@ -513,6 +522,12 @@ bs_next_row(BsScanState *s, BsRun *run, TupleTableSlot *slot)
 			run->done = true;
 			return false;
 		}
+		if (PQresultStatus(run->res) == PGRES_COMMAND_OK)
+		{
+			/* INSERT without RETURNING: count what the worker inserted */
+			s->processed += strtoll(PQcmdTuples(run->res), NULL, 10);
+			continue;
+		}
 		if (PQresultStatus(run->res) != PGRES_TUPLES_OK)
 		{
 			PGresult   *bad = run->res;
@@ -520,6 +535,8 @@ bs_next_row(BsScanState *s, BsRun *run, TupleTableSlot *slot)
 			run->res = NULL;
 			bs_report_remote_error(ERROR, bad, run->conn, run->sql);
 		}
+		if (s->insert)
+			s->processed += PQntuples(run->res);
 		if (PQnfields(run->res) != natts)
 			elog(ERROR, "buildsmart: node %s returned %d columns, expected %d", run->node,
 				 PQnfields(run->res), natts);
@@ -607,6 +624,12 @@ bs_begin(CustomScanState *node, EState *estate, int eflags)
 	s->sort_slot = ExecAllocTableSlot(&estate->es_tupleTable, desc, &TTSOpsMinimalTuple);
 
 	/* may this execution use the worker connections? */
+	if (s->insert && !s->explain_only && (bs_exec_depth != 1 || IsTransactionBlock()))
+	{
+		bs_start_fallback(s, estate, eflags,
+						  "inside a transaction block or a function: postgres_fdw keeps the write atomic with it");
+		return;
+	}
 	if (!bs_enable_pushdown)
 	{
 		bs_start_fallback(s, estate, eflags, "buildsmart.enable_pushdown is off");
@@ -623,9 +646,10 @@ bs_begin(CustomScanState *node, EState *estate, int eflags)
 		keep = bs_prune(s, node->ss.ps.ps_ExprContext);
 		for (i = 0; i < list_length(s->frag_oids); i++)
 			nkeep += keep[i] ? 1 : 0;
-		if (nkeep > 1)
+		if (nkeep != 1)
 		{
-			bs_start_fallback(s, estate, eflags, "the parameters select several fragments");
+			bs_start_fallback(s, estate, eflags, s->insert ? "the rows belong to several fragments"
+							  : "the parameters select several fragments");
 			return;
 		}
 	}
@@ -731,14 +755,29 @@ bs_exec(CustomScanState *node)
 			TupleTableSlot *in = ExecProcNode(s->fb->planstate);
 
 			if (TupIsNull(in))
+			{
+				/* an INSERT counts its rows (the command tag reads them before End) */
+				if (s->insert && !s->counted)
+				{
+					node->ss.ps.state->es_processed += s->fb->estate->es_processed;
+					s->counted = true;
+				}
 				return NULL;
+			}
 			slot = ExecCopySlot(node->ss.ss_ScanTupleSlot, in);
 		}
 		else
 		{
 			slot = bs_exec_pushdown(s);
 			if (slot == NULL)
+			{
+				if (s->insert && !s->counted)
+				{
+					node->ss.ps.state->es_processed += s->processed;
+					s->counted = true;
+				}
 				return NULL;
+			}
 		}
 		econtext->ecxt_scantuple = slot;
 		if (qual != NULL && !ExecQual(qual, econtext))
@@ -769,8 +808,15 @@ bs_finish_runs(BsScanState *s)
 		}
 		if (!run->done && run->conn != NULL)
 		{
-			/* LIMIT reached or an error: stop the worker rather than read what is left */
-			bs_conn_abandon(run->conn);
+			/*
+			 * Stopped early. With a LIMIT the worker sends at most count+offset rows: reading the
+			 * rest is cheaper than a cancel request (a new connection to the worker). Without
+			 * one (a cursor closed early) the worker is stopped.
+			 */
+			if (s->has_limit)
+				bs_conn_finish(run->conn);
+			else
+				bs_conn_abandon(run->conn);
 			run->done = true;
 		}
 	}
@@ -796,6 +842,7 @@ bs_end(CustomScanState *node)
 	{
 		if (!s->explain_only)
 			ExecutorFinish(s->fb);
+
 		ExecutorEnd(s->fb);
 		FreeQueryDesc(s->fb);
 		s->fb = NULL;
@@ -923,10 +970,31 @@ bs_executor_start(QueryDesc *queryDesc, int eflags)
 				bs_xact_wrote_through_fdw = true;
 		}
 	}
-	if (prev_executor_start)
-		prev_executor_start(queryDesc, eflags);
+	bs_exec_depth++;
+	PG_TRY();
+	{
+		if (prev_executor_start)
+			prev_executor_start(queryDesc, eflags);
+		else
+			standard_ExecutorStart(queryDesc, eflags);
+	}
+	PG_CATCH();
+	{
+		bs_exec_depth--;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+}
+
+static void
+bs_executor_end(QueryDesc *queryDesc)
+{
+	if (bs_exec_depth > 0)
+		bs_exec_depth--;
+	if (prev_executor_end)
+		prev_executor_end(queryDesc);
 	else
-		standard_ExecutorStart(queryDesc, eflags);
+		standard_ExecutorEnd(queryDesc);
 }
 
 static void

@@ -671,7 +671,34 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 		wc->startOffset = bs_extract_params(wc->startOffset, &ship);
 		wc->endOffset = bs_extract_params(wc->endOffset, &ship);
 	}
-	if (has_limit && q->limitCount != NULL)
+	if (has_limit)
+	{
+		/* LIMIT 1 arrives as int8(1): fold it so the constant case is seen */
+		q = copyObject(q);
+		q->limitCount = eval_const_expressions(NULL, q->limitCount);
+		q->limitOffset = eval_const_expressions(NULL, q->limitOffset);
+	}
+	if (has_limit && q->limitCount != NULL && IsA(q->limitCount, Const) &&
+		(q->limitOffset == NULL || IsA(q->limitOffset, Const)))
+	{
+		/*
+		 * A constant LIMIT goes to the worker as a constant: with a parameter instead, the
+		 * worker's planner cannot cost a generic plan for LIMIT 1 and re-plans every execution.
+		 */
+		Const	   *cnt = (Const *) q->limitCount;
+		Const	   *off = (Const *) q->limitOffset;
+
+		if (!cnt->constisnull)
+		{
+			int64		n = DatumGetInt64(cnt->constvalue);
+
+			if (off != NULL && !off->constisnull && DatumGetInt64(off->constvalue) > 0)
+				n += DatumGetInt64(off->constvalue);
+			wq->limitCount = (Node *) makeConst(INT8OID, -1, InvalidOid, sizeof(int64), Int64GetDatum(n),
+												false, FLOAT8PASSBYVAL);
+		}
+	}
+	else if (has_limit && q->limitCount != NULL)
 	{
 		Param	   *p = makeNode(Param);
 
@@ -955,6 +982,248 @@ bs_plan_two_phase(Query *parse, BsAnalysis *a, int cursorOptions, ParamListInfo 
 	return stmt;
 }
 
+/* ---------------------------------------------------------------- INSERT */
+
+/*
+ * INSERT INTO readings VALUES (...): when every row belongs to one fragment and the statement is a
+ * transaction of its own, one statement on that worker (which commits with it) replaces
+ * postgres_fdw's five round trips. Inside a transaction block, or when rows span fragments, the
+ * executor runs PostgreSQL's plan instead, so the write stays atomic with the transaction.
+ */
+static PlannedStmt *
+bs_plan_insert(Query *parse, Oid dist, int cursorOptions, ParamListInfo bound, const char **reason)
+{
+	RangeTblEntry *target = rt_fetch(parse->resultRelation, parse->rtable);
+	RangeTblEntry *values_rte = NULL;
+	Index		values_rti = 0;
+	Index		rti = 0;
+	ListCell   *lc;
+	BsShipContext ship;
+	BsAnalysis	a;
+	AttrNumber	a_building = get_attnum(dist, "building");
+	List	   *rows = NIL;		/* per row: List of (resno, expr) as TargetEntries */
+	Query	   *wq;
+	List	   *frag_oids = NIL,
+			   *frag_sql = NIL,
+			   *frag_lower = NIL,
+			   *frag_upper = NIL;
+	List	   *prune_kinds = NIL;
+	List	   *ints = NIL;
+	List	   *priv = NIL;
+	List	   *tlist = NIL,
+			   *scan_tlist = NIL;
+	List	   *custom_exprs;
+	CustomScan *cscan;
+	PlannedStmt *stmt;
+	bool		binary = true;
+	int			i;
+
+	if (parse->cteList || parse->hasSubLinks || parse->hasModifyingCTE || parse->hasRowSecurity ||
+		parse->override != OVERRIDING_NOT_SET || parse->mergeActionList)
+	{
+		*reason = "INSERT with CTEs, sub-selects or OVERRIDING";
+		return NULL;
+	}
+	if (parse->onConflict != NULL)
+	{
+		*reason = "INSERT ... ON CONFLICT (postgres_fdw does not support it either)";
+		return NULL;
+	}
+	foreach(lc, parse->rtable)
+	{
+		RangeTblEntry *rte = lfirst(lc);
+
+		rti++;
+		if (rti == (Index) parse->resultRelation)
+			continue;
+		if (rte->rtekind == RTE_VALUES && values_rte == NULL)
+		{
+			values_rte = rte;
+			values_rti = rti;
+		}
+		else
+		{
+			*reason = "INSERT ... SELECT";
+			return NULL;
+		}
+	}
+	memset(&ship, 0, sizeof(ship));
+	ship.dist_rti = parse->resultRelation;
+	if (!bs_expr_shippable((Node *) parse->returningList, &ship))
+	{
+		*reason = ship.reason;
+		return NULL;
+	}
+
+	/* the value of each target column in each row */
+	if (values_rte == NULL)
+		rows = list_make1(parse->targetList);
+	else
+	{
+		foreach(lc, values_rte->values_lists)
+		{
+			List	   *vals = lfirst(lc);
+			List	   *row = NIL;
+			ListCell   *lt;
+
+			foreach(lt, parse->targetList)
+			{
+				TargetEntry *tle = lfirst(lt);
+				Node	   *e = (Node *) tle->expr;
+
+				while (e && IsA(e, RelabelType))
+					e = (Node *) ((RelabelType *) e)->arg;
+				if (!IsA(e, Var) || ((Var *) e)->varno != (int) values_rti)
+				{
+					*reason = "INSERT whose target list is not the VALUES columns";
+					return NULL;
+				}
+				row = lappend(row, makeTargetEntry((Expr *) list_nth(vals, ((Var *) e)->varattno - 1),
+												   tle->resno, tle->resname, false));
+			}
+			rows = lappend(rows, row);
+		}
+	}
+	foreach(lc, rows)
+	{
+		ListCell   *lt;
+
+		foreach(lt, (List *) lfirst(lc))
+		{
+			TargetEntry *tle = lfirst(lt);
+
+			if (contain_vars_of_level((Node *) tle->expr, 0) || contain_volatile_functions((Node *) tle->expr) ||
+				contain_subplans((Node *) tle->expr))
+			{
+				*reason = "INSERT values that are not plain expressions";
+				return NULL;
+			}
+		}
+	}
+
+	/* routing: the building of every row selects the fragment */
+	memset(&a, 0, sizeof(a));
+	a.dist = dist;
+	a.fragments = bs_load_fragments(dist, reason);
+	if (a.fragments == NIL)
+		return NULL;
+	foreach(lc, rows)
+	{
+		ListCell   *lt;
+
+		foreach(lt, (List *) lfirst(lc))
+		{
+			TargetEntry *tle = lfirst(lt);
+
+			if (tle->resno == a_building)
+			{
+				a.prune_exprs = lappend(a.prune_exprs, copyObject(tle->expr));
+				prune_kinds = lappend_int(prune_kinds, BS_PRUNE_EQ);
+			}
+		}
+	}
+	if (a.prune_exprs == NIL)
+	{
+		*reason = "INSERT without a building";
+		return NULL;
+	}
+	a.fragments = bs_prune_static(a.fragments, a.prune_exprs, prune_kinds, bound);
+	if (a.fragments == NIL)
+	{
+		*reason = "INSERT whose rows span several fragments";
+		return NULL;
+	}
+
+	/* the statement for each fragment: values as worker parameters */
+	wq = copyObject(parse);
+	ship.param_exprs = NIL;
+	if (values_rte == NULL)
+		wq->targetList = (List *) bs_extract_params((Node *) wq->targetList, &ship);
+	else
+	{
+		RangeTblEntry *v = rt_fetch(values_rti, wq->rtable);
+
+		v->values_lists = (List *) bs_extract_params((Node *) v->values_lists, &ship);
+	}
+	wq->returningList = (List *) bs_extract_params((Node *) wq->returningList, &ship);
+	foreach(lc, a.fragments)
+	{
+		BsFragment *f = lfirst(lc);
+		RangeTblEntry *r = rt_fetch(wq->resultRelation, wq->rtable);
+
+		r->relid = f->relid;
+		r->relkind = RELKIND_FOREIGN_TABLE;
+		frag_oids = lappend_oid(frag_oids, f->relid);
+		frag_sql = lappend(frag_sql, makeString(bs_deparse_query(wq)));
+		frag_lower = lappend(frag_lower, f->lower ? (Node *) f->lower :
+							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
+		frag_upper = lappend(frag_upper, f->upper ? (Node *) f->upper :
+							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
+	}
+
+	/* RETURNING rows are the output */
+	i = 0;
+	foreach(lc, parse->returningList)
+	{
+		TargetEntry *tle = lfirst(lc);
+		Node	   *expr = copyObject((Node *) tle->expr);
+
+		i++;
+		if (!bs_type_is_builtin(exprType(expr)))
+			binary = false;
+		if (parse->resultRelation != 1)
+			ChangeVarNodes(expr, parse->resultRelation, 1, 0);
+		scan_tlist = lappend(scan_tlist, makeTargetEntry((Expr *) expr, i, tle->resname, false));
+		tlist = lappend(tlist, makeTargetEntry((Expr *) makeVar(INDEX_VAR, i, exprType(expr), exprTypmod(expr),
+																exprCollation(expr), 0),
+											   i, tle->resname, tle->resjunk));
+	}
+
+	custom_exprs = list_concat(list_copy(ship.param_exprs), a.prune_exprs);
+	for (i = 0; i < BS_INT_COUNT; i++)
+		ints = lappend_int(ints, 0);
+	list_nth_cell(ints, BS_INT_SHAPE)->int_value = BS_SHAPE_SINGLE;
+	list_nth_cell(ints, BS_INT_NPARAMS)->int_value = list_length(ship.param_exprs);
+	list_nth_cell(ints, BS_INT_NPRUNE)->int_value = list_length(a.prune_exprs);
+	list_nth_cell(ints, BS_INT_BINARY)->int_value = binary;
+	list_nth_cell(ints, BS_INT_CURSOR_OPTIONS)->int_value = cursorOptions;
+	list_nth_cell(ints, BS_INT_INSERT)->int_value = 1;
+	priv = lappend(priv, copyObject(parse));
+	priv = lappend(priv, frag_oids);
+	priv = lappend(priv, frag_sql);
+	priv = lappend(priv, frag_lower);
+	priv = lappend(priv, frag_upper);
+	priv = lappend(priv, ints);
+	priv = lappend(priv, NIL);
+	priv = lappend(priv, NIL);
+	priv = lappend(priv, NIL);
+	priv = lappend(priv, NIL);
+	priv = lappend(priv, prune_kinds);
+	priv = lappend(priv, makeString(psprintf("INSERT of %d row(s) into one fragment", list_length(rows))));
+	cscan = bs_make_custom_scan(tlist, custom_exprs, priv);
+	cscan->custom_scan_tlist = scan_tlist;
+
+	stmt = makeNode(PlannedStmt);
+	stmt->commandType = CMD_INSERT;
+	stmt->queryId = parse->queryId;
+	stmt->hasReturning = parse->returningList != NIL;
+	stmt->canSetTag = parse->canSetTag;
+	stmt->planTree = (Plan *) cscan;
+	{
+		RangeTblEntry *r = copyObject(target);
+		RTEPermissionInfo *perm = copyObject(list_nth(parse->rteperminfos, target->perminfoindex - 1));
+
+		r->perminfoindex = 1;
+		stmt->rtable = list_make1(r);
+		stmt->permInfos = list_make1(perm);
+	}
+	stmt->unprunableRelids = bms_make_singleton(1);
+	stmt->relationOids = lappend_oid(list_copy(frag_oids), dist);
+	stmt->stmt_location = parse->stmt_location;
+	stmt->stmt_len = parse->stmt_len;
+	return stmt;
+}
+
 /* ---------------------------------------------------------------- the hook */
 
 static PlannedStmt *
@@ -1033,6 +1302,20 @@ bs_planner(Query *parse, const char *query_string, int cursorOptions, ParamListI
 				else if (stmt != NULL && bs_log_pushdown)
 					elog(LOG, "buildsmart: pushed down");
 			}
+		}
+	}
+	if (bs_enable_pushdown && !bs_planning_fallback && bs_pending_partial == NULL &&
+		parse->commandType == CMD_INSERT && parse->resultRelation > 0)
+	{
+		RangeTblEntry *target = rt_fetch(parse->resultRelation, parse->rtable);
+
+		if (target->relkind == RELKIND_PARTITIONED_TABLE && target->relid == bs_distributed_table())
+		{
+			const char *reason = NULL;
+
+			stmt = bs_plan_insert(parse, target->relid, cursorOptions, boundParams, &reason);
+			if (bs_log_pushdown)
+				elog(LOG, "buildsmart: INSERT %s%s", stmt ? "routed" : "not routed: ", stmt ? "" : reason);
 		}
 	}
 	if (stmt == NULL)

@@ -29,6 +29,7 @@
 #include "utils/builtins.h"
 #include "utils/float.h"
 #include "utils/guc.h"
+#include "common/hashfn.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/memutils.h"
@@ -41,6 +42,25 @@ typedef struct BsConnKey
 	Oid			serverid;
 	Oid			userid;
 } BsConnKey;
+
+/*
+ * Statements this connection has seen: the second time a statement text comes, it is prepared
+ * on the worker under a name and executed by name from then on, so the worker parses and plans
+ * it once (and may keep a generic plan), as the coordinator does for a prepared statement. Text
+ * seen once is sent unnamed: one-off queries do not fill the worker with statements.
+ */
+#define BS_MAX_STATEMENTS 64
+
+typedef struct BsStatement
+{
+	uint32		hash;
+	char	   *sql;
+	int			nparams;
+	Oid		   *types;
+	bool		prepared;
+	int			number;			/* bs_stmt_<number> on the worker */
+	uint64		last_used;
+} BsStatement;
 
 struct BsConn
 {
@@ -56,6 +76,11 @@ struct BsConn
 	char		datestyle[64];
 	char		intervalstyle[32];
 	int			efd;
+	MemoryContext stmt_cxt;		/* the statements below, dropped with the session */
+	BsStatement stmts[BS_MAX_STATEMENTS];
+	int			nstmts;
+	int			next_number;
+	uint64		clock;
 };
 
 static HTAB *bs_conns = NULL;
@@ -110,6 +135,9 @@ bs_disconnect(BsConn *c)
 		libpqsrv_disconnect(c->conn);
 		c->conn = NULL;
 	}
+	if (c->stmt_cxt != NULL)
+		MemoryContextReset(c->stmt_cxt);
+	c->nstmts = 0;
 	c->in_xact = false;
 	c->xact_failed = false;
 	c->busy = false;
@@ -273,6 +301,11 @@ bs_get_conn(Oid serverid, bool *in_xact_mode)
 	{
 		c->conn = NULL;
 		c->in_xact = c->xact_failed = c->busy = c->invalid = c->synced = false;
+		c->stmt_cxt = AllocSetContextCreate(TopMemoryContext, "buildsmart worker statements",
+											ALLOCSET_SMALL_SIZES);
+		c->nstmts = 0;
+		c->next_number = 0;
+		c->clock = 0;
 	}
 	server = GetForeignServer(serverid);
 	strlcpy(c->name, server->servername, sizeof(c->name));
@@ -322,12 +355,104 @@ bs_conn_name(BsConn *c)
 	return c->name;
 }
 
+static BsStatement *
+bs_find_statement(BsConn *c, const char *sql, int nparams, const Oid *types, uint32 hash)
+{
+	int			i;
+
+	for (i = 0; i < c->nstmts; i++)
+	{
+		BsStatement *st = &c->stmts[i];
+
+		if (st->hash == hash && st->nparams == nparams && strcmp(st->sql, sql) == 0 &&
+			(nparams == 0 || memcmp(st->types, types, sizeof(Oid) * nparams) == 0))
+			return st;
+	}
+	return NULL;
+}
+
+static BsStatement *
+bs_remember_statement(BsConn *c, const char *sql, int nparams, const Oid *types, uint32 hash)
+{
+	BsStatement *st;
+	MemoryContext old;
+
+	if (c->nstmts < BS_MAX_STATEMENTS)
+		st = &c->stmts[c->nstmts++];
+	else
+	{
+		int			i,
+					victim = 0;
+
+		/* evict the least recently used; a prepared one is deallocated on the worker */
+		for (i = 1; i < c->nstmts; i++)
+			if (c->stmts[i].last_used < c->stmts[victim].last_used)
+				victim = i;
+		st = &c->stmts[victim];
+		if (st->prepared)
+		{
+			char		buf[64];
+			PGresult   *res;
+
+			snprintf(buf, sizeof(buf), "DEALLOCATE bs_stmt_%d", st->number);
+			res = libpqsrv_exec(c->conn, buf, bs_wait_event);
+			PQclear(res);
+		}
+		pfree(st->sql);
+		if (st->types)
+			pfree(st->types);
+	}
+	old = MemoryContextSwitchTo(c->stmt_cxt);
+	st->hash = hash;
+	st->sql = pstrdup(sql);
+	st->nparams = nparams;
+	st->types = nparams > 0 ? palloc(sizeof(Oid) * nparams) : NULL;
+	if (nparams > 0)
+		memcpy(st->types, types, sizeof(Oid) * nparams);
+	MemoryContextSwitchTo(old);
+	st->prepared = false;
+	st->number = ++c->next_number;
+	return st;
+}
+
 void
 bs_conn_send(BsConn *c, const char *sql, int nparams, const Oid *types,
 			 const char *const *values, const int *lengths, const int *formats,
 			 int result_format)
 {
-	if (!PQsendQueryParams(c->conn, sql, nparams, types, values, lengths, formats, result_format))
+	uint32		hash = hash_bytes((const unsigned char *) sql, strlen(sql));
+	BsStatement *st = bs_find_statement(c, sql, nparams, types, hash);
+	int			ok;
+
+	if (st == NULL)
+		st = bs_remember_statement(c, sql, nparams, types, hash);
+	else if (!st->prepared)
+	{
+		char		name[32];
+		PGresult   *res;
+
+		/* seen before: prepare it for this and every later execution */
+		snprintf(name, sizeof(name), "bs_stmt_%d", st->number);
+		if (!PQsendPrepare(c->conn, name, sql, nparams, types))
+			res = NULL;
+		else
+			res = libpqsrv_get_result_last(c->conn, bs_wait_event);
+		if (res == NULL || PQresultStatus(res) != PGRES_COMMAND_OK)
+			bs_report_remote_error(ERROR, res, c, sql);
+		PQclear(res);
+		st->prepared = true;
+	}
+	st->last_used = ++c->clock;
+	if (st->prepared)
+	{
+		char		name[32];
+
+		snprintf(name, sizeof(name), "bs_stmt_%d", st->number);
+		ok = PQsendQueryPrepared(c->conn, name, nparams, values, lengths, formats, result_format);
+	}
+	else
+		ok = PQsendQueryParams(c->conn, sql, nparams, types, values, lengths, formats, result_format);
+	if (!ok)
 	{
 		char	   *msg = pchomp(PQerrorMessage(c->conn));
 
@@ -505,7 +630,10 @@ bs_xact_callback(XactEvent event, void *arg)
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
 		event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
 		event == XACT_EVENT_PREPARE)
+	{
 		bs_xact_wrote_through_fdw = false;
+		bs_exec_depth = 0;		/* an error skips ExecutorEnd */
+	}
 }
 
 static void

@@ -1,0 +1,5 @@
+-- Queue a long operation for the orchestrator (`buildsmart jobs run`); returns the job id.
+CREATE FUNCTION buildsmart.submit_job(kind text, args jsonb DEFAULT '{}'::jsonb)
+RETURNS bigint
+LANGUAGE sql
+AS $$ INSERT INTO buildsmart.jobs (kind, args) VALUES (kind, args) RETURNING job_id $$;

@@ -1,0 +1,7 @@
+-- buildsmart 0.1 -> 0.2 (ALTER EXTENSION buildsmart UPDATE TO '0.2'; `buildsmart upgrade` does it
+-- on every node). Lines `-- #include <file>` are replaced by that file when the script is built.
+--
+-- 0.2: the C module (distributed planner, loaded through session_preload_libraries) and the
+-- latest-wins trigger of fragments in C. Fragments made by 0.1 keep their PL/pgSQL trigger until
+-- the orchestrator swaps it (`buildsmart up` / `init` plan that step).
+-- #include udfs/replace_existing/0.2.sql
