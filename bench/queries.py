@@ -410,6 +410,9 @@ def main() -> None:
             ins = insert_script(sorted({b for b, _ in keys}))
             tps_plain = pgbench(plain_parts, ins, args.pgbench_seconds, workdir)
             tps_cluster = pgbench(clus_parts, ins, args.pgbench_seconds, workdir)
+            for dsn in (plain_dsn, clus_dsn):  # leave the servers as they were loaded
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute("DELETE FROM readings WHERE meter = 'pgbench'")
             print(
                 f"  single-row INSERT:          plain {tps_plain:,.0f} tps, cluster {tps_cluster:,.0f} tps, "
                 f"x{tps_cluster / tps_plain:.2f}"

@@ -15,6 +15,7 @@
  *   dist_deparse.c    shippability rules and the SQL each worker receives
  *   dist_executor.c   the custom scan: pruning, dispatch, merge, LIMIT, fallback, EXPLAIN
  *   dist_combine.c    aggregates not keyed by building, in two phases
+ *   dist_join.c       joins with buildings prune fragments by the buildings filter
  *   remote.c          connections to workers: settings, transactions, cancel, errors
  *   replace_trigger.c latest-wins row trigger of fragments (writes through the coordinator)
  */
@@ -99,6 +100,9 @@ typedef struct BsCombine
 extern BsCombine *bs_build_combine(Query *parse, Oid dist, Index dist_rti, Index group_rti,
 								   const char **reason);
 
+/* joins with buildings (dist_join.c) */
+extern bool bs_add_join_pruning(Query *parse, Oid dist);
+
 /* executor (dist_executor.c) */
 extern void bs_executor_init(void);
 extern CustomScan *bs_make_custom_scan(List *tlist, List *custom_exprs, List *custom_private);
@@ -111,6 +115,7 @@ typedef struct BsShipContext
 	Index		dist_rti;		/* range table index of the distributed table */
 	Index		group_rti;		/* of the RTE_GROUP entry, or 0 */
 	List	   *param_exprs;	/* expressions the coordinator evaluates, in worker $n order */
+	bool		allow_exec_params;	/* values of InitPlans may be evaluated on the coordinator */
 	const char *reason;			/* why not, when not shippable */
 } BsShipContext;
 

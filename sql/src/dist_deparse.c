@@ -176,7 +176,7 @@ bs_shippable_walker(Node *node, BsShipContext *ctx)
 	 * it and sends the value, so the worker need not know how.
 	 */
 	if (!IsA(node, List) && !IsA(node, TargetEntry) && !IsA(node, CaseWhen) && !IsA(node, SortGroupClause) &&
-		!bs_row_dependent_walker(node, NULL) && !bs_subselect_walker(node, NULL) &&
+		!bs_row_dependent_walker(node, NULL) && !bs_subselect_walker(node, &ctx->allow_exec_params) &&
 		!contain_volatile_functions(node))
 		return false;
 	switch (nodeTag(node))
@@ -205,7 +205,8 @@ bs_shippable_walker(Node *node, BsShipContext *ctx)
 			}
 			return false;
 		case T_Param:
-			if (((Param *) node)->paramkind != PARAM_EXTERN)
+			if (((Param *) node)->paramkind != PARAM_EXTERN &&
+				!(ctx->allow_exec_params && ((Param *) node)->paramkind == PARAM_EXEC))
 			{
 				ctx->reason = "a sub-select parameter";
 				return true;
@@ -309,10 +310,13 @@ bs_expr_shippable(Node *node, BsShipContext *ctx)
 static bool
 bs_subselect_walker(Node *node, void *ctx)
 {
+	bool		allow_exec = ctx != NULL && *(bool *) ctx;
+
 	if (node == NULL)
 		return false;
 	if (IsA(node, SubLink) || IsA(node, SubPlan) || IsA(node, AlternativeSubPlan) ||
-		(IsA(node, Param) && ((Param *) node)->paramkind != PARAM_EXTERN))
+		(IsA(node, Param) && ((Param *) node)->paramkind != PARAM_EXTERN &&
+		 !(allow_exec && ((Param *) node)->paramkind == PARAM_EXEC)))
 		return true;
 	return expression_tree_walker(node, bs_subselect_walker, ctx);
 }

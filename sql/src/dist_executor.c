@@ -653,8 +653,10 @@ bs_begin(CustomScanState *node, EState *estate, int eflags)
 			return;
 		}
 	}
-	if (!s->explain_only)
-		bs_dispatch(s, estate);
+	/*
+	 * Sent on the first call for rows: a value the statement needs may come from an InitPlan of a
+	 * node above, which is only ready once the whole plan is initialised.
+	 */
 }
 
 static TupleTableSlot *

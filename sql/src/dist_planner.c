@@ -47,6 +47,7 @@
 #include "utils/lsyscache.h"
 #include "utils/partcache.h"
 #include "utils/rel.h"
+#include "utils/ruleutils.h"
 #include "utils/syscache.h"
 
 static planner_hook_type prev_planner = NULL;
@@ -851,34 +852,55 @@ static BsAnalysis *bs_pending_analysis = NULL;
 static int	bs_pending_cursor = 0;
 static set_rel_pathlist_hook_type prev_set_rel_pathlist = NULL;
 
+static CustomPathMethods bs_path_methods;
+
 static Plan *
 bs_plan_custom_path(PlannerInfo *root, RelOptInfo *rel, CustomPath *best_path, List *tlist,
 					List *clauses, List *custom_plans)
 {
 	CustomScan *cscan = copyObject((CustomScan *) linitial(best_path->custom_private));
-	RangeTblEntry *rte = planner_rt_fetch(rel->relid, root);
-	ListCell   *lc;
 	List	   *scan_tlist = NIL;
+	List	   *local = NIL;
+	ListCell   *lc;
 
-	/*
-	 * The workers return every column of the partial query, in its order: the scan tuple. The
-	 * plan above uses some of them (tlist, Vars of this rel); setrefs maps those onto the scan
-	 * tuple and the node projects.
-	 */
-	foreach(lc, rte->subquery->targetList)
+	if (list_length(best_path->custom_private) == 1)
 	{
-		TargetEntry *tle = lfirst(lc);
-		Var		   *v;
+		/*
+		 * The partial subquery of a combine query: the workers return every column of it, in its
+		 * order (the scan tuple). The plan above uses some (tlist, Vars of this rel); setrefs maps
+		 * those onto the scan tuple and the node projects.
+		 */
+		RangeTblEntry *rte = planner_rt_fetch(rel->relid, root);
 
-		if (tle->resjunk)
-			continue;
-		v = makeVar(rel->relid, tle->resno, exprType((Node *) tle->expr), exprTypmod((Node *) tle->expr),
-					exprCollation((Node *) tle->expr), 0);
-		scan_tlist = lappend(scan_tlist, makeTargetEntry((Expr *) v, tle->resno, tle->resname, false));
+		foreach(lc, rte->subquery->targetList)
+		{
+			TargetEntry *tle = lfirst(lc);
+			Var		   *v;
+
+			if (tle->resjunk)
+				continue;
+			v = makeVar(rel->relid, tle->resno, exprType((Node *) tle->expr), exprTypmod((Node *) tle->expr),
+						exprCollation((Node *) tle->expr), 0);
+			scan_tlist = lappend(scan_tlist, makeTargetEntry((Expr *) v, tle->resno, tle->resname, false));
+		}
+		local = extract_actual_clauses(clauses, false);
+	}
+	else
+	{
+		/* readings in a larger query: the fetched columns; quals not sent are checked here */
+		List	   *vars = lsecond(best_path->custom_private);
+		List	   *shipped = lthird(best_path->custom_private);
+		int			i = 0;
+
+		foreach(lc, vars)
+			scan_tlist = lappend(scan_tlist, makeTargetEntry((Expr *) copyObject(lfirst(lc)), ++i, NULL, false));
+		foreach(lc, extract_actual_clauses(clauses, false))
+			if (!list_member(shipped, lfirst(lc)))
+				local = lappend(local, lfirst(lc));
 	}
 	cscan->scan.plan.targetlist = tlist;
 	cscan->custom_scan_tlist = scan_tlist;
-	cscan->scan.plan.qual = extract_actual_clauses(clauses, false);
+	cscan->scan.plan.qual = local;
 	cscan->custom_plans = custom_plans;
 	cscan->scan.plan.plan_rows = best_path->path.rows;
 	return (Plan *) cscan;
@@ -888,6 +910,195 @@ static CustomPathMethods bs_path_methods = {
 	.CustomName = "BuildSmart Distributed",
 	.PlanCustomPath = bs_plan_custom_path,
 };
+
+/*
+ * Vars of readings as the deparser of a one-relation context expects them: range table index 1,
+ * no syntactic referent (a pulled-up sub-select leaves one pointing elsewhere), not nullable.
+ */
+static Node *
+bs_local_vars_mutator(Node *node, Index *rti)
+{
+	if (node == NULL)
+		return NULL;
+	if (IsA(node, Var) && ((Var *) node)->varno == (int) *rti && ((Var *) node)->varlevelsup == 0)
+	{
+		Var		   *v = copyObject((Var *) node);
+
+		v->varno = 1;
+		v->varnosyn = 0;
+		v->varattnosyn = 0;
+		v->varnullingrels = NULL;
+		return (Node *) v;
+	}
+	return expression_tree_mutator(node, bs_local_vars_mutator, rti);
+}
+
+/*
+ * readings inside a query the planner cannot send whole (a join, a sub-select): the scan of
+ * readings itself runs on the workers, all fragments at once, with every condition that can be
+ * shipped, pruned on building when the plan runs (also by an InitPlan's value, as the join pruning
+ * of dist_join.c produces). Offered as one more path, cheaper than postgres_fdw's Append.
+ */
+static void
+bs_add_scan_path(PlannerInfo *root, RelOptInfo *rel, Index rti, Oid dist)
+{
+	BsShipContext ship;
+	List	   *shipped = NIL;
+	List	   *local = NIL;
+	List	   *vars = NIL;
+	List	   *pulled;
+	ListCell   *lc;
+	const char *reason = NULL;
+	BsAnalysis	a;
+	Path	   *child = NULL;
+	CustomPath *cp;
+	CustomScan *cscan;
+	List	   *all_quals = NIL;
+	List	   *frag_oids = NIL,
+			   *frag_sql = NIL,
+			   *frag_lower = NIL,
+			   *frag_upper = NIL;
+	List	   *ints = NIL;
+	List	   *priv = NIL;
+	StringInfoData cols;
+	char	   *where = NULL;
+	bool		binary = true;
+	int			i;
+	List	   *ctx;
+	int			nest;
+	Node	   *wquals;
+
+	if (root->parse->commandType != CMD_SELECT || root->parse->rowMarks != NIL ||
+		rel->reloptkind != RELOPT_BASEREL || rel->pathlist == NIL)
+		return;
+	memset(&ship, 0, sizeof(ship));
+	ship.dist_rti = rti;
+	ship.allow_exec_params = true;
+	foreach(lc, rel->baserestrictinfo)
+	{
+		RestrictInfo *ri = lfirst(lc);
+
+		all_quals = lappend(all_quals, ri->clause);
+		if (bs_expr_shippable((Node *) ri->clause, &ship))
+			shipped = lappend(shipped, ri->clause);
+		else
+			local = lappend(local, ri->clause);
+	}
+	pulled = pull_var_clause((Node *) list_concat(list_copy(rel->reltarget->exprs), local), PVC_INCLUDE_PLACEHOLDERS);
+	foreach(lc, pulled)
+	{
+		Var		   *v = lfirst(lc);
+
+		if (!IsA(v, Var) || v->varno != (int) rti || v->varattno <= 0 || v->varlevelsup != 0)
+			return;				/* placeholders, whole-row or system columns: leave it to postgres_fdw */
+		if (!bs_type_is_builtin(v->vartype))
+			binary = false;
+		vars = list_append_unique(vars, v);
+	}
+	memset(&a, 0, sizeof(a));
+	a.dist = dist;
+	a.dist_rti = rti;
+	a.a_building = get_attnum(dist, "building");
+	a.fragments = bs_load_fragments(dist, &reason);
+	if (a.fragments == NIL)
+		return;
+	bs_find_pruning((Node *) make_ands_explicit(all_quals), rti, a.a_building, &a.prune_exprs, &a.prune_kinds);
+	a.fragments = bs_prune_static(a.fragments, a.prune_exprs, a.prune_kinds, root->glob->boundParams);
+
+	/* the statement: SELECT <columns> FROM <fragment> readings WHERE <shipped conditions> */
+	ship.param_exprs = NIL;
+	wquals = shipped ? (Node *) make_ands_explicit(copyObject(shipped)) : NULL;
+	if (wquals)
+	{
+		wquals = bs_extract_params(wquals, &ship);
+		wquals = bs_local_vars_mutator(wquals, &rti);
+	}
+	foreach(lc, a.fragments)
+	{
+		BsFragment *f = lfirst(lc);
+		StringInfoData sql;
+		ListCell   *lv;
+		bool		first = true;
+
+		bs_set_transmission_modes(&nest);
+		PG_TRY();
+		{
+			ctx = deparse_context_for("readings", f->relid);
+			initStringInfo(&cols);
+			foreach(lv, vars)
+			{
+				Node	   *v = bs_local_vars_mutator(lfirst(lv), &rti);
+
+				appendStringInfo(&cols, "%s%s", first ? "" : ", ", deparse_expression(v, ctx, true, false));
+				first = false;
+			}
+			where = wquals ? deparse_expression(wquals, ctx, true, false) : NULL;
+		}
+		PG_FINALLY();
+		{
+			bs_reset_transmission_modes(nest);
+		}
+		PG_END_TRY();
+		initStringInfo(&sql);
+		appendStringInfo(&sql, "SELECT %s FROM %s readings", cols.data, f->qualified_name);
+		if (where)
+			appendStringInfo(&sql, " WHERE %s", where);
+		frag_oids = lappend_oid(frag_oids, f->relid);
+		frag_sql = lappend(frag_sql, makeString(sql.data));
+		frag_lower = lappend(frag_lower, f->lower ? (Node *) f->lower :
+							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
+		frag_upper = lappend(frag_upper, f->upper ? (Node *) f->upper :
+							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
+	}
+	if (frag_oids == NIL)
+		return;
+
+	for (i = 0; i < BS_INT_COUNT; i++)
+		ints = lappend_int(ints, 0);
+	list_nth_cell(ints, BS_INT_SHAPE)->int_value = BS_SHAPE_ROWS;
+	list_nth_cell(ints, BS_INT_NPARAMS)->int_value = list_length(ship.param_exprs);
+	list_nth_cell(ints, BS_INT_NPRUNE)->int_value = list_length(a.prune_exprs);
+	list_nth_cell(ints, BS_INT_BINARY)->int_value = binary;
+	list_nth_cell(ints, BS_INT_LEAF)->int_value = 1;
+	priv = lappend(priv, copyObject(root->parse));
+	priv = lappend(priv, frag_oids);
+	priv = lappend(priv, frag_sql);
+	priv = lappend(priv, frag_lower);
+	priv = lappend(priv, frag_upper);
+	priv = lappend(priv, ints);
+	priv = lappend(priv, NIL);
+	priv = lappend(priv, NIL);
+	priv = lappend(priv, NIL);
+	priv = lappend(priv, NIL);
+	priv = lappend(priv, a.prune_kinds);
+	priv = lappend(priv, makeString(pstrdup("scan of readings in a larger query")));
+	cscan = bs_make_custom_scan(NIL, list_concat(list_copy(ship.param_exprs), a.prune_exprs), priv);
+
+	foreach(lc, rel->pathlist)
+	{
+		Path	   *p = lfirst(lc);
+
+		if (p->param_info == NULL && (child == NULL || p->total_cost < child->total_cost))
+			child = p;
+	}
+	if (child == NULL)
+		return;
+	cp = makeNode(CustomPath);
+	cp->path.pathtype = T_CustomScan;
+	cp->path.parent = rel;
+	cp->path.pathtarget = rel->reltarget;
+	cp->path.rows = rel->rows;
+	/* one round trip per node, all nodes at once, no cursor: cheaper than the Append it replaces */
+	cp->path.startup_cost = child->startup_cost * 0.5;
+	cp->path.total_cost = child->total_cost * 0.5;
+	cp->custom_paths = list_make1(child);
+	cp->custom_private = list_make3(cscan, vars, shipped);
+	cp->methods = &bs_path_methods;
+	add_path(rel, (Path *) cp);
+	if (bs_log_pushdown)
+		elog(LOG, "buildsmart: scan path for readings (%d fragment(s), %d condition(s) sent, cost %.1f vs %.1f)",
+			 list_length(frag_oids), list_length(shipped), cp->path.total_cost, child->total_cost);
+}
 
 /*
  * The subquery "bs_partial" of a combine query: its rows come from the workers. The plan
@@ -934,7 +1145,12 @@ bs_set_rel_pathlist(PlannerInfo *root, RelOptInfo *rel, Index rti, RangeTblEntry
 		rel->partial_pathlist = NIL;
 		add_path(rel, (Path *) cp);
 		bs_pending_partial = NULL;	/* one leaf per combine query */
+		return;
 	}
+	if (bs_enable_pushdown && !bs_planning_fallback && bs_pending_partial == NULL &&
+		rte->rtekind == RTE_RELATION && rte->inh && rte->relkind == RELKIND_PARTITIONED_TABLE &&
+		rte->relid == bs_distributed_table())
+		bs_add_scan_path(root, rel, rti, rte->relid);
 }
 
 static PlannedStmt *
@@ -1301,6 +1517,8 @@ bs_planner(Query *parse, const char *query_string, int cursorOptions, ParamListI
 					elog(LOG, "buildsmart: not pushed down: %s", reason ? reason : "?");
 				else if (stmt != NULL && bs_log_pushdown)
 					elog(LOG, "buildsmart: pushed down");
+				if (stmt == NULL)
+					(void) bs_add_join_pruning(parse, dist);
 			}
 		}
 	}
