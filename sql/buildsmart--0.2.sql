@@ -228,6 +228,18 @@ CREATE TABLE buildsmart.twophase_decisions (
 );
 SELECT pg_catalog.pg_extension_config_dump('buildsmart.twophase_decisions', '');
 
+-- catalog/checks.sql
+-- Outcomes of integrity checks (`buildsmart check` and its scheduled runs); status shows the last.
+CREATE TABLE buildsmart.check_runs (
+    run_id      bigserial PRIMARY KEY,
+    started_at  timestamptz NOT NULL,
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    ok          boolean NOT NULL,
+    summary     text NOT NULL,
+    findings    jsonb NOT NULL DEFAULT '[]'::jsonb
+);
+SELECT pg_catalog.pg_extension_config_dump('buildsmart.check_runs', '');
+
 -- udfs/fragment_write_lock/latest.sql
 -- Called by a loader at the start of each batch, inside a coordinator transaction that it keeps
 -- open until the batch has committed on the worker: takes a SHARED advisory lock per fragment

@@ -1,16 +1,14 @@
-"""Replication and failover with real Patroni, etcd and PostgreSQL: one HA cluster (coordinator +
-2 workers, one synchronous replica each) for the whole module; the failover supervisor runs as
-it does after `buildsmart up`."""
+"""Replication and failover with real Patroni, etcd and PostgreSQL, on the session's HA cluster
+(coordinator + 2 workers, one synchronous replica each; conftest.ha_dir); the failover supervisor
+runs as it does after `buildsmart up`."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -18,26 +16,14 @@ import pytest
 from typer.testing import CliRunner
 
 import orchestrator.cli.ha_cmds  # noqa: F401  (registers switchover/failover on the app)
-from orchestrator import cluster, topology
+from orchestrator import topology
 from orchestrator.cli.app import app
 from orchestrator.connections import Target, connect, superuser_target
 from orchestrator.runtime import ha, hasettings, procs
 from tests import ha_tools
-from tests.harness import make_tmp_dir
 
 SPLIT_POINTS = ["b3", "b6", "t", "u"]
 RECOVERY_TARGET_S = 5.0
-
-
-@pytest.fixture(scope="module")
-def ha_dir() -> Iterator[Path]:
-    directory = make_tmp_dir("bs-ha-") / "cluster"
-    try:
-        cluster.up(directory, workers=2, split_points=SPLIT_POINTS, replicas=1)
-        yield directory
-    finally:
-        cluster.down(directory, purge=True)
-        shutil.rmtree(directory.parent, ignore_errors=True)
 
 
 @pytest.fixture

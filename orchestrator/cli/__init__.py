@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from orchestrator.cli import cluster_cmds as _cluster_cmds  # noqa: F401  (registers commands)
+from orchestrator.cli import check_cmds as _check_cmds  # noqa: F401  (registers commands)
+from orchestrator.cli import cluster_cmds as _cluster_cmds  # noqa: F401
 from orchestrator.cli import demo_cmds as _demo_cmds  # noqa: F401
 from orchestrator.cli import elastic_cmds as _elastic_cmds  # noqa: F401
 from orchestrator.cli import ha_cmds as _ha_cmds  # noqa: F401

@@ -756,6 +756,17 @@ bs_analyze(Query *q, Oid dist, ParamListInfo bound, BsAnalysis *a, const char **
 		*reason = "a volatile LIMIT";
 		return false;
 	}
+	foreach(lc, q->targetList)
+	{
+		Oid			t = exprType((Node *) ((TargetEntry *) lfirst(lc))->expr);
+
+		/* results cross the wire: an anonymous record cannot be read back */
+		if (t == RECORDOID || t == RECORDARRAYOID || get_typtype(t) == TYPTYPE_PSEUDO)
+		{
+			*reason = "a result column of an anonymous record or pseudo type";
+			return false;
+		}
+	}
 	a->a_building = get_attnum(dist, "building");
 	a->a_meter = get_attnum(dist, "meter");
 	a->a_ts = get_attnum(dist, "ts");

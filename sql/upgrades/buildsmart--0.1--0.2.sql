@@ -6,3 +6,4 @@
 -- the orchestrator swaps it (`buildsmart up` / `init` plan that step).
 -- #include udfs/replace_existing/0.2.sql
 -- #include catalog/twophase.sql
+-- #include catalog/checks.sql
