@@ -33,7 +33,7 @@ RECOVERY_TARGET_S = 5.0
 def ha_dir() -> Iterator[Path]:
     directory = make_tmp_dir("bs-ha-") / "cluster"
     try:
-        cluster.up(directory, workers=2, split_points=SPLIT_POINTS, replicas=1)
+        cluster.up(directory, workers=2, split_points=SPLIT_POINTS, replicas=1, balancer_paused=True)
         yield directory
     finally:
         cluster.down(directory, purge=True)
