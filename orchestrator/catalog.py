@@ -258,6 +258,34 @@ def finish_decision(
     )
 
 
+_SETTLE_SQL = """
+WITH m AS (
+  SELECT l.entry_id,
+         (SELECT j.job_id FROM buildsmart.jobs j
+           WHERE j.created_at >= l.at
+             AND j.kind = CASE l.action WHEN 'presplit' THEN 'relayout' WHEN 'move' THEN 'move' ELSE 'split' END
+             AND (l.action = 'presplit' OR (j.args ->> 'fragment_id')::int = l.fragment_id)
+           ORDER BY j.job_id LIMIT 1) AS job_id
+    FROM buildsmart.balancer_log l
+   WHERE l.outcome = 'decided' AND l.action IN ('presplit', 'split', 'time_split', 'move')
+)
+UPDATE buildsmart.balancer_log l
+   SET outcome = CASE j.state WHEN 'done' THEN 'done' ELSE 'failed' END, job_id = j.job_id,
+       detail = l.detail || jsonb_build_object('finished_by', 'a later run (the process that started it stopped)')
+  FROM m JOIN buildsmart.jobs j ON j.job_id = m.job_id
+ WHERE l.entry_id = m.entry_id AND j.state IN ('done', 'failed', 'cancelled')
+"""
+
+
+def settle_decisions(conn: psycopg.Connection) -> int:
+    """Operations decided by a process that stopped before recording their outcome take the
+    outcome of their job (which a later run finished or rolled back). Returns how many."""
+    n = conn.execute(_SETTLE_SQL).rowcount
+    if n:
+        log.info("recorded the outcome of %d decision(s) whose process had stopped", n)
+    return n
+
+
 def recent_decisions(conn: psycopg.Connection, limit: int = 20, idle: bool = True) -> tuple[DecisionEntry, ...]:
     rows = conn.execute(
         "SELECT entry_id, at, action, outcome, fragment_id, reason, job_id, detail FROM buildsmart.balancer_log "

@@ -127,7 +127,7 @@ def rebalance(
     setup_logging(directory, verbose)
     with open_cluster(directory, "rebalance") as el:
         observed = balancer.observe_load(el)
-        steps = plan_rebalance(observed, tolerance)
+        steps = plan_rebalance(observed, tolerance)  # dry run: with split points, as a run may need them
         if dry_run:
             for i, step in enumerate(steps, 1):
                 out.print(f"{i}. {step.describe()}")

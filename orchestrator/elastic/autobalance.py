@@ -122,6 +122,7 @@ class AutoBalancer:
             self._record_idle(el, decision)
             return TickResult(decision, False)
         resumed = balancer.resume_abandoned(el) + autosplit.resume_relayouts(el)
+        catalog.settle_decisions(coord)
         if resumed:
             self.history.clear()
             decision = BalanceDecision("none", f"finished {resumed} operation(s) an interrupted process left")

@@ -259,6 +259,7 @@ def presplit_for_load(target: Elastic | Path, building_counts: Mapping[str, int]
     el = target
     with _layout_lock(el):
         resume_relayouts(el)
+        catalog.settle_decisions(el.coord)
         state = layout_state(el)
         policy = policy_from(catalog.balancer_state(el.coord).settings)
         new, reason = plan_presplit(state, building_counts, policy)

@@ -20,9 +20,10 @@ MAX_ROUNDS = 32
 PARENT_KINDS = ("rebalance_run", "drain_run")
 
 
-def observe_load(el: Elastic, draining: frozenset[str] = frozenset()) -> ObservedLoad:
-    """Bytes per fragment from the catalogs (orchestrator.elastic.observe), and split points from
-    statistics for the fragments of the heaviest worker (the only ones the plan may split)."""
+def observe_load(el: Elastic, draining: frozenset[str] = frozenset(), split_points: bool = True) -> ObservedLoad:
+    """Bytes per fragment from the catalogs (orchestrator.elastic.observe), and, with
+    ``split_points``, split points from statistics for the fragments of the heaviest worker (the
+    only ones a plan splits)."""
     active = catalog.active_workers(el.coord)
     draining = draining | catalog.inactive_workers(el.coord)
     sample = observe.sample(el)
@@ -30,7 +31,7 @@ def observe_load(el: Elastic, draining: frozenset[str] = frozenset()) -> Observe
     totals: dict[str, int] = {}
     for x in sample.fragments:
         totals[x.fragment.node] = totals.get(x.fragment.node, 0) + x.bytes
-    heaviest = max(totals, key=lambda n: (totals[n], n)) if totals else None
+    heaviest = max(totals, key=lambda n: (totals[n], n)) if totals and split_points else None
     loads = []
     for x in sample.fragments:
         f = x.fragment
@@ -41,6 +42,12 @@ def observe_load(el: Elastic, draining: frozenset[str] = frozenset()) -> Observe
 
 
 def plan(el: Elastic, tolerance: float, draining: frozenset[str] = frozenset()) -> list[RebalanceStep]:
+    """Moves first (no statistics needed); split points are gathered only when moves alone do not
+    bring bytes per node within tolerance."""
+    observed = observe_load(el, draining, split_points=False)
+    steps = rebalance.plan_rebalance(observed, tolerance)
+    if rebalance.is_balanced(rebalance.simulate(observed, steps), tolerance):
+        return steps
     return rebalance.plan_rebalance(observe_load(el, draining), tolerance)
 
 
