@@ -41,7 +41,7 @@ from orchestrator.elastic import jobs, shardops
 from orchestrator.elastic.context import Elastic, open_cluster
 from orchestrator.elastic.move import PAUSE_LOCK_TIMEOUT, SWITCH_ATTEMPTS
 from orchestrator.elastic.policy import BalancerPolicy, policy_from
-from orchestrator.exceptions import ClusterStateError, InputError, InputLocation, NodeError
+from orchestrator.exceptions import BuildSmartError, ClusterStateError, InputError, InputLocation, NodeError
 from orchestrator.executor import drop_fragment_sql
 from orchestrator.fragments import Fragment, c_order, weighted_split_points
 
@@ -284,14 +284,22 @@ def presplit_for_file(directory: Path, path: str, fmt: str | None = None) -> Pre
     followed files are not read twice: None."""
     if path == "-":
         return None
-    with open_cluster(directory, "presplit") as el:
-        state = layout_state(el)
-        if not state.auto_layout or not state.empty:
-            return None
-        started = time.monotonic()
-        counts = count_buildings(path, fmt)
-        log.info("counted %d buildings of %s in %.1f s for the first-load layout", len(counts), path, time.monotonic() - started)
-        return presplit_for_load(el, counts)
+    try:
+        with open_cluster(directory, "presplit") as el:
+            state = layout_state(el)
+            if not state.auto_layout or not state.empty:
+                return None
+            started = time.monotonic()
+            counts = count_buildings(path, fmt)
+            log.info(
+                "counted %d buildings of %s in %.1f s for the first-load layout", len(counts), path, time.monotonic() - started
+            )
+            return presplit_for_load(el, counts)
+    except (BuildSmartError, psycopg.Error) as exc:
+        # The load does not depend on it: it goes on with the fragments as they are (a half-done
+        # re-layout was rolled back or is finished by the next run), and the balancer evens them out.
+        log.warning("first-load layout skipped (%s); loading into the current fragments", str(exc).splitlines()[0])
+        return None
 
 
 def _points(frags: tuple[Fragment, ...]) -> tuple[str, ...]:

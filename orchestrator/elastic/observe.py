@@ -34,14 +34,17 @@ log = logging.getLogger(__name__)
 # buckets: 100 (PostgreSQL's default) puts a cut within about 1% of the rows of the ideal one.
 STATISTICS_TARGET = 100
 
+# Live rows: the statistics system's count, or, where it has none (a primary promoted after a
+# failover starts with empty counters), the estimate VACUUM/ANALYZE left in pg_class.
 _SAMPLE_SQL = """
 SELECT f.shard,
        coalesce(sum(pg_catalog.pg_total_relation_size(t.relid)), 0)::bigint,
-       coalesce(sum(s.n_live_tup), 0)::bigint,
+       coalesce(sum(CASE WHEN t.isleaf THEN coalesce(nullif(s.n_live_tup, 0), greatest(c.reltuples, 0)) END), 0)::bigint,
        coalesce(sum(s.n_tup_ins + s.n_tup_upd + s.n_tup_del), 0)::bigint,
        count(*) FILTER (WHERE t.isleaf)
   FROM unnest(%s::text[]) AS f(shard)
   CROSS JOIN LATERAL pg_catalog.pg_partition_tree(pg_catalog.to_regclass(%s || '.' || pg_catalog.quote_ident(f.shard))) t
+  JOIN pg_catalog.pg_class c ON c.oid = t.relid
   LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = t.relid
  GROUP BY f.shard
 """
