@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,7 @@ def _with_members(directory: Path, node: NodeStatus) -> NodeStatus:
     try:
         raw = ha.group_members_status(directory, node.name)
     except BuildSmartError as exc:
-        return NodeStatus(**{**asdict(node), "members": (), "members_error": str(exc)})
+        return replace(node, members=(), members_error=str(exc))
     members = tuple(
         MemberStatus(
             str(m["name"]), str(m["host"]), int(m["port"]), m.get("role"), m.get("state"), m.get("timeline"),
@@ -135,7 +135,7 @@ def _with_members(directory: Path, node: NodeStatus) -> NodeStatus:
         )
         for m in raw
     )  # fmt: skip
-    return NodeStatus(**{**asdict(node), "members": members})
+    return replace(node, members=members)
 
 
 def _exact_rows(conn: psycopg.Connection, shards: list[str]) -> dict[str, int]:
