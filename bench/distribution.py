@@ -211,7 +211,9 @@ def settle(directory: Path, series: Series, t_end: float) -> dict[str, float | N
 def one_dataset(label: str, path: Path, rows: int, workdir: Path, headroom: bool) -> dict[str, Any]:
     print(f"\n=== {label}: {rows:,} rows ({path.stat().st_size / 2**20:.0f} MB of CSV)")
     print("  (a) plain PostgreSQL 18, one server: COPY + upsert of the same rows ...")
-    base_s = bench_ingest.baseline_copy(path, workdir)
+    (workdir / label).mkdir(mode=0o755)
+    base_s = bench_ingest.baseline_copy(path, workdir / label)
+    shutil.rmtree(workdir / label / "baseline", ignore_errors=True)
     directory = workdir / f"cluster-{label}"
     print("  fresh `buildsmart up` (default shape: coordinator + 3 workers, 1 synchronous replica each) ...")
     cluster.up(directory)

@@ -256,6 +256,9 @@ def test_hot_fragment_is_split_when_not_bulk_loading() -> None:
              _view(3, "w3", 100, write_rate=500.0)]  # fmt: skip
     d = decide(_snap(views, write_rate=10_000.0), BalancerPolicy())
     assert d.action == "split" and d.purpose == "writes" and "90%" in d.reason
+    # the tail of a bulk load (busy less than a window ago) is not a hot spot
+    tail = decide(_snap(views, write_rate=10_000.0, calm_for_s=20.0), BalancerPolicy())
+    assert tail.purpose == "evenness"  # what is left to do has nothing to do with writes
 
 
 def test_draining_worker_is_emptied_first() -> None:

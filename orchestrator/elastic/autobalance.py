@@ -73,6 +73,7 @@ class AutoBalancer:
         self.last_operation_s = 0.0
         self.last_operation_end: float | None = None
         self.busy_since: float | None = None  # when the write rate last rose to busy_rows_per_s
+        self.busy_seen = time.monotonic()  # when it was last at least busy_rows_per_s (start: unknown, assume so)
         self._idle_key: str | None = None
         self._idle_logged_at = 0.0
 
@@ -89,8 +90,10 @@ class AutoBalancer:
         if total is not None:  # unknown right after an operation: keep what was known
             if total < policy.busy_rows_per_s:
                 self.busy_since = None
-            elif self.busy_since is None:
-                self.busy_since = now
+            else:
+                self.busy_seen = now
+                if self.busy_since is None:
+                    self.busy_since = now
         views = tuple(
             FragmentView(
                 s.fragment,
@@ -112,6 +115,7 @@ class AutoBalancer:
             self.last_operation_s,
             idle,
             0.0 if self.busy_since is None else now - self.busy_since,
+            now - self.busy_seen,
         )
 
     def tick(self, el: Elastic) -> TickResult:

@@ -196,6 +196,7 @@ class BalanceSnapshot:
     last_operation_s: float = 0.0  # how long the balancer's last operation took
     idle_s: float = float("inf")  # since the balancer's last operation ended
     busy_for_s: float = 0.0  # how long the cluster has been writing at least busy_rows_per_s
+    calm_for_s: float = float("inf")  # since the cluster last wrote at least busy_rows_per_s
 
 
 @dataclass(frozen=True)
@@ -315,8 +316,11 @@ def _wanted(snap: BalanceSnapshot, policy: BalancerPolicy) -> BalanceDecision:
         return found
 
     # 3. A fragment with a disproportionate, sustained share of the writes.
+    # Only in a steady state: the whole window below the bulk-load rate, so the tail of a load
+    # (the last fragments it wrote, its average rate decaying) is not taken for a hot spot.
     rate = snap.write_rate
-    if rate is not None and rate >= policy.hot_min_rows_per_s and len(workers) > 1:
+    steady = snap.calm_for_s >= policy.rate_window_s
+    if rate is not None and steady and rate >= policy.hot_min_rows_per_s and len(workers) > 1:
         hot = sorted(
             (v for v in frags if v.write_rate is not None and v.write_rate >= policy.hot_share * rate
              and v.bytes >= policy.min_split_bytes),
