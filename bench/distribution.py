@@ -317,26 +317,27 @@ def _ago(v: float | None) -> str:
     return "never (in the time waited)" if v is None else f"{v:.0f} s"
 
 
-def _imbalance(directory: Path) -> None:
-    """Two fragments of the lightest worker moved to the heaviest: the balancer has work again."""
+def _imbalance(directory: Path) -> str:
+    """Every fragment of one worker moved to another: that worker is empty, the balancer has work."""
     with open_cluster(directory, "bench") as el:
         frags = el.fragments()
         nodes = sorted({f.node for f in frags})
-        for f in [f for f in frags if f.node == nodes[-1]][:2]:
+        for f in [f for f in frags if f.node == nodes[-1]]:
             move.move_fragment(el, f.fragment_id, nodes[0])
+    return nodes[-1]
 
 
 def measure_headroom(directory: Path, workdir: Path) -> dict[str, Any]:
-    """The same ingest shape twice from the same imbalanced layout: balancer paused, then balancer
-    working (allowed to act while the load runs, at its busy duty cycle)."""
+    """The same ingest shape twice from the same imbalanced layout (one worker emptied): balancer
+    paused, then balancer working (allowed to act while the load runs, at its busy duty cycle)."""
     topo, creds = topology.load(directory), topology.load_credentials(directory)
     extra = [synthetic(workdir, 2000, 1_500_000, 1.3, seed=9, name=f"extra{i}.csv",
                        start=datetime(2024 + 3 * i, 6, 1, tzinfo=UTC)) for i in (1, 2)]  # fmt: skip
     rows = sum(1 for _ in extra[0].open()) - 1
     with connect(superuser_target(topo.coordinator, creds), "bench", autocommit=True) as conn:
         catalog.set_paused(conn, True, "bench: headroom, paused run")
-    _imbalance(directory)
-    print("  headroom: ingest with the balancer paused ...")
+    emptied = _imbalance(directory)
+    print(f"  headroom: every fragment of {emptied} moved away; ingest with the balancer paused ...")
     paused_s, summary = run_ingest(directory, extra[0])
     print(f"    {summary}")
     with connect(superuser_target(topo.coordinator, creds), "bench", autocommit=True) as conn:
@@ -345,13 +346,26 @@ def measure_headroom(directory: Path, workdir: Path) -> dict[str, Any]:
         catalog.set_balancer_settings(conn, {"busy_defer_s": 0})
         catalog.set_paused(conn, False)
     print("  headroom: the same ingest shape with the balancer working ...")
+    started = time.time()
     active_s, summary = run_ingest(directory, extra[1])
+    ended = time.time()
     print(f"    {summary}")
-    ops = [e for e in operations(balancer_log(directory, mark)) if e["outcome"] == "done"]
+    with connect(superuser_target(topo.coordinator, creds), "bench", autocommit=True) as conn:
+        catalog.set_paused(conn, True, "bench: headroom measured")
+    entries = balancer_log(directory, mark)
+    during = [e for e in operations(entries) if started <= float(e["at"]) <= ended and e["outcome"] == "done"]
+    waits = [e for e in entries if e["action"] == "wait" and started <= float(e["at"]) <= ended]
+    busy_s = sum(float(e["detail"].get("seconds") or 0) for e in during)
     print(f"    paused {rows / paused_s:,.0f} rows/s, balancer working {rows / active_s:,.0f} rows/s: "
-          f"{paused_s / active_s:.2f} of the paused rate; {len(ops)} operation(s) during or after it")  # fmt: skip
+          f"{paused_s / active_s:.2f} of the paused rate; {len(during)} operation(s) started and finished during it "
+          f"({busy_s:.1f} s of {active_s:.1f} s), {len(waits)} wait decision(s) recorded")  # fmt: skip
+    for e in during:
+        d = e["detail"]
+        pause_ms = (d.get("pause_seconds") or 0) * 1000
+        print(f"      {e['action']} fragment {e['fragment']}: {d.get('seconds')} s, pause {pause_ms:.0f} ms")
     return {"rows": rows, "paused_s": paused_s, "active_s": active_s, "ratio": paused_s / active_s,
-            "operations": [(e["action"], e["detail"].get("seconds"), e["detail"].get("pause_seconds")) for e in ops]}  # fmt: skip
+            "operations": [(e["action"], e["detail"].get("seconds"), e["detail"].get("pause_seconds")) for e in during],
+            "waits": [e["reason"] for e in waits]}  # fmt: skip
 
 
 def main() -> None:

@@ -112,7 +112,7 @@ def test_plan_presplit_lays_out_and_says_why() -> None:
     assert {f.node for f in new} == {"w1", "w2", "w3"}
     assert all(a.node != b.node for a, b in itertools.pairwise(new))
     assert new[0].range_from is None and new[-1].range_to is None
-    assert "90,000 rows of 90 buildings" in reason
+    assert "90,000 rows (90 buildings counted)" in reason
     # the same layout again: nothing to do (idempotent)
     again, why = plan_presplit(_state(fragments=new, next_id=11), counts, BalancerPolicy())
     assert again is None and "already fits" in why

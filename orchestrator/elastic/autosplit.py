@@ -100,7 +100,7 @@ def plan_presplit(
     new = tuple(Fragment(state.next_id + i, lo, hi, node, state.time_interval) for i, (lo, hi, node) in enumerate(layout))
     buildings = sum(1 for n in counts.values() if n > 0)
     return new, (
-        f"first load of {rows:,} rows of {buildings:,} buildings: {len(new)} fragments of about "
+        f"first load of about {rows:,} rows ({buildings:,} buildings counted): {len(new)} fragments of about "
         f"{rows / len(new):,.0f} rows ({policy.fragments_per_worker} per worker wanted) on {', '.join(state.workers)}, "
         "neighbours on different workers"
     )
