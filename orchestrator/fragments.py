@@ -75,15 +75,6 @@ def validate_split_points(points: Sequence[str]) -> tuple[str, ...]:
     return cleaned
 
 
-def quantile_split_points(buildings: Sequence[str], fragments: int) -> tuple[str, ...]:
-    """Split points that put about the same number of known buildings in each of ``fragments`` ranges."""
-    if fragments < 1:
-        raise ConfigError("need at least one fragment")
-    if len(set(buildings)) < fragments:
-        raise ConfigError(f"cannot split {len(set(buildings))} buildings into {fragments} fragments")
-    return weighted_split_points(dict.fromkeys(buildings, 1), fragments)
-
-
 def weighted_split_points(counts: Mapping[str, int], fragments: int) -> tuple[str, ...]:
     """Split points that cut buildings, in byte order, into at most ``fragments`` ranges of about
     equal weight (rows). A split point is the first building of a range. Each cut goes before the
