@@ -33,7 +33,7 @@ def ha_dir() -> Iterator[Path]:
     """The session's Patroni-shaped cluster: coordinator + 2 workers, one synchronous replica each."""
     directory = make_tmp_dir("bs-ha-") / "cluster"
     try:
-        cluster.up(directory, workers=2, split_points=HA_SPLIT_POINTS, replicas=1)
+        cluster.up(directory, workers=2, split_points=HA_SPLIT_POINTS, replicas=1, balancer_paused=True)
         yield directory
     finally:
         cluster.down(directory, purge=True)

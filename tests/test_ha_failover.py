@@ -19,6 +19,7 @@ import orchestrator.cli.ha_cmds  # noqa: F401  (registers switchover/failover on
 from orchestrator import topology
 from orchestrator.cli.app import app
 from orchestrator.connections import Target, connect, superuser_target
+from orchestrator.exceptions import BuildSmartError
 from orchestrator.runtime import ha, hasettings, procs
 from tests import ha_tools
 
@@ -50,7 +51,30 @@ def _count(directory: Path, prefix: str, timeout_s: float = 30.0) -> tuple[int, 
             time.sleep(0.3)
 
 
+def _runner_elected(directory: Path, timeout_s: float = 30.0) -> str:
+    """The session holding the task runner's election lock on the coordinator's current primary."""
+    from orchestrator.tasks.runner import ELECTION_LOCK
+
+    topo, creds = topology.load(directory), topology.load_credentials(directory)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with connect(superuser_target(topo.coordinator, creds), "ha-test", autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.granted",
+                    (ELECTION_LOCK,),
+                ).fetchone()
+                if row is not None:
+                    return str(row[0])
+        except (psycopg.Error, BuildSmartError):
+            pass  # the coordinator is failing over
+        assert time.monotonic() < deadline, "no task runner holds the election lock on the coordinator primary"
+        time.sleep(0.3)
+
+
 def _crash_primary_under_load(directory: Path, group: str, prefix: str) -> None:
+    runner = _runner_elected(directory) if group == "coordinator" else None
     writer = ha_tools.Writer(directory, prefix, rows=500).start()
     writer.wait_acked(10)
     old = ha_tools.leader(directory, group)
@@ -63,6 +87,8 @@ def _crash_primary_under_load(directory: Path, group: str, prefix: str) -> None:
     print(f"{group}: {old} killed, {new} leads; first write after {recovery} s, {failed} failed attempts")
     assert recovery is not None and recovery < RECOVERY_TARGET_S, f"writes resumed only after {recovery} s"
     assert _count(directory, prefix) == (writer.acked * writer.rows,) * 2, "every acknowledged row exactly once"
+    if runner is not None:  # the task runner lost its lock session with the old primary and is elected again
+        assert _runner_elected(directory, timeout_s=60) == runner
     ha_tools.wait_member_state(directory, old, "replica", timeout_s=60)  # rejoined (pg_rewind when diverged)
 
 

@@ -7,3 +7,5 @@
 -- #include udfs/replace_existing/0.2.sql
 -- #include catalog/twophase.sql
 -- #include catalog/checks.sql
+-- #include catalog/balancer.sql
+-- #include udfs/time_split_mirror_trigger/0.2.sql
