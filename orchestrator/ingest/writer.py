@@ -1,22 +1,36 @@
-"""Writes one fragment's batches on its worker: COPY into a staging table, then one set-based
-upsert where the latest value of a (building, meter, ts) wins — inside the batch (the highest
-line number wins) and against what is stored (a changed value replaces it; an equal one is
-left alone, so loading the same file again writes nothing). New and replaced rows are told apart
-with PostgreSQL 18's ``RETURNING old.*`` (xmax is not available through a partitioned table).
+"""Writes one stream's parts of batches on its fragment's worker.
 
-Exactly once in effect: applying a batch is idempotent (the same rows give the same table), and a
-fragment's batches are applied in order, so a batch whose commit outcome is unknown (connection
-lost, worker restarted, failover) is simply applied again on a new connection, which follows the
-group's primary. Each batch holds the fragment's write lock on the coordinator (the switch
-protocol of online moves, :mod:`orchestrator.elastic.gate`) until the worker has committed.
+Two ways to write, chosen per row by the session (:mod:`.fastpath`):
+
+- rows whose keys are new: a plain ``COPY`` into the fragment, inside a savepoint;
+- the rest (resent or corrected readings, repeats inside the batch): COPY into a staging table and
+  one set-based upsert where the latest value of a (building, meter, ts) wins — inside the batch
+  (the highest line wins) and against what is stored (a changed value replaces it, an equal one is
+  left alone, so loading the same file again writes nothing). PostgreSQL 18's ``RETURNING old.*``
+  tells new rows from replaced ones.
+
+If the COPY meets a stored key (unique_violation: the high-water mark was stale, e.g. another
+writer), the savepoint is rolled back and the whole part goes through the upsert, and the writer
+reads the stored high-water marks of the part's meters so the next batches decide right.
+
+Exactly once in effect: both ways end in the same table state, a fragment's parts are applied in
+order, and a part whose commit outcome is unknown (connection lost, worker restarted, failover) is
+applied again, always with the upsert, on a new connection, which follows the group's primary: if
+the first attempt committed, the upsert finds every row unchanged. Each part holds the fragment's
+write lock on the coordinator (the switch protocol of online moves, :mod:`orchestrator.elastic.gate`)
+until the worker has committed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import psycopg
 from psycopg import sql
 
@@ -24,6 +38,7 @@ from orchestrator.connections import Target, connect
 from orchestrator.elastic.gate import WriteGate
 from orchestrator.exceptions import NodeError
 from orchestrator.fragments import SHARD_SCHEMA, Fragment
+from orchestrator.ingest.fastpath import NO_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +49,26 @@ RETRYABLE = (
     psycopg.errors.SerializationFailure,
     psycopg.errors.DeadlockDetected,
 )
+HOUR_US = 3_600_000_000
+KNOWN_HOURS_LIMIT = 1_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+Pair = tuple[str, str]
+
+
+@dataclass(frozen=True, eq=False)
+class Part:
+    """One stream's share of a batch: CSV lines (``building,meter,ts,kwh``) ready for COPY."""
+
+    fast: bytes  # rows whose keys are new: plain COPY
+    fast_rows: int
+    slow: bytes  # rows for the upsert, in line order
+    slow_rows: int
+    hours: np.ndarray  # distinct hours (since 1970) of all rows: the time partitions they need
+    pairs: tuple[Pair, ...]  # (building, meter) of the rows, read back after a fallback
+
+    @property
+    def rows(self) -> int:
+        return self.fast_rows + self.slow_rows
 
 
 @dataclass(frozen=True)
@@ -44,6 +79,9 @@ class BatchCounts:
     distinct: int = 0  # distinct keys in the batch
     partitions: int = 0  # time partitions created for the batch
     retries: int = 0
+    copied: int = 0  # rows written by the plain COPY
+    fell_back: bool = False  # the COPY met a stored key; everything went through the upsert
+    marks: Mapping[Pair, int] = field(default_factory=dict)  # stored high-water marks read after a fallback
 
     @property
     def superseded(self) -> int:
@@ -67,6 +105,7 @@ class FragmentWriter:
         self.stage = sql.Identifier(f"bs_stage_{fragment.shard_name}")
         self._conn: psycopg.Connection | None = None
         self._gate: WriteGate | None = None
+        self._hours: set[int] = set()  # hours whose time partition is known to exist
         self.gate_version: int | None = None
 
     # -- connections -------------------------------------------------------------------------
@@ -75,7 +114,7 @@ class FragmentWriter:
         if self._conn is None or self._conn.closed:
             conn = connect(self.target, f"ingest:{self.fragment.shard_name}")
             with conn.transaction():
-                # Our bulk upsert replaces values itself; the per-row replace trigger is for SQL clients.
+                # Both ways replace values themselves; the per-row replace trigger is for SQL clients.
                 conn.execute("SET session_replication_role = replica")
                 conn.execute(
                     sql.SQL(
@@ -104,22 +143,21 @@ class FragmentWriter:
         self._conn = None
         self._gate = None
 
-    # -- one batch ---------------------------------------------------------------------------
+    # -- one part ----------------------------------------------------------------------------
 
-    def write(self, csv_lines: list[bytes]) -> BatchCounts:
-        """Apply one batch, retrying on lost connections until RETRY_FOR_S has passed."""
+    def write(self, part: Part) -> BatchCounts:
+        """Apply one part, retrying on lost connections until RETRY_FOR_S has passed. A retry
+        always upserts: the first attempt may have committed."""
         deadline = time.monotonic() + RETRY_FOR_S
         retries = 0
         delay = 0.1
         while True:
             try:
                 gate = self.gate()
-                if gate is None:
-                    counts = self._apply(csv_lines)
-                else:
-                    with gate.batch([self.fragment.fragment_id]):
-                        counts = self._apply(csv_lines)
-                return BatchCounts(counts.staged, counts.inserted, counts.updated, counts.distinct, counts.partitions, retries)
+                held: AbstractContextManager[None] = nullcontext() if gate is None else gate.batch([self.fragment.fragment_id])
+                with held:
+                    counts = self._apply(part, upsert_only=retries > 0)
+                return replace(counts, retries=retries)
             except (*RETRYABLE, NodeError) as exc:
                 self._reset()
                 if time.monotonic() + delay > deadline:
@@ -131,33 +169,80 @@ class FragmentWriter:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _apply(self, csv_lines: list[bytes]) -> BatchCounts:
+    def _apply(self, part: Part, upsert_only: bool) -> BatchCounts:
         conn = self._connection()
+        created = self._ensure_partitions(conn, part.hours)
+        copied = 0
+        fell_back = False
+        marks: dict[Pair, int] = {}
+        inserted = updated = distinct = 0
         with conn.transaction():
-            conn.execute(sql.SQL("TRUNCATE {}").format(self.stage))
-            with conn.cursor().copy(
-                sql.SQL("COPY {} (building, meter, ts, kwh) FROM STDIN (FORMAT csv)").format(self.stage)
-            ) as copy:
-                copy.write(b"\n".join(csv_lines) + b"\n")
-        created = self._ensure_partitions(conn)
-        with conn.transaction():
-            row = conn.execute(self._upsert_sql()).fetchone()
-        assert row is not None
-        return BatchCounts(len(csv_lines), int(row[0]), int(row[1]), int(row[2]), created)
+            if part.fast_rows and not upsert_only:
+                try:
+                    with conn.transaction():  # a savepoint: a stored key undoes only the COPY
+                        self._copy_into(conn, self.table, part.fast)
+                    copied = part.fast_rows
+                except psycopg.errors.UniqueViolation:
+                    fell_back = True
+                    log.info("%s: %d rows thought new meet stored keys; upserting them", self.fragment.shard_name, part.fast_rows)
+            upsert = part.slow if copied or not part.fast_rows else part.fast + part.slow
+            if upsert:
+                inserted, updated, distinct = self._upsert(conn, upsert)
+            if fell_back:
+                marks = self._stored_marks(conn, part.pairs)
+            self.before_commit()
+        self.after_commit()
+        return BatchCounts(part.rows, copied + inserted, updated, copied + distinct, created, 0, copied, fell_back, marks)
 
-    def _ensure_partitions(self, conn: psycopg.Connection) -> int:
-        """Create the time partitions the staged rows need, in their own short transaction so the
-        brief DDL locks are not held for the upsert. Only the partitions of timestamps present
-        are made (an outlier year does not create every month in between)."""
+    def before_commit(self) -> None:
+        """Test seam: runs inside the transaction, just before COMMIT."""
+
+    def after_commit(self) -> None:
+        """Test seam: runs after COMMIT, before the outcome is reported (a lost reply lands here)."""
+
+    def _copy_into(self, conn: psycopg.Connection, table: sql.Identifier, data: bytes) -> None:
+        with conn.cursor().copy(sql.SQL("COPY {} (building, meter, ts, kwh) FROM STDIN (FORMAT csv)").format(table)) as copy:
+            copy.write(data)
+
+    def _upsert(self, conn: psycopg.Connection, data: bytes) -> tuple[int, int, int]:
+        conn.execute(sql.SQL("TRUNCATE {}").format(self.stage))
+        self._copy_into(conn, self.stage, data)
+        row = conn.execute(self._upsert_sql()).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def _stored_marks(self, conn: psycopg.Connection, pairs: tuple[Pair, ...]) -> dict[Pair, int]:
+        """The latest stored instant of each (building, meter): one index probe per pair."""
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT u.b, u.m, (SELECT max(r.ts) FROM {} r WHERE r.building = u.b AND r.meter = u.m) "
+                "FROM unnest(%s::text[], %s::text[]) AS u(b, m)"
+            ).format(self.table),
+            ([p[0] for p in pairs], [p[1] for p in pairs]),
+        ).fetchall()
+        return {(b, m): NO_ROWS if ts is None else (ts - _EPOCH) // timedelta(microseconds=1) for b, m, ts in rows}
+
+    def _ensure_partitions(self, conn: psycopg.Connection, hours: np.ndarray) -> int:
+        """Create the time partitions the rows need, in their own short transaction so the brief
+        DDL locks are not held for the write. Only the partitions of hours present are made (an
+        outlier year does not create every month in between); hours already handled are skipped."""
+        todo = [h for h in hours.tolist() if h not in self._hours]
+        if not todo:
+            return 0
         with conn.transaction():
             row = conn.execute(
-                sql.SQL(
-                    "SELECT coalesce(sum(buildsmart.ensure_time_partitions(%(parent)s::regclass, %(iv)s::interval, s, s)), 0) "
-                    "FROM (SELECT DISTINCT buildsmart.partition_start(%(iv)s::interval, h) AS s FROM "
-                    "  (SELECT DISTINCT date_trunc('hour', ts, 'UTC') AS h FROM {}) hours) starts"
-                ).format(self.stage),
-                {"parent": self.parent, "iv": self.fragment.time_interval},
+                "SELECT coalesce(sum(buildsmart.ensure_time_partitions(%(parent)s::regclass, %(iv)s::interval, s, s)), 0) "
+                "FROM (SELECT DISTINCT buildsmart.partition_start(%(iv)s::interval, h) AS s "
+                "      FROM unnest(%(hours)s::timestamptz[]) h) starts",
+                {
+                    "parent": self.parent,
+                    "iv": self.fragment.time_interval,
+                    "hours": [_EPOCH + timedelta(microseconds=h * HOUR_US) for h in todo],
+                },
             ).fetchone()
+        if len(self._hours) + len(todo) > KNOWN_HOURS_LIMIT:
+            self._hours.clear()
+        self._hours.update(todo)
         created = int(row[0]) if row else 0
         if created:
             log.info("created %d time partition(s) on %s", created, self.fragment.shard_name)

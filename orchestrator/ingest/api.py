@@ -1,0 +1,407 @@
+"""The one way into the cluster for readings: an :class:`IngestSession`.
+
+Every source (files, standard input, ``--follow``; later MQTT, HTTP POST, Haystack hisWrite)
+parses and validates its input into :class:`~orchestrator.ingest.parse.ReadingBatch` es and
+submits them here. The session routes each row to its fragment and to one of ``streams``
+connections of that fragment (a meter always to the same one, so every key keeps its order),
+decides per row between the plain COPY and the upsert (:mod:`.fastpath`), and hands the parts to
+one writer thread per stream (:mod:`.writer`).
+
+Commit rule: a batch is *committed* when every part of it has committed on its worker; batches
+are reported committed strictly in submission order (``on_commit`` callbacks and the handles
+returned by :meth:`IngestSession.submit`), so a source may acknowledge its input (a file line, an
+MQTT PUBACK) exactly when its batch is reported. Committing happens when the caller calls
+:meth:`submit` (when the in-flight window is full), :meth:`poll`, :meth:`flush` or :meth:`close`;
+there is no thread of its own, so callbacks run on the caller's thread.
+
+Online moves and splits: each part holds its fragment's shared write lock; when the catalog
+version changed under it, the session settles everything in flight, re-reads placements and
+writes the affected rows where they now belong (:mod:`orchestrator.elastic.gate`).
+
+Placement: before the first batch of a load, a source may call :meth:`prepare_for_load` with the
+building row counts of its input; it calls the placement hook of issue 9 when it exists.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from orchestrator import topology
+from orchestrator.connections import Target, superuser_target
+from orchestrator.elastic.gate import RoutingChanged, WriteGate
+from orchestrator.exceptions import BuildSmartError, ClusterStateError, NodeError
+from orchestrator.fragments import Router
+from orchestrator.ingest.fastpath import NO_ROWS, split_new_rows
+from orchestrator.ingest.parse import COLUMNS, ReadingBatch, _Checks
+from orchestrator.ingest.writer import HOUR_US, BatchCounts, FragmentWriter, Pair, Part
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STREAMS = 2
+DEFAULT_WINDOW_BYTES = 64 << 20  # CSV bytes in flight: keeps every fragment busy on sorted input
+MAX_COMMITS_IN_FLIGHT = 64
+MARKS_LIMIT = 2_000_000  # meters whose high-water mark is remembered
+Stream = tuple[int, int]  # fragment id, stream number
+_CSV_OUT = pacsv.WriteOptions(include_header=False, quoting_style="needed")
+
+
+class BatchFailed(NodeError):
+    """A part of a batch failed for good (after retries); what was committed before it stays."""
+
+    def __init__(self, token: int, label: int, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.token = token
+        self.label = label
+        self.reasons = reasons
+
+
+@dataclass(frozen=True)
+class CommitOutcome:
+    """What one submitted batch did, once every part of it is committed."""
+
+    token: int  # 1, 2, ... in submission order
+    rows: int
+    inserted: int
+    replaced: int  # stored value changed, or superseded by a later line of the same batch
+    unchanged: int
+    copied: int  # rows written by the plain COPY
+    label: int  # what the source passed to submit (e.g. the line after the batch)
+
+
+@dataclass
+class SessionTotals:
+    """Running totals of committed batches."""
+
+    rows: int = 0
+    inserted: int = 0
+    replaced: int = 0
+    unchanged: int = 0
+    copied: int = 0
+    fallbacks: int = 0
+    partitions_created: int = 0
+    retries: int = 0
+    reroutes: int = 0
+    per_fragment: dict[str, int] = field(default_factory=dict)
+
+
+class PresplitHook(Protocol):
+    """Issue 9's ``orchestrator.elastic.autosplit.presplit_for_load``: re-lays out the fragments of
+    an empty cluster from the building distribution of the load about to start."""
+
+    def __call__(self, directory: Path, building_counts: Mapping[str, int], /) -> object: ...
+
+
+def find_presplit_hook() -> PresplitHook | None:
+    """The placement hook if this build has it, else None (loading works the same without it)."""
+    try:
+        from orchestrator.elastic import autosplit  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    hook = getattr(autosplit, "presplit_for_load", None)
+    return hook if callable(hook) else None
+
+
+class Commit:
+    """Handle of one submitted batch: done once every part is committed (or the batch failed)."""
+
+    def __init__(self, token: int, label: int) -> None:
+        self.token = token
+        self.label = label
+        self.parts: list[tuple[Stream, Part, Future[BatchCounts]]] = []
+        self.bytes = 0
+        self.outcome: CommitOutcome | None = None
+        self._counts: list[BatchCounts] = []
+
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def ready(self) -> bool:
+        return all(f.done() for _, _, f in self.parts)
+
+    def add(self, counts: BatchCounts) -> None:
+        self._counts.append(counts)
+
+    def finish(self) -> CommitOutcome:
+        c = self._counts
+        self.outcome = CommitOutcome(
+            self.token,
+            sum(x.staged for x in c),
+            sum(x.inserted for x in c),
+            sum(x.updated + x.superseded for x in c),
+            sum(x.unchanged for x in c),
+            sum(x.copied for x in c),
+            self.label,
+        )
+        self.parts = []
+        return self.outcome
+
+
+class IngestSession:
+    """Open once per cluster (and load); submit batches; close. Used from one thread."""
+
+    def __init__(
+        self,
+        coordinator: Target,
+        workers: Mapping[str, Target],
+        *,
+        streams: int = DEFAULT_STREAMS,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        on_commit: Callable[[CommitOutcome], None] | None = None,
+        directory: Path | None = None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.workers = dict(workers)
+        self.streams = max(1, streams)
+        self.window_bytes = window_bytes
+        self.on_commit = on_commit
+        self.directory = directory
+        self.totals = SessionTotals()
+        self.gate = WriteGate(coordinator, "ingest:plan")
+        self.writers: dict[Stream, FragmentWriter] = {}
+        self.pools: dict[Stream, ThreadPoolExecutor] = {}
+        self.in_flight: deque[Commit] = deque()
+        self._bytes_in_flight = 0
+        self._tokens = 0
+        self._marks: dict[Pair, int] = {}
+        self._checks = _Checks()
+        self._load_routing()
+
+    @classmethod
+    def open(cls, directory: Path, **options: object) -> IngestSession:
+        """A session on the cluster whose topology and credentials live in ``directory``."""
+        directory = directory.resolve()
+        topo, creds = topology.load(directory), topology.load_credentials(directory)
+        workers = {g.name: superuser_target(g, creds) for g in topo.workers}
+        return cls(superuser_target(topo.coordinator, creds), workers, directory=directory, **options)  # type: ignore[arg-type]
+
+    @property
+    def fragments(self) -> int:
+        return len(self.router.fragments)
+
+    # -- placement ---------------------------------------------------------------------------
+
+    def prepare_for_load(self, building_counts: Mapping[str, int], hook: PresplitHook | None = None) -> None:
+        """The call point of the placement hook (issue 9): before the first batch of a load, with
+        the building row counts of the input. Without a hook (or a cluster directory) it does
+        nothing; after it, placements are read again."""
+        hook = hook or find_presplit_hook()
+        if hook is None or self.directory is None or self.in_flight:
+            return
+        log.info("placement hook: %d buildings, %d rows in the load", len(building_counts), sum(building_counts.values()))
+        hook(self.directory, building_counts)
+        self._load_routing()
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def _load_routing(self) -> None:
+        """(Re)read placements with the catalog version; writers of moved fragments are replaced."""
+        fragments = self.gate.fragments()
+        self.router = Router(fragments)
+        for frag in fragments:
+            target = self.workers.get(frag.node)
+            if target is None:
+                raise ClusterStateError(f"fragment {frag.fragment_id} is on {frag.node}, which this cluster does not know")
+            for n in range(self.streams):
+                where = (frag.fragment_id, n)
+                writer = self.writers.get(where)
+                if writer is None or writer.fragment != frag:
+                    if writer is not None:
+                        self.pools[where].submit(writer.close).result()
+                    self.writers[where] = writer = self.new_writer(frag, target)
+                    if where not in self.pools:
+                        self.pools[where] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"frag{frag.fragment_id}.{n}")
+                elif (gate := writer.gate()) is not None:
+                    # A kept writer's open gate still holds the old version and would refuse every
+                    # batch from now on (re-routing forever); it is idle here, so update it.
+                    gate.version = self.gate.version
+                writer.gate_version = self.gate.version
+        log.info("routing %d fragments (catalog version %d)", len(fragments), self.gate.version)
+
+    def new_writer(self, fragment: object, target: Target) -> FragmentWriter:
+        """Factory (a seam for tests that need a writer with a fault injected)."""
+        return FragmentWriter(fragment, target, self.coordinator)  # type: ignore[arg-type]
+
+    def _parts(self, batch: ReadingBatch) -> dict[Stream, Part]:
+        """Route the rows and split each stream's share into new rows and rows to upsert."""
+        b_enc = pc.dictionary_encode(batch.building)
+        m_enc = pc.dictionary_encode(batch.meter)
+        b_names: list[str] = b_enc.dictionary.to_pylist()
+        m_names: list[str] = m_enc.dictionary.to_pylist()
+        codes = b_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64) * len(m_names) + m_enc.indices.to_numpy(
+            zero_copy_only=False
+        )
+        unique_codes, pair = np.unique(codes, return_inverse=True)
+        pairs: list[Pair] = [(b_names[c // len(m_names)], m_names[c % len(m_names)]) for c in unique_codes.tolist()]
+        marks = self._marks
+        split = split_new_rows(pair, batch.instant, np.array([marks.get(p, NO_ROWS) for p in pairs], dtype=np.int64))
+        if len(marks) + len(pairs) > MARKS_LIMIT:
+            marks.clear()  # forgetting only costs a failed COPY per meter
+        for p, latest in zip(pairs, split.pair_max.tolist(), strict=True):
+            if latest > marks.get(p, NO_ROWS):
+                marks[p] = latest  # what this batch will have stored once committed
+        route = self.router.route
+        dest_of_pair = np.array([route(p[0]).fragment_id * self.streams + hash(p) % self.streams for p in pairs], dtype=np.int64)
+        dest = dest_of_pair[pair]
+        hours = batch.instant // HOUR_US
+        parts: dict[Stream, Part] = {}
+        for d in np.unique(dest).tolist():
+            rows = np.flatnonzero(dest == d)
+            fast = rows[split.fast[rows]]
+            slow = rows[~split.fast[rows]]
+            part_pairs = tuple(pairs[i] for i in np.unique(pair[rows]).tolist())
+            parts[(d // self.streams, d % self.streams)] = Part(
+                _csv(batch, fast), len(fast), _csv(batch, slow), len(slow), np.unique(hours[rows]), part_pairs
+            )
+        return parts
+
+    # -- submit and settle -------------------------------------------------------------------
+
+    def submit(self, batch: ReadingBatch, label: int = 0) -> Commit:
+        """Send a batch to its writers; returns its handle. Blocks while the window is full
+        (settling the oldest batches, which may raise :class:`BatchFailed`)."""
+        self._tokens += 1
+        commit = Commit(self._tokens, label)
+        if batch.rows:
+            self._send(commit, self._parts(batch))
+        self.in_flight.append(commit)
+        self._bytes_in_flight += commit.bytes
+        self.poll()
+        while self.in_flight and (self._bytes_in_flight > self.window_bytes or len(self.in_flight) > MAX_COMMITS_IN_FLIGHT):
+            self._settle_oldest()
+        return commit
+
+    def _send(self, commit: Commit, parts: Mapping[Stream, Part]) -> None:
+        for where, part in parts.items():
+            commit.parts.append((where, part, self.pools[where].submit(self.writers[where].write, part)))
+            commit.bytes += len(part.fast) + len(part.slow)
+
+    def poll(self) -> None:
+        """Report every batch at the head of the queue that has committed (does not wait)."""
+        while self.in_flight and self.in_flight[0].ready():
+            self._settle_oldest()
+
+    def flush(self) -> None:
+        """Wait until every submitted batch is committed."""
+        while self.in_flight:
+            self._settle_oldest()
+
+    def _settle_oldest(self) -> None:
+        commit = self.in_flight.popleft()
+        self._bytes_in_flight -= commit.bytes
+        reroute = self._collect(commit, commit)
+        if not reroute:
+            self._report(commit)
+            return
+        # Placements changed under this batch (an online move or split switched): later batches
+        # in flight are settled first so each fragment keeps its order, then the refused rows go
+        # where they now belong (counted with this batch), and every batch is reported in order.
+        later = list(self.in_flight)
+        self.in_flight.clear()
+        self._bytes_in_flight = 0
+        for c in later:
+            reroute.extend(self._collect(c, c))
+        while reroute:
+            self.totals.reroutes += 1
+            self._load_routing()
+            again = Commit(commit.token, commit.label)
+            self._send(again, self._parts(ReadingBatch.concat([self._rows_of(p) for p in reroute])))
+            reroute = self._collect(again, commit)
+        self._report(commit)
+        for c in later:
+            self._report(c)
+
+    def _collect(self, commit: Commit, owner: Commit) -> list[Part]:
+        """Wait for a batch's parts; account what committed to ``owner``; return the parts to
+        re-route."""
+        errors: list[str] = []
+        reroute: list[Part] = []
+        for where, part, fut in commit.parts:
+            try:
+                counts = fut.result()
+            except RoutingChanged:
+                reroute.append(part)
+                continue
+            except BuildSmartError as exc:
+                errors.append(str(exc))
+                continue
+            except Exception as exc:  # a database error the writer does not retry (e.g. a bad value)
+                errors.append(f"{type(exc).__name__}: {str(exc).strip()}")
+                continue
+            self._account(owner, where, counts)
+        if errors:
+            self._drain()
+            raise BatchFailed(commit.token, commit.label, errors)
+        return reroute
+
+    def _account(self, commit: Commit, where: Stream, counts: BatchCounts) -> None:
+        commit.add(counts)
+        t = self.totals
+        t.partitions_created += counts.partitions
+        t.retries += counts.retries
+        t.fallbacks += counts.fell_back
+        name = self.writers[where].fragment.shard_name
+        t.per_fragment[name] = t.per_fragment.get(name, 0) + counts.staged
+        for pair, stored in counts.marks.items():
+            self._marks[pair] = max(stored, self._marks.get(pair, NO_ROWS))
+
+    def _report(self, commit: Commit) -> None:
+        outcome = commit.finish()
+        t = self.totals
+        t.rows += outcome.rows
+        t.inserted += outcome.inserted
+        t.replaced += outcome.replaced
+        t.unchanged += outcome.unchanged
+        t.copied += outcome.copied
+        if self.on_commit is not None:
+            self.on_commit(outcome)
+
+    def _rows_of(self, part: Part) -> ReadingBatch:
+        """A part's rows again (after a re-route), from the CSV it holds."""
+        data = part.fast + part.slow
+        if not data:
+            return ReadingBatch.concat([])
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=list(COLUMNS)),
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(COLUMNS, pa.string()), strings_can_be_null=False),
+        )
+        b, m, t, k = (table.column(c).combine_chunks() for c in COLUMNS)
+        instants = self._checks.columns(b, m, t)
+        assert instants is not None, "rows that passed validation failed it again"
+        return ReadingBatch(b, m, t, k, instants, np.zeros(len(instants), dtype=np.int64))
+
+    def _drain(self) -> None:
+        for c in self.in_flight:
+            for _, _, fut in c.parts:
+                fut.exception()
+        self.in_flight.clear()
+        self._bytes_in_flight = 0
+
+    def close(self) -> None:
+        """Stop the writers (batches not yet settled are waited for, not reported)."""
+        for where, pool in self.pools.items():
+            writer = self.writers.get(where)
+            if writer is not None:
+                pool.submit(writer.close)
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.gate.close()
+
+
+def _csv(batch: ReadingBatch, rows: np.ndarray) -> bytes:
+    if not len(rows):
+        return b""
+    sink = io.BytesIO()
+    pacsv.write_csv(batch.take(rows).table(), sink, _CSV_OUT)
+    return sink.getvalue()
