@@ -43,6 +43,10 @@ from orchestrator.ingest.validate import (
     ts_micros,
 )
 
+# The system allocator, not pyarrow's default (mimalloc): mimalloc kept about 50 MB more resident
+# for the same chunks (measured), and the loader must stay small beside the servers.
+pa.set_memory_pool(pa.system_memory_pool())
+
 Format = Literal["csv", "jsonl"]
 FORMATS: tuple[Format, ...] = ("csv", "jsonl")
 COLUMNS = ("building", "meter", "ts", "kwh")

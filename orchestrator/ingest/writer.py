@@ -50,7 +50,7 @@ RETRYABLE = (
     psycopg.errors.DeadlockDetected,
 )
 HOUR_US = 3_600_000_000
-KNOWN_HOURS_LIMIT = 1_000_000
+KNOWN_RANGES_LIMIT = 100_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Pair = tuple[str, str]
 
@@ -103,9 +103,14 @@ class FragmentWriter:
         self.parent = f"{SHARD_SCHEMA}.{fragment.shard_name}"
         self.table = sql.Identifier(SHARD_SCHEMA, fragment.shard_name)
         self.stage = sql.Identifier(f"bs_stage_{fragment.shard_name}")
+        copy = "COPY {} (building, meter, ts, kwh) FROM STDIN (FORMAT csv)"
+        self._copy_sql = sql.SQL(copy).format(self.table)  # composed once: composing costs on every batch
+        self._stage_copy_sql = sql.SQL(copy).format(self.stage)
+        self._truncate_sql = sql.SQL("TRUNCATE {}").format(self.stage)
+        self._upsert_stmt = self._upsert_sql()
         self._conn: psycopg.Connection | None = None
         self._gate: WriteGate | None = None
-        self._hours: set[int] = set()  # hours whose time partition is known to exist
+        self._ranges = np.zeros((0, 2), dtype=np.int64)  # [start, end) in µs of partitions known to exist
         self.gate_version: int | None = None
 
     # -- connections -------------------------------------------------------------------------
@@ -180,7 +185,7 @@ class FragmentWriter:
             if part.fast_rows and not upsert_only:
                 try:
                     with conn.transaction():  # a savepoint: a stored key undoes only the COPY
-                        self._copy_into(conn, self.table, part.fast)
+                        self._copy_into(conn, self._copy_sql, part.fast)
                     copied = part.fast_rows
                 except psycopg.errors.UniqueViolation:
                     fell_back = True
@@ -200,14 +205,14 @@ class FragmentWriter:
     def after_commit(self) -> None:
         """Test seam: runs after COMMIT, before the outcome is reported (a lost reply lands here)."""
 
-    def _copy_into(self, conn: psycopg.Connection, table: sql.Identifier, data: bytes) -> None:
-        with conn.cursor().copy(sql.SQL("COPY {} (building, meter, ts, kwh) FROM STDIN (FORMAT csv)").format(table)) as copy:
+    def _copy_into(self, conn: psycopg.Connection, statement: sql.Composed, data: bytes) -> None:
+        with conn.cursor().copy(statement) as copy:
             copy.write(data)
 
     def _upsert(self, conn: psycopg.Connection, data: bytes) -> tuple[int, int, int]:
-        conn.execute(sql.SQL("TRUNCATE {}").format(self.stage))
-        self._copy_into(conn, self.stage, data)
-        row = conn.execute(self._upsert_sql()).fetchone()
+        conn.execute(self._truncate_sql)
+        self._copy_into(conn, self._stage_copy_sql, data)
+        row = conn.execute(self._upsert_stmt).fetchone()
         assert row is not None
         return int(row[0]), int(row[1]), int(row[2])
 
@@ -225,25 +230,27 @@ class FragmentWriter:
     def _ensure_partitions(self, conn: psycopg.Connection, hours: np.ndarray) -> int:
         """Create the time partitions the rows need, in their own short transaction so the brief
         DDL locks are not held for the write. Only the partitions of hours present are made (an
-        outlier year does not create every month in between); hours already handled are skipped."""
-        todo = [h for h in hours.tolist() if h not in self._hours]
-        if not todo:
+        outlier year does not create every month in between). The ranges of partitions handled
+        once are remembered, so a later batch only asks about hours outside them."""
+        if len(self._ranges):
+            at = np.searchsorted(self._ranges[:, 0], hours * HOUR_US, side="right") - 1
+            inside = (at >= 0) & (hours * HOUR_US < self._ranges[np.maximum(at, 0), 1])
+            hours = hours[~inside]
+        if not len(hours):
             return 0
+        as_array = "{" + ",".join(map(str, hours.tolist())) + "}"  # one text parameter: fast to send
         with conn.transaction():
-            row = conn.execute(
-                "SELECT coalesce(sum(buildsmart.ensure_time_partitions(%(parent)s::regclass, %(iv)s::interval, s, s)), 0) "
-                "FROM (SELECT DISTINCT buildsmart.partition_start(%(iv)s::interval, h) AS s "
-                "      FROM unnest(%(hours)s::timestamptz[]) h) starts",
-                {
-                    "parent": self.parent,
-                    "iv": self.fragment.time_interval,
-                    "hours": [_EPOCH + timedelta(microseconds=h * HOUR_US) for h in todo],
-                },
-            ).fetchone()
-        if len(self._hours) + len(todo) > KNOWN_HOURS_LIMIT:
-            self._hours.clear()
-        self._hours.update(todo)
-        created = int(row[0]) if row else 0
+            rows = conn.execute(
+                "SELECT extract(epoch FROM s)::bigint, extract(epoch FROM s + %(iv)s::interval)::bigint, "
+                "       buildsmart.ensure_time_partitions(%(parent)s::regclass, %(iv)s::interval, s, s) "
+                "FROM (SELECT DISTINCT buildsmart.partition_start(%(iv)s::interval, to_timestamp(h * 3600)) AS s "
+                "      FROM unnest(%(hours)s::bigint[]) h) starts",
+                {"parent": self.parent, "iv": self.fragment.time_interval, "hours": as_array},
+            ).fetchall()
+        ranges = np.array([(lo * 1_000_000, hi * 1_000_000) for lo, hi, _ in rows], dtype=np.int64).reshape(-1, 2)
+        merged = np.concatenate([self._ranges, ranges]) if len(self._ranges) < KNOWN_RANGES_LIMIT else ranges
+        self._ranges = merged[np.argsort(merged[:, 0], kind="stable")]
+        created = sum(int(n) for _, _, n in rows)
         if created:
             log.info("created %d time partition(s) on %s", created, self.fragment.shard_name)
         return created
