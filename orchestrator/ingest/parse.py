@@ -79,6 +79,7 @@ class ReadingBatch:
     kwh: pa.Array
     instant: np.ndarray
     line: np.ndarray
+    plain: bool = False  # no building or meter holds a comma, quote, CR or LF: CSV needs no quoting
 
     @property
     def rows(self) -> int:
@@ -97,6 +98,7 @@ class ReadingBatch:
             self.kwh.take(idx),
             self.instant[indices],
             self.line[indices],
+            self.plain,
         )
 
     def before_line(self, line: int) -> ReadingBatch:
@@ -120,6 +122,7 @@ class ReadingBatch:
             pa.concat_arrays([b.kwh for b in batches]),
             np.concatenate([b.instant for b in batches]),
             np.concatenate([b.line for b in batches]),
+            all(b.plain for b in batches),
         )
 
 
@@ -127,7 +130,14 @@ def _strings(values: Sequence[str]) -> pa.Array:
     return pa.array(values, type=pa.string())
 
 
-EMPTY = ReadingBatch(_strings([]), _strings([]), _strings([]), _strings([]), np.zeros(0, np.int64), np.zeros(0, np.int64))
+EMPTY = ReadingBatch(_strings([]), _strings([]), _strings([]), _strings([]), np.zeros(0, np.int64), np.zeros(0, np.int64), True)
+_QUOTED = (",", '"', "\r", "\n")
+
+
+def plain_texts(values: Iterable[str]) -> bool:
+    """No value needs quoting in CSV."""
+    return not any(c in v for v in values for c in _QUOTED)
+
 
 Row = tuple[int, str, str, str, str]  # line, building, meter, ts text, kwh text (all valid)
 
@@ -144,6 +154,7 @@ def batch_of(rows: Sequence[Row], instants: Sequence[int]) -> ReadingBatch:
         _strings(kwhs),
         np.asarray(instants, dtype=np.int64),
         np.asarray(lines, dtype=np.int64),
+        plain_texts(buildings) and plain_texts(meters),
     )
 
 
@@ -185,7 +196,7 @@ def decode_line(source: str, number: int, raw: bytes) -> str:
     return text.rstrip("\r\n")
 
 
-class _Checks:
+class ValueChecks:
     """Values already known to be valid, so the vectorised path checks each distinct value once."""
 
     def __init__(self) -> None:
@@ -286,7 +297,7 @@ class CsvParser:
         self.source = source
         self.threads = threads
         self.order: tuple[int, int, int, int] | None = None
-        self._checks = _Checks()
+        self._checks = ValueChecks()
 
     # -- header ------------------------------------------------------------------------------
 
@@ -344,7 +355,8 @@ class CsvParser:
         instants = self._checks.columns(b, m, t)
         if instants is None or not _kwh_texts_ok(k):
             return None
-        return ReadingBatch(b, m, t, k, instants, np.arange(first_line, first_line + n, dtype=np.int64))
+        # Split on commas with no quote character and no CR but in CRLF: nothing to quote.
+        return ReadingBatch(b, m, t, k, instants, np.arange(first_line, first_line + n, dtype=np.int64), True)
 
     # -- line by line ------------------------------------------------------------------------
 
@@ -413,7 +425,7 @@ class JsonParser:
     def __init__(self, source: str, threads: bool = False) -> None:
         self.source = source
         self.threads = threads
-        self._checks = _Checks()
+        self._checks = ValueChecks()
 
     def parse(self, chunk: bytes, first_line: int, lines: int | None = None) -> Parsed:
         n = count_lines(chunk) if lines is None else lines
@@ -456,7 +468,9 @@ class JsonParser:
         instants = self._checks.columns(b, m, t)
         if instants is None:
             return None
-        return ReadingBatch(b, m, t, pc.cast(k, pa.string()), instants, np.arange(first_line, first_line + n, dtype=np.int64))
+        plain = plain_texts(pc.unique(b).to_pylist()) and plain_texts(pc.unique(m).to_pylist())
+        lines = np.arange(first_line, first_line + n, dtype=np.int64)
+        return ReadingBatch(b, m, t, pc.cast(k, pa.string()), instants, lines, plain)
 
     def check_line(self, number: int, raw: bytes) -> Row | Reject:
         """The careful check of one JSON line."""
