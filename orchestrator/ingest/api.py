@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -46,7 +47,7 @@ from orchestrator.exceptions import BuildSmartError, ClusterStateError, NodeErro
 from orchestrator.fragments import Router
 from orchestrator.ingest.fastpath import NO_ROWS, split_new_rows
 from orchestrator.ingest.parse import COLUMNS, ReadingBatch, ValueChecks, plain_texts
-from orchestrator.ingest.writer import HOUR_US, BatchCounts, FragmentWriter, Pair, Part
+from orchestrator.ingest.writer import HOUR_US, NO_LEAVES, BatchCounts, FragmentWriter, LeafMap, Pair, Part, Segment
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ class IngestSession:
         self._bytes_in_flight = 0
         self._tokens = 0
         self._marks: dict[Pair, int] = {}
+        self.leaf_maps: dict[int, LeafMap] = {}  # fragment id -> its time partitions (filled by the writers)
         self._checks = ValueChecks()
         self._load_routing()
 
@@ -234,6 +236,7 @@ class IngestSession:
                 where = (frag.fragment_id, n)
                 writer = self.writers.get(where)
                 if writer is None or writer.fragment != frag:
+                    self.leaf_maps.pop(frag.fragment_id, None)
                     if writer is not None:
                         self.pools[where].submit(writer.close).result()
                     self.writers[where] = writer = self.new_writer(frag, target)
@@ -248,7 +251,7 @@ class IngestSession:
 
     def new_writer(self, fragment: object, target: Target) -> FragmentWriter:
         """Factory (a seam for tests that need a writer with a fault injected)."""
-        return FragmentWriter(fragment, target, self.coordinator)  # type: ignore[arg-type]
+        return FragmentWriter(fragment, target, self.coordinator, self.leaf_maps)  # type: ignore[arg-type]
 
     def _parts(self, batch: ReadingBatch) -> dict[Stream, Part]:
         """Route the rows and split each stream's share into new rows and rows to upsert."""
@@ -256,10 +259,9 @@ class IngestSession:
         m_enc = pc.dictionary_encode(batch.meter)
         b_names: list[str] = b_enc.dictionary.to_pylist()
         m_names: list[str] = m_enc.dictionary.to_pylist()
-        codes = b_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64) * len(m_names) + m_enc.indices.to_numpy(
-            zero_copy_only=False
-        )
-        unique_codes, pair = np.unique(codes, return_inverse=True)
+        b_idx = b_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        codes = b_idx * len(m_names) + m_enc.indices.to_numpy(zero_copy_only=False)
+        pair, unique_codes = dense_ids(codes, len(b_names) * len(m_names))
         pairs: list[Pair] = [(b_names[c // len(m_names)], m_names[c % len(m_names)]) for c in unique_codes.tolist()]
         marks = self._marks
         split = split_new_rows(pair, batch.instant, np.array([marks.get(p, NO_ROWS) for p in pairs], dtype=np.int64))
@@ -271,16 +273,22 @@ class IngestSession:
         route = self.router.route
         dest_of_pair = np.array([route(p[0]).fragment_id * self.streams + hash(p) % self.streams for p in pairs], dtype=np.int64)
         dest = dest_of_pair[pair]
-        hours = batch.instant // HOUR_US
+        order = np.argsort(dest, kind="stable")  # rows by destination, in line order within each
+        cuts = [0, *(np.flatnonzero(dest[order][1:] != dest[order][:-1]) + 1).tolist(), len(order)]
         parts: dict[Stream, Part] = {}
-        for d in np.unique(dest).tolist():
-            rows = np.flatnonzero(dest == d)
-            fast = rows[split.fast[rows]]
-            slow = rows[~split.fast[rows]]
-            part_pairs = tuple(pairs[i] for i in np.unique(pair[rows]).tolist())
-            parts[(d // self.streams, d % self.streams)] = Part(
-                _csv(batch, fast), len(fast), _csv(batch, slow), len(slow), np.unique(hours[rows]), part_pairs
-            )
+        for start, end in itertools.pairwise(cuts):
+            rows = order[start:end]
+            d = int(dest[rows[0]])
+            fid = d // self.streams
+            leaves = self.leaf_maps.get(fid, NO_LEAVES)
+            leaf = leaves.leaf_of(batch.instant[rows])
+            # the writer makes the partitions rows need; only hours outside known ones are sent
+            hours = np.unique(batch.instant[rows[leaf < 0]] // HOUR_US)
+            new = split.fast[rows]
+            fast, slow = rows[new], rows[~new]
+            data, segments = _by_leaf(batch, fast, leaf[new], leaves)
+            part_pairs = tuple(pairs[i] for i in np.flatnonzero(dest_of_pair == d).tolist())
+            parts[(fid, d % self.streams)] = Part(data, len(fast), segments, _csv(batch, slow), len(slow), hours, part_pairs)
         return parts
 
     # -- submit and settle -------------------------------------------------------------------
@@ -415,6 +423,40 @@ class IngestSession:
                 pool.submit(writer.close)
             pool.shutdown(wait=True, cancel_futures=True)
         self.gate.close()
+
+
+def dense_ids(codes: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids 0..k-1 for the distinct values of ``codes`` (ints in [0, space)) in ascending order,
+    and those values; counting instead of sorting when the space is small."""
+    if space <= max(4 * len(codes), 1 << 16):
+        present = np.flatnonzero(np.bincount(codes, minlength=space))
+        lut = np.empty(space, dtype=np.int64)
+        lut[present] = np.arange(len(present), dtype=np.int64)
+        return lut[codes], present
+    values, ids = np.unique(codes, return_inverse=True)
+    return ids.astype(np.int64), values
+
+
+def _by_leaf(batch: ReadingBatch, rows: np.ndarray, leaf: np.ndarray, leaves: LeafMap) -> tuple[bytes, tuple[Segment, ...]]:
+    """CSV of ``rows`` grouped by time partition (``leaf``: index into ``leaves``, -1 unknown), in
+    line order within each, with the byte range of each group; rows of partitions not known yet go
+    to the fragment, which routes them."""
+    if not len(rows):
+        return b"", ()
+    if not batch.plain or (leaf < 0).all():
+        data = _csv(batch, rows)
+        return data, ((None, 0, len(data)),)
+    order = np.argsort(leaf, kind="stable")  # a merge of runs: fast on time-ordered input
+    leaf = leaf[order]
+    table = batch.take(rows[order]).table()
+    cuts = [0, *(np.flatnonzero(leaf[1:] != leaf[:-1]) + 1).tolist(), len(leaf)]
+    sink = io.BytesIO()
+    segments: list[Segment] = []
+    for start, end in itertools.pairwise(cuts):
+        at = sink.tell()
+        pacsv.write_csv(table.slice(start, end - start), sink, _CSV_PLAIN)
+        segments.append((leaves.names[leaf[start]] if leaf[start] >= 0 else None, at, sink.tell()))
+    return sink.getvalue(), tuple(segments)
 
 
 def _csv(batch: ReadingBatch, rows: np.ndarray) -> bytes:

@@ -33,16 +33,24 @@ def split_new_rows(pair: np.ndarray, instant: np.ndarray, marks: np.ndarray) -> 
     A row goes fast when its instant is after its pair's mark and no other row of the batch has
     the same pair and instant (repeats go to the upsert, where the last line wins)."""
     n = len(pair)
+    pair_max = np.full(len(marks), NO_ROWS, dtype=np.int64)
     if n == 0:
-        return Split(np.zeros(0, dtype=bool), np.full(len(marks), NO_ROWS, dtype=np.int64))
-    order = np.lexsort((instant, pair))
+        return Split(np.zeros(0, dtype=bool), pair_max)
+    # Usually each meter's readings come in time order: a stable sort by pair (runs: linear) and
+    # one comparison prove there are no repeats. Otherwise sort by (pair, instant) to find them.
+    order = np.argsort(pair, kind="stable")
     p, t = pair[order], instant[order]
-    same = (p[1:] == p[:-1]) & (t[1:] == t[:-1])
+    same = p[1:] == p[:-1]
     repeated = np.zeros(n, dtype=bool)
-    repeated[1:] |= same
-    repeated[:-1] |= same
+    if (same & (t[1:] <= t[:-1])).any():
+        order = np.lexsort((instant, pair))
+        p, t = pair[order], instant[order]
+        same = p[1:] == p[:-1]
+        twice = same & (t[1:] == t[:-1])
+        repeated[1:] |= twice
+        repeated[:-1] |= twice
+    last = np.append(~same, True)  # the last row of each pair holds its latest instant
+    pair_max[p[last]] = t[last]
     fast = np.empty(n, dtype=bool)
     fast[order] = ~repeated & (t > marks[p])
-    pair_max = np.full(len(marks), NO_ROWS, dtype=np.int64)
-    np.maximum.at(pair_max, pair, instant)
     return Split(fast, pair_max)

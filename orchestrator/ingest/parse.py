@@ -237,18 +237,20 @@ class ValueChecks:
         TS_RE is a date (10 characters), T or a space, and a time of day with its offset, and
         ``datetime.fromisoformat`` parses the two halves independently; so each distinct date
         and each distinct time is checked once, and the instant is their sum (exact)."""
-        seps = pc.unique(pc.utf8_slice_codeunits(ts, 10, 11)).to_pylist()
+        encoded = pc.dictionary_encode(ts)
+        distinct = encoded.dictionary
+        seps = pc.unique(pc.utf8_slice_codeunits(distinct, 10, 11)).to_pylist()
         if not set(seps) <= {"T", " "}:
             return None
-        dates = pc.dictionary_encode(pc.utf8_slice_codeunits(ts, 0, 10))
-        times = pc.dictionary_encode(pc.utf8_slice_codeunits(ts, 11))
+        dates = pc.dictionary_encode(pc.utf8_slice_codeunits(distinct, 0, 10))
+        times = pc.dictionary_encode(pc.utf8_slice_codeunits(distinct, 11))
         day_us = self._parts(dates.dictionary.to_pylist(), self.dates, _date_micros)
         time_us = self._parts(times.dictionary.to_pylist(), self.times, _time_micros)
         if day_us is None or time_us is None:
             return None
         di = dates.indices.to_numpy(zero_copy_only=False)
         ti = times.indices.to_numpy(zero_copy_only=False)
-        return day_us[di] + time_us[ti]
+        return (day_us[di] + time_us[ti])[encoded.indices.to_numpy(zero_copy_only=False)]
 
     def columns(self, building: pa.Array, meter: pa.Array, ts: pa.Array) -> np.ndarray | None:
         """Instants of the rows if every building, meter and timestamp is valid, else None."""
@@ -334,7 +336,7 @@ class CsvParser:
             return EMPTY
         if b'"' in chunk or b"\x00" in chunk:
             return None
-        if b"\r" in chunk and chunk.count(b"\r") != chunk.count(b"\r\n"):
+        if b"\r" in chunk and not _crs_end_lines(chunk):
             return None  # a lone CR ends a line for pyarrow, not for the careful path
         names = [f"c{i}" for i in range(4)]
         try:
@@ -396,9 +398,20 @@ class CsvParser:
         return number, building, meter, fields[o[2]], fields[o[3]]
 
 
+def _crs_end_lines(chunk: bytes) -> bool:
+    """Every CR is followed by LF (CRLF line ends, which pyarrow and the careful path agree on)."""
+    data = np.frombuffer(chunk, dtype=np.uint8)
+    after = np.flatnonzero(data == 13) + 1
+    return bool(len(after) == 0 or (after[-1] < len(data) and (data[after] == 10).all()))
+
+
 def _kwh_texts_ok(kwh: pa.Array) -> bool:
-    """Every kwh text is a plain decimal number, finite and not an underflow to zero."""
-    if kwh.null_count or not pc.all(pc.match_substring_regex(kwh, _NUMBER_FULL)).as_py():
+    """Every kwh text is a plain decimal number, finite and not an underflow to zero. Checked
+    once per distinct text: meters repeat their values a lot."""
+    if kwh.null_count:
+        return False
+    kwh = pc.unique(kwh)
+    if not pc.all(pc.match_substring_regex(kwh, _NUMBER_FULL)).as_py():
         return False
     try:
         values = pc.cast(kwh, pa.float64())

@@ -50,9 +50,29 @@ RETRYABLE = (
     psycopg.errors.DeadlockDetected,
 )
 HOUR_US = 3_600_000_000
-KNOWN_RANGES_LIMIT = 100_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Pair = tuple[str, str]
+
+
+@dataclass(frozen=True, eq=False)
+class LeafMap:
+    """A fragment's time partitions: ``[starts[i], ends[i])`` in µs since 1970 is table ``names[i]``."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    names: tuple[str, ...]
+
+    def leaf_of(self, instants: np.ndarray) -> np.ndarray:
+        """Index into ``names`` of each instant's partition, -1 where none is known."""
+        if not len(self.starts):
+            return np.full(len(instants), -1, dtype=np.int64)
+        at = np.searchsorted(self.starts, instants, side="right") - 1
+        inside = (at >= 0) & (instants < self.ends[np.maximum(at, 0)])
+        return np.where(inside, at, -1)
+
+
+NO_LEAVES = LeafMap(np.zeros(0, np.int64), np.zeros(0, np.int64), ())
+Segment = tuple[str | None, int, int]  # time partition (None: the fragment), byte range in Part.fast
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +81,7 @@ class Part:
 
     fast: bytes  # rows whose keys are new: plain COPY
     fast_rows: int
+    segments: tuple[Segment, ...]  # where each run of ``fast`` goes
     slow: bytes  # rows for the upsert, in line order
     slow_rows: int
     hours: np.ndarray  # distinct hours (since 1970) of all rows: the time partitions they need
@@ -96,8 +117,14 @@ class BatchCounts:
 class FragmentWriter:
     """Owns one worker connection and one coordinator gate connection; used from one thread."""
 
-    def __init__(self, fragment: Fragment, target: Target, coordinator: Target | None) -> None:
+    def __init__(
+        self, fragment: Fragment, target: Target, coordinator: Target | None, leaf_maps: dict[int, LeafMap] | None = None
+    ) -> None:
         self.fragment = fragment
+        # Shared with the session, which cuts new rows by time partition: a COPY straight into
+        # the partition costs about a fifth less server CPU than routing through the fragment
+        # (measured). Replaced whole, never changed in place, so no lock is needed.
+        self.leaf_maps = leaf_maps if leaf_maps is not None else {}
         self.target = target
         self.coordinator = coordinator
         self.parent = f"{SHARD_SCHEMA}.{fragment.shard_name}"
@@ -110,7 +137,6 @@ class FragmentWriter:
         self._upsert_stmt = self._upsert_sql()
         self._conn: psycopg.Connection | None = None
         self._gate: WriteGate | None = None
-        self._ranges = np.zeros((0, 2), dtype=np.int64)  # [start, end) in µs of partitions known to exist
         self.gate_version: int | None = None
 
     # -- connections -------------------------------------------------------------------------
@@ -185,8 +211,11 @@ class FragmentWriter:
             if part.fast_rows and not upsert_only:
                 try:
                     with conn.transaction():  # a savepoint: a stored key undoes only the COPY
-                        self._copy_into(conn, self._copy_sql, part.fast)
+                        self._copy_segments(conn, part)
                     copied = part.fast_rows
+                except psycopg.errors.UndefinedTable:  # a partition was dropped (retention) since
+                    self.leaf_maps.pop(self.fragment.fragment_id, None)
+                    fell_back = True
                 except psycopg.errors.UniqueViolation:
                     fell_back = True
                     log.info("%s: %d rows thought new meet stored keys; upserting them", self.fragment.shard_name, part.fast_rows)
@@ -205,9 +234,21 @@ class FragmentWriter:
     def after_commit(self) -> None:
         """Test seam: runs after COMMIT, before the outcome is reported (a lost reply lands here)."""
 
-    def _copy_into(self, conn: psycopg.Connection, statement: sql.Composed, data: bytes) -> None:
+    def _copy_into(self, conn: psycopg.Connection, statement: sql.Composed, data: bytes | memoryview) -> None:
         with conn.cursor().copy(statement) as copy:
             copy.write(data)
+
+    def _copy_segments(self, conn: psycopg.Connection, part: Part) -> None:
+        with memoryview(part.fast) as data:
+            for leaf, start, end in part.segments:
+                statement = (
+                    self._copy_sql
+                    if leaf is None
+                    else sql.SQL("COPY {} (building, meter, ts, kwh) FROM STDIN (FORMAT csv)").format(
+                        sql.Identifier(SHARD_SCHEMA, leaf)
+                    )
+                )
+                self._copy_into(conn, statement, data[start:end])
 
     def _upsert(self, conn: psycopg.Connection, data: bytes) -> tuple[int, int, int]:
         conn.execute(self._truncate_sql)
@@ -230,30 +271,38 @@ class FragmentWriter:
     def _ensure_partitions(self, conn: psycopg.Connection, hours: np.ndarray) -> int:
         """Create the time partitions the rows need, in their own short transaction so the brief
         DDL locks are not held for the write. Only the partitions of hours present are made (an
-        outlier year does not create every month in between). The ranges of partitions handled
-        once are remembered, so a later batch only asks about hours outside them."""
-        if len(self._ranges):
-            at = np.searchsorted(self._ranges[:, 0], hours * HOUR_US, side="right") - 1
-            inside = (at >= 0) & (hours * HOUR_US < self._ranges[np.maximum(at, 0), 1])
-            hours = hours[~inside]
+        outlier year does not create every month in between). Hours inside partitions known from
+        the fragment's partition map are not asked about again; after a change the map is re-read."""
+        leaves = self.leaf_maps.get(self.fragment.fragment_id, NO_LEAVES)
+        hours = hours[leaves.leaf_of(hours * HOUR_US) < 0]
         if not len(hours):
             return 0
         as_array = "{" + ",".join(map(str, hours.tolist())) + "}"  # one text parameter: fast to send
         with conn.transaction():
-            rows = conn.execute(
-                "SELECT extract(epoch FROM s)::bigint, extract(epoch FROM s + %(iv)s::interval)::bigint, "
-                "       buildsmart.ensure_time_partitions(%(parent)s::regclass, %(iv)s::interval, s, s) "
+            row = conn.execute(
+                "SELECT coalesce(sum(buildsmart.ensure_time_partitions(%(parent)s::regclass, %(iv)s::interval, s, s)), 0) "
                 "FROM (SELECT DISTINCT buildsmart.partition_start(%(iv)s::interval, to_timestamp(h * 3600)) AS s "
                 "      FROM unnest(%(hours)s::bigint[]) h) starts",
                 {"parent": self.parent, "iv": self.fragment.time_interval, "hours": as_array},
-            ).fetchall()
-        ranges = np.array([(lo * 1_000_000, hi * 1_000_000) for lo, hi, _ in rows], dtype=np.int64).reshape(-1, 2)
-        merged = np.concatenate([self._ranges, ranges]) if len(self._ranges) < KNOWN_RANGES_LIMIT else ranges
-        self._ranges = merged[np.argsort(merged[:, 0], kind="stable")]
-        created = sum(int(n) for _, _, n in rows)
+            ).fetchone()
+            self.leaf_maps[self.fragment.fragment_id] = self._read_leaves(conn)
+        created = int(row[0]) if row else 0
         if created:
             log.info("created %d time partition(s) on %s", created, self.fragment.shard_name)
         return created
+
+    def _read_leaves(self, conn: psycopg.Connection) -> LeafMap:
+        """The fragment's time partitions and their bounds, from the catalog."""
+        rows = conn.execute(
+            "SELECT c.relname, (extract(epoch FROM b[1]::timestamptz) * 1000000)::bigint, "
+            "       (extract(epoch FROM b[2]::timestamptz) * 1000000)::bigint "
+            "FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid, "
+            "     regexp_match(pg_catalog.pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']*)''\\) TO \\(''([^'']*)''\\)') b "
+            "WHERE i.inhparent = %s::regclass AND b IS NOT NULL ORDER BY 2",
+            (self.parent,),
+        ).fetchall()
+        starts = np.array([r[1] for r in rows], dtype=np.int64)
+        return LeafMap(starts, np.array([r[2] for r in rows], dtype=np.int64), tuple(r[0] for r in rows))
 
     def _upsert_sql(self) -> sql.Composed:
         return sql.SQL(
