@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STREAMS = 2
 DEFAULT_WINDOW_BYTES = 64 << 20  # CSV bytes in flight: keeps every fragment busy on sorted input
 MAX_COMMITS_IN_FLIGHT = 64
+MIN_LEAF_ROWS = 5_000  # new rows of one time partition worth a COPY straight into it
 MARKS_LIMIT = 2_000_000  # meters whose high-water mark is remembered
 Stream = tuple[int, int]  # fragment id, stream number
 # pyarrow quotes every string when quoting is "needed"; most batches need none, and PostgreSQL
@@ -443,6 +444,12 @@ def _by_leaf(batch: ReadingBatch, rows: np.ndarray, leaf: np.ndarray, leaves: Le
     to the fragment, which routes them."""
     if not len(rows):
         return b"", ()
+    if len(leaf) and not (leaf < 0).all():
+        # A partition's rows go straight to it only when there are enough of them to be worth a
+        # COPY statement of their own (each costs a round trip); the rest share one through the
+        # fragment.
+        sizes = np.bincount(leaf[leaf >= 0], minlength=len(leaves.names))
+        leaf = np.where((leaf >= 0) & (sizes[np.maximum(leaf, 0)] >= MIN_LEAF_ROWS), leaf, -1)
     if not batch.plain or (leaf < 0).all():
         data = _csv(batch, rows)
         return data, ((None, 0, len(data)),)

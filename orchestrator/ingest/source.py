@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 FOLLOW_POLL_S = 0.05
 TICK_AFTER_S = 0.1
-READ_BYTES = 1 << 20
+READ_BYTES = 4 << 20
 DEFAULT_CHUNK_BYTES = 4 << 20
 _EOF = object()
 
@@ -89,7 +89,7 @@ class Source:
         if self.follow:
             yield from self._followed_chunks(max_lines, max_bytes)
             return
-        blocks: queue.Queue[object] = queue.Queue(maxsize=8)
+        blocks: queue.Queue[object] = queue.Queue(maxsize=3)
         reader = threading.Thread(target=self._read_into, args=(blocks,), name="ingest-reader", daemon=True)
         reader.start()
         try:
@@ -192,45 +192,40 @@ def _blocks_of(blocks: queue.Queue[object], name: str) -> Iterator[bytes]:
 
 
 def _cut(blocks: Iterator[bytes], max_lines: int, max_bytes: int) -> Iterator[Chunk]:
-    """Re-cut raw blocks into chunks of whole lines."""
-    buf = bytearray()
-    newlines = 0  # in buf
+    """Re-cut raw blocks into chunks of whole lines: at most ``max_lines`` lines and, unless a
+    single line is longer, about ``max_bytes``."""
     number = 1
+    tail = b""
+    pending: list[bytes] = []  # blocks without a newline yet (a very long line)
     for block in blocks:
-        buf += block
-        newlines += _count_newlines(block)
-        while len(buf) >= max_bytes or newlines >= max_lines:
-            taken = _take(buf, max_lines, max_bytes)
-            if taken is None:
-                break  # one line longer than max_bytes: read on until it ends
-            yield Chunk(number, *taken)
-            number += taken[1]
-            newlines -= taken[1]
-    while (taken := _take(buf, max_lines, len(buf))) is not None:
-        yield Chunk(number, *taken)
-        number += taken[1]
-    if buf:  # a last line without a newline
-        yield Chunk(number, bytes(buf), 1)
+        cut = block.rfind(b"\n") + 1
+        if not cut:
+            pending.append(block)
+            continue
+        data = b"".join([tail, *pending, block[:cut]]) if pending or tail else block[:cut]
+        pending, tail = [], block[cut:]
+        for chunk, lines in _split(data, max_lines, max_bytes):
+            yield Chunk(number, chunk, lines)
+            number += lines
+    rest = b"".join([tail, *pending])
+    if rest:
+        for chunk, lines in _split(rest, max_lines, max_bytes):
+            yield Chunk(number, chunk, lines)
+            number += lines
 
 
-def _count_newlines(data: bytes) -> int:
-    return int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == 10))
-
-
-def _take(buf: bytearray, max_lines: int, max_bytes: int) -> tuple[bytes, int] | None:
-    """Remove and return the leading whole lines of ``buf`` and their number: at most
-    ``max_lines`` lines, and at most ``max_bytes`` unless the first line alone is longer.
-    None when no line is complete."""
-    with memoryview(buf) as whole, whole[: max(max_bytes, 1)] as part:
-        ends = np.flatnonzero(np.frombuffer(part, dtype=np.uint8) == 10)
-    if len(ends):
-        lines = min(max_lines, len(ends))
-        end = int(ends[lines - 1]) + 1
-    else:
-        first = buf.find(b"\n")
-        if first < 0:
-            return None
-        lines, end = 1, first + 1
-    chunk = bytes(buf[:end])
-    del buf[:end]
-    return chunk, lines
+def _split(data: bytes, max_lines: int, max_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """Whole lines of ``data`` (the last may lack its newline) in pieces of at most ``max_lines``
+    lines and about ``max_bytes``."""
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + 1
+    if not len(ends) or ends[-1] != len(data):
+        ends = np.append(ends, len(data))
+    start = 0
+    first = 0  # index into ends of the first line of the piece
+    while first < len(ends):
+        last = min(first + max_lines, len(ends)) - 1
+        if ends[last] - start > max_bytes + max_bytes // 8:  # fewer lines, but at least one
+            last = max(first, int(np.searchsorted(ends, start + max_bytes, side="right")) - 1)
+        end = int(ends[last])
+        yield data[start:end], last - first + 1
+        start, first = end, last + 1
