@@ -58,7 +58,7 @@ def _buildings(tok: str) -> list[str]:
     return [f"{region}{tok}_{i:02d}" for region in ("a", "c", "n") for i in range(10)]
 
 
-def make_workload(handle: ClusterHandle, directory: Path, tok: str, seed: int) -> Workload:
+def make_workload(handle: ClusterHandle, directory: Path, tok: str, seed: int, steps: int = STEPS) -> Workload:
     rng = random.Random(seed)
     buildings = _buildings(tok)
     series = [(b, f"m{j}") for b in buildings for j in range(SERIES_PER_REGION // 10)]
@@ -71,7 +71,7 @@ def make_workload(handle: ClusterHandle, directory: Path, tok: str, seed: int) -
         lines.append(f"{key[0]},{key[1]},{ts},{kwh}")
         reference[key] = kwh
 
-    for step in range(STEPS):
+    for step in range(steps):
         epoch = int((T0 + timedelta(hours=step)).timestamp())
         for b, m in series:
             key = (b, m, epoch)
@@ -233,8 +233,10 @@ def check_clean(handle: ClusterHandle) -> None:
             assert w.execute("SELECT count(*) FROM pg_views WHERE schemaname = 'bsdata'").fetchone() == (0,)
 
 
-def _during_ingest(handle: ClusterHandle, tok: str, seed: int, operation: Callable[[], None]) -> tuple[Workload, str]:
-    work = make_workload(handle, handle.directory.parent, tok, seed)
+def _during_ingest(
+    handle: ClusterHandle, tok: str, seed: int, operation: Callable[[], None], steps: int = STEPS
+) -> tuple[Workload, str]:
+    work = make_workload(handle, handle.directory.parent, tok, seed, steps)
     ingest = Ingest.start(handle, work.path)
     reader = Reader(handle, work)
     try:
@@ -299,7 +301,9 @@ def test_rebalance_during_ingest(icluster: ClusterHandle) -> None:
         with open_cluster(icluster.directory) as el:
             done.append(balancer.run(el, 0.3))
 
-    _during_ingest(icluster, "z", 3, operation)
+    # Several moves run one after another: three times the readings keep the (faster) loader busy
+    # until the first switch.
+    _during_ingest(icluster, "z", 3, operation, steps=3 * STEPS)
     assert done[0] >= 1
     with open_cluster(icluster.directory) as el:
         assert {f.node for f in el.fragments()} == {"w1", "w2"}

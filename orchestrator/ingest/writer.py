@@ -285,7 +285,10 @@ class FragmentWriter:
                 "      FROM unnest(%(hours)s::bigint[]) h) starts",
                 {"parent": self.parent, "iv": self.fragment.time_interval, "hours": as_array},
             ).fetchone()
-            self.leaf_maps[self.fragment.fragment_id] = self._read_leaves(conn)
+            leaves = self._read_leaves(conn)
+        # Shared only once committed: the fragment's other writers skip creating what the map
+        # shows, and a partition their snapshot cannot see yet would route their rows to DEFAULT.
+        self.leaf_maps[self.fragment.fragment_id] = leaves
         created = int(row[0]) if row else 0
         if created:
             log.info("created %d time partition(s) on %s", created, self.fragment.shard_name)
