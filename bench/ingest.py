@@ -29,6 +29,7 @@ import gzip
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -240,6 +241,10 @@ def run_cluster(
         out[label] = (seconds, peak, cpu, server_cpu(directory) - before)
         if count_rows(directory) != keys:
             raise SystemExit(f"({label}) buildsmart ingest lost or duplicated rows")
+        if label == "b0" and args.follow_latency:
+            lat = sorted(follow_latency(directory, workdir))
+            median, worst = lat[len(lat) // 2], lat[-1]
+            print(f"(e) --follow, {len(lat)} readings appended singly: visible after median {median:.2f} s, max {worst:.2f} s")
         if label == "b" and "c" not in args.skip:
             truncate(directory)
             time.sleep(2)
@@ -254,6 +259,40 @@ def run_cluster(
     return out
 
 
+def follow_latency(directory: Path, workdir: Path, readings: int = 20) -> list[float]:
+    """`buildsmart ingest --follow` on a growing file: append one reading at a time and time how
+    long until a query on the coordinator returns it."""
+    live = workdir / "live.csv"
+    live.write_text(HEADER)
+    live.chmod(0o644)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "ingest", "--follow", str(live), "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    topo, creds = topology.load(directory), topology.load_credentials(directory)
+    latencies = []
+    try:
+        time.sleep(2.0)
+        with connect(app_target(topo.coordinator, creds), "bench:follow", autocommit=True) as conn:
+            for i in range(readings):
+                ts = (datetime(2030, 1, 1, tzinfo=UTC) + timedelta(hours=i)).strftime("%Y-%m-%d %H:%M:%S+00")
+                with live.open("a") as fh:
+                    fh.write(f"follow-bench,el,{ts},{i}\n")
+                written = time.monotonic()
+                while time.monotonic() - written < 30:
+                    query = "SELECT 1 FROM public.readings WHERE building = 'follow-bench' AND ts = %s"
+                    if conn.execute(query, (ts,)).fetchone():
+                        break
+                    time.sleep(0.01)
+                latencies.append(time.monotonic() - written)
+                time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    return latencies
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--file", type=Path, default=CAMBRIDGE)
@@ -263,6 +302,7 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=1, help="replicas per node for (b) (synchronous)")
     ap.add_argument("--fragments", type=int, default=6, help="building ranges, from the file's distribution")
     ap.add_argument("--skip", default="", help="comma-separated routes to leave out: base,b,b0,c")
+    ap.add_argument("--follow-latency", action="store_true", help="also time --follow (append -> visible) on the (b0) cluster")
     args = ap.parse_args()
     args.skip = set(args.skip.split(",")) if args.skip else set()
 

@@ -25,6 +25,7 @@ building row counts of its input; it calls the placement hook of issue 9 when it
 from __future__ import annotations
 
 import ctypes
+import importlib
 import io
 import itertools
 import logging
@@ -112,7 +113,7 @@ class PresplitHook(Protocol):
 def find_presplit_hook() -> PresplitHook | None:
     """The placement hook if this build has it, else None (loading works the same without it)."""
     try:
-        from orchestrator.elastic import autosplit  # type: ignore[attr-defined]
+        autosplit = importlib.import_module("orchestrator.elastic.autosplit")
     except ImportError:
         return None
     hook = getattr(autosplit, "presplit_for_load", None)

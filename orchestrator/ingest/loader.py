@@ -26,7 +26,7 @@ from orchestrator.ingest.api import (
     SessionTotals,
     find_presplit_hook,
 )
-from orchestrator.ingest.parse import Parsed, ReadingBatch, Reject, format_of, parser_for
+from orchestrator.ingest.parse import CsvParser, Parsed, ReadingBatch, Reject, format_of, parser_for
 from orchestrator.ingest.placement import file_building_counts
 from orchestrator.ingest.source import Source
 
@@ -169,7 +169,7 @@ def ingest(
                 batcher.cut(parsed.next_line)
                 if progress:
                     progress(result.rows, source.position(), source.size)
-        if not follow and getattr(parser, "order", True) is None:
+        if not follow and isinstance(parser, CsvParser) and parser.order is None:
             raise InputError(InputLocation(source.name, 1), "empty input: missing header building,meter,ts,kwh")
         batcher.finish(line + 1)
     except BatchFailed as exc:
