@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import logging
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -20,6 +21,7 @@ from orchestrator.ingest import api, loader
 from orchestrator.ingest.api import CommitOutcome, IngestSession
 from orchestrator.ingest.parse import Parsed, rows_to_batch
 from orchestrator.ingest.placement import file_building_counts
+from orchestrator.ingest.validate import EPOCH, ONE_US
 from orchestrator.ingest.writer import FragmentWriter
 from tests.harness import ClusterHandle, write_csv
 
@@ -197,3 +199,35 @@ def test_without_the_autosplit_module_there_is_no_hook() -> None:
         assert api.find_presplit_hook() is None
     else:
         assert api.find_presplit_hook() is not None
+
+
+def test_fast_path_stores_exactly_what_was_read(main_cluster: ClusterHandle, token: str, tmp_path: Path) -> None:
+    """New rows go to COPY as binary tuples: the stored instant and double equal the texts read."""
+    b = f"t{token}"
+    texts = ["0.1", "1e-320", "-0.0", "0.30000000000000004", "123456789.12345679", "1.7976931348623157e308", "5e-324", "+3"]
+    stamps = [
+        "2024-06-01 00:00:00.000001+00",
+        "2024-06-01T01:30:00-03:30",
+        "2024-06-01 02:00+15:59",
+        "1999-12-31 23:59:59.999999Z",
+        "2024-02-29 12:00:00+01",
+        "1970-01-01 00:00:00+00",
+        "2100-01-01 00:00:00+00",
+        "2024-06-01 03:00:00.5+00",
+    ]
+    rows = [(b, f"m{i}", t, k) for i, (t, k) in enumerate(zip(stamps, texts, strict=True))]
+    path = tmp_path / "exact.csv"
+    path.write_text("building,meter,ts,kwh\n" + "".join(f"{r[0]},{r[1]},{r[2]},{r[3]}\n" for r in rows))
+    result = loader.ingest(main_cluster.directory, str(path))
+    assert result.copied == len(rows)
+    with main_cluster.coordinator() as conn:
+        got = dict(
+            (m, (int(us), kwh))
+            for m, us, kwh in conn.execute(
+                "SELECT meter, (extract(epoch FROM ts) * 1000000)::numeric, kwh FROM readings WHERE building = %s", (b,)
+            ).fetchall()
+        )
+    for _, m, t, k in rows:
+        us, kwh = got[m]
+        assert us == (datetime.fromisoformat(t) - EPOCH) // ONE_US, (t, us)
+        assert kwh == float(k) and str(kwh).startswith("-") == k.startswith("-"), (k, kwh)

@@ -29,10 +29,12 @@ import importlib
 import io
 import itertools
 import logging
+import struct
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -47,7 +49,8 @@ from orchestrator.elastic.gate import RoutingChanged, WriteGate
 from orchestrator.exceptions import BuildSmartError, ClusterStateError, NodeError
 from orchestrator.fragments import Router
 from orchestrator.ingest.fastpath import NO_ROWS, split_new_rows
-from orchestrator.ingest.parse import COLUMNS, ReadingBatch, ValueChecks, plain_texts
+from orchestrator.ingest.parse import COLUMNS, ReadingBatch, ValueChecks, batch_of, plain_texts
+from orchestrator.ingest.validate import EPOCH
 from orchestrator.ingest.writer import HOUR_US, NO_LEAVES, BatchCounts, FragmentWriter, LeafMap, Pair, Part, Segment
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STREAMS = 2
 DEFAULT_WINDOW_BYTES = 64 << 20  # CSV bytes in flight: keeps every fragment busy on sorted input
 MAX_COMMITS_IN_FLIGHT = 64
+PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01, PostgreSQL's timestamp origin
 MIN_LEAF_ROWS = 5_000  # new rows of one time partition worth a COPY straight into it
 MARKS_LIMIT = 2_000_000  # meters whose high-water mark is remembered
 Stream = tuple[int, int]  # fragment id, stream number
@@ -395,20 +399,30 @@ class IngestSession:
             self.on_commit(outcome)
 
     def _rows_of(self, part: Part) -> ReadingBatch:
-        """A part's rows again (after a re-route), from the CSV it holds."""
-        data = part.fast + part.slow
-        if not data:
-            return ReadingBatch.concat([])
-        table = pacsv.read_csv(
-            io.BytesIO(data),
-            read_options=pacsv.ReadOptions(column_names=list(COLUMNS)),
-            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(COLUMNS, pa.string()), strings_can_be_null=False),
-        )
-        b, m, t, k = (table.column(c).combine_chunks() for c in COLUMNS)
-        instants = self._checks.columns(b, m, t)
-        assert instants is not None, "rows that passed validation failed it again"
-        plain = plain_texts(pc.unique(b).to_pylist()) and plain_texts(pc.unique(m).to_pylist())
-        return ReadingBatch(b, m, t, k, instants, np.zeros(len(instants), dtype=np.int64), plain)
+        """A part's rows again (after a re-route): the new rows from their COPY BINARY tuples, the
+        others from their CSV (both in an order that keeps each key's lines in order)."""
+        batches = []
+        if part.fast:
+            rows = binary_rows_of(part.fast)
+            stamps = [(EPOCH + timedelta(microseconds=t)).isoformat() for _, _, t, _ in rows]
+            batches.append(
+                batch_of(
+                    [(0, b, m, ts, repr(k)) for (b, m, _, k), ts in zip(rows, stamps, strict=True)],
+                    [t for _, _, t, _ in rows],
+                )
+            )
+        if part.slow:
+            table = pacsv.read_csv(
+                io.BytesIO(part.slow),
+                read_options=pacsv.ReadOptions(column_names=list(COLUMNS)),
+                convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(COLUMNS, pa.string()), strings_can_be_null=False),
+            )
+            b, m, t, k = (table.column(c).combine_chunks() for c in COLUMNS)
+            instants = self._checks.columns(b, m, t)
+            assert instants is not None, "rows that passed validation failed it again"
+            plain = plain_texts(pc.unique(b).to_pylist()) and plain_texts(pc.unique(m).to_pylist())
+            batches.append(ReadingBatch(b, m, t, k, instants, np.zeros(len(instants), dtype=np.int64), plain))
+        return ReadingBatch.concat(batches)
 
     def _drain(self) -> None:
         for c in self.in_flight:
@@ -440,9 +454,9 @@ def dense_ids(codes: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _by_leaf(batch: ReadingBatch, rows: np.ndarray, leaf: np.ndarray, leaves: LeafMap) -> tuple[bytes, tuple[Segment, ...]]:
-    """CSV of ``rows`` grouped by time partition (``leaf``: index into ``leaves``, -1 unknown), in
-    line order within each, with the byte range of each group; rows of partitions not known yet go
-    to the fragment, which routes them."""
+    """COPY BINARY tuples of ``rows`` grouped by time partition (``leaf``: index into ``leaves``,
+    -1 unknown), in line order within each, with the byte range of each group; rows of partitions
+    not known yet, or too few for a COPY of their own, go to the fragment, which routes them."""
     if not len(rows):
         return b"", ()
     if len(leaf) and not (leaf < 0).all():
@@ -451,20 +465,63 @@ def _by_leaf(batch: ReadingBatch, rows: np.ndarray, leaf: np.ndarray, leaves: Le
         # fragment.
         sizes = np.bincount(leaf[leaf >= 0], minlength=len(leaves.names))
         leaf = np.where((leaf >= 0) & (sizes[np.maximum(leaf, 0)] >= MIN_LEAF_ROWS), leaf, -1)
-    if not batch.plain or (leaf < 0).all():
-        data = _csv(batch, rows)
-        return data, ((None, 0, len(data)),)
     order = np.argsort(leaf, kind="stable")  # a merge of runs: fast on time-ordered input
     leaf = leaf[order]
-    table = batch.take(rows[order]).table()
+    data, offsets = binary_tuples(batch.take(rows[order]))
     cuts = [0, *(np.flatnonzero(leaf[1:] != leaf[:-1]) + 1).tolist(), len(leaf)]
-    sink = io.BytesIO()
-    segments: list[Segment] = []
-    for start, end in itertools.pairwise(cuts):
-        at = sink.tell()
-        pacsv.write_csv(table.slice(start, end - start), sink, _CSV_PLAIN)
-        segments.append((leaves.names[leaf[start]] if leaf[start] >= 0 else None, at, sink.tell()))
-    return sink.getvalue(), tuple(segments)
+    segments = tuple(
+        (leaves.names[leaf[start]] if leaf[start] >= 0 else None, int(offsets[start]), int(offsets[end]))
+        for start, end in itertools.pairwise(cuts)
+    )
+    return data, segments
+
+
+def _fixed(values: np.ndarray, width: int) -> pa.Array:
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(values), [None, pa.py_buffer(values)]).cast(pa.binary())
+
+
+def binary_tuples(batch: ReadingBatch) -> tuple[bytes, np.ndarray]:
+    """The rows as COPY BINARY tuples (no file header or trailer) and the byte offset of each
+    (one more than rows). Why binary: PostgreSQL then parses no text; the same COPY into a
+    fragment cost about a fifth less server CPU (measured). Exact: ``ts`` becomes the instant
+    the validator computed (microseconds), ``kwh`` the double of its text (pyarrow's conversion,
+    correctly rounded like PostgreSQL's)."""
+    n = batch.rows
+    building = batch.building.cast(pa.binary())
+    meter = batch.meter.cast(pa.binary())
+    head = np.empty(n, dtype=[("fields", ">i2"), ("len", ">i4")])
+    head["fields"] = 4
+    head["len"] = pc.binary_length(building).to_numpy(zero_copy_only=False)
+    middle = pc.binary_length(meter).to_numpy(zero_copy_only=False).astype(">i4")
+    tail = np.empty(n, dtype=[("len_ts", ">i4"), ("ts", ">i8"), ("len_kwh", ">i4"), ("kwh", ">f8")])
+    tail["len_ts"] = 8
+    tail["ts"] = batch.instant - PG_EPOCH_US
+    tail["len_kwh"] = 8
+    tail["kwh"] = pc.cast(batch.kwh, pa.float64()).to_numpy(zero_copy_only=False)
+    joined = pc.binary_join_element_wise(
+        _fixed(head, 6), building, _fixed(middle, 4), meter, _fixed(tail, 24), pa.scalar(b"", pa.binary())
+    )
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32, count=n + 1, offset=joined.offset * 4).astype(np.int64)
+    data = joined.buffers()[2]
+    return data.to_pybytes()[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+
+def binary_rows_of(data: bytes) -> list[tuple[str, str, int, float]]:
+    """COPY BINARY tuples back to (building, meter, instant µs since 1970, kwh) (after a re-route)."""
+    out = []
+    at = 0
+    unpack = struct.unpack_from
+    while at < len(data):
+        lb = unpack(">i", data, at + 2)[0]
+        building = data[at + 6 : at + 6 + lb].decode()
+        at += 6 + lb
+        lm = unpack(">i", data, at)[0]
+        meter = data[at + 4 : at + 4 + lm].decode()
+        at += 4 + lm
+        ts, kwh = unpack(">q", data, at + 4)[0], unpack(">d", data, at + 16)[0]
+        at += 24
+        out.append((building, meter, ts + PG_EPOCH_US, kwh))
+    return out
 
 
 def _csv(batch: ReadingBatch, rows: np.ndarray) -> bytes:

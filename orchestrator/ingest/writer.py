@@ -24,6 +24,7 @@ until the worker has committed.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -50,6 +51,9 @@ RETRYABLE = (
     psycopg.errors.DeadlockDetected,
 )
 HOUR_US = 3_600_000_000
+COPY_BINARY = "COPY {} (building, meter, ts, kwh) FROM STDIN (FORMAT binary)"
+BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)  # signature, flags, no extension
+BINARY_TRAILER = struct.pack(">h", -1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Pair = tuple[str, str]
 
@@ -79,7 +83,7 @@ Segment = tuple[str | None, int, int]  # time partition (None: the fragment), by
 class Part:
     """One stream's share of a batch: CSV lines (``building,meter,ts,kwh``) ready for COPY."""
 
-    fast: bytes  # rows whose keys are new: plain COPY
+    fast: bytes  # rows whose keys are new: plain COPY, as COPY BINARY tuples
     fast_rows: int
     segments: tuple[Segment, ...]  # where each run of ``fast`` goes
     slow: bytes  # rows for the upsert, in line order
@@ -131,8 +135,9 @@ class FragmentWriter:
         self.table = sql.Identifier(SHARD_SCHEMA, fragment.shard_name)
         self.stage = sql.Identifier(f"bs_stage_{fragment.shard_name}")
         copy = "COPY {} (building, meter, ts, kwh) FROM STDIN (FORMAT csv)"
-        self._copy_sql = sql.SQL(copy).format(self.table)  # composed once: composing costs on every batch
+        self._copy_sql = sql.SQL(COPY_BINARY).format(self.table)  # composed once: composing costs on every batch
         self._stage_copy_sql = sql.SQL(copy).format(self.stage)
+        self._stage_binary_sql = sql.SQL(COPY_BINARY).format(self.stage)
         self._truncate_sql = sql.SQL("TRUNCATE {}").format(self.stage)
         self._upsert_stmt = self._upsert_sql()
         self._conn: psycopg.Connection | None = None
@@ -219,9 +224,11 @@ class FragmentWriter:
                 except psycopg.errors.UniqueViolation:
                     fell_back = True
                     log.info("%s: %d rows thought new meet stored keys; upserting them", self.fragment.shard_name, part.fast_rows)
-            upsert = part.slow if copied or not part.fast_rows else part.fast + part.slow
-            if upsert:
-                inserted, updated, distinct = self._upsert(conn, upsert)
+            if copied or not part.fast_rows:
+                if part.slow:
+                    inserted, updated, distinct = self._upsert(conn, part.slow, b"")
+            else:
+                inserted, updated, distinct = self._upsert(conn, part.slow, part.fast)
             if fell_back:
                 marks = self._stored_marks(conn, part.pairs)
             self.before_commit()
@@ -241,18 +248,23 @@ class FragmentWriter:
     def _copy_segments(self, conn: psycopg.Connection, part: Part) -> None:
         with memoryview(part.fast) as data:
             for leaf, start, end in part.segments:
-                statement = (
-                    self._copy_sql
-                    if leaf is None
-                    else sql.SQL("COPY {} (building, meter, ts, kwh) FROM STDIN (FORMAT csv)").format(
-                        sql.Identifier(SHARD_SCHEMA, leaf)
-                    )
-                )
-                self._copy_into(conn, statement, data[start:end])
+                statement = self._copy_sql if leaf is None else sql.SQL(COPY_BINARY).format(sql.Identifier(SHARD_SCHEMA, leaf))
+                with conn.cursor().copy(statement) as copy:
+                    copy.write(BINARY_HEADER)
+                    copy.write(data[start:end])
+                    copy.write(BINARY_TRAILER)
 
-    def _upsert(self, conn: psycopg.Connection, data: bytes) -> tuple[int, int, int]:
+    def _upsert(self, conn: psycopg.Connection, csv_rows: bytes, binary_rows: bytes) -> tuple[int, int, int]:
+        """Stage the rows (their keys are distinct between the two kinds, so their order does not
+        matter across kinds) and apply them with the latest-wins upsert."""
         conn.execute(self._truncate_sql)
-        self._copy_into(conn, self._stage_copy_sql, data)
+        if csv_rows:
+            self._copy_into(conn, self._stage_copy_sql, csv_rows)
+        if binary_rows:
+            with conn.cursor().copy(self._stage_binary_sql) as copy:
+                copy.write(BINARY_HEADER)
+                copy.write(binary_rows)
+                copy.write(BINARY_TRAILER)
         row = conn.execute(self._upsert_stmt).fetchone()
         assert row is not None
         return int(row[0]), int(row[1]), int(row[2])
