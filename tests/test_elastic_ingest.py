@@ -152,19 +152,44 @@ class Reader:
 
 @dataclass
 class Ingest:
+    """`buildsmart ingest -` fed the workload through its standard input. The feeder holds back
+    the last tenth of the lines until ``release()``: the load is still running when the operation
+    switches, however fast the loader is, and what comes after the switch must be re-routed."""
+
     proc: subprocess.Popen[bytes]
     log: Path
     log_offset: int
+    released: threading.Event = field(default_factory=threading.Event)
+    feeder: threading.Thread | None = None
 
     @classmethod
     def start(cls, handle: ClusterHandle, path: Path) -> Ingest:
         log = handle.directory / LOG_FILE
         offset = log.stat().st_size if log.exists() else 0
         cmd = [
-            sys.executable, "-m", "orchestrator", "ingest", str(path),
+            sys.executable, "-m", "orchestrator", "ingest", "-",
             "--dir", str(handle.directory), "--batch-rows", "2000",
         ]  # fmt: skip
-        return cls(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE), log, offset)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ingest = cls(proc, log, offset)
+        ingest.feeder = threading.Thread(target=ingest._feed, args=(path.read_bytes(),), daemon=True)
+        ingest.feeder.start()
+        return ingest
+
+    def _feed(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        held = data.rfind(b"\n", 0, len(data) * 9 // 10) + 1
+        try:
+            self.proc.stdin.write(data[:held])
+            self.proc.stdin.flush()
+            self.released.wait(timeout=600)
+            self.proc.stdin.write(data[held:])
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass  # the ingest was killed
+
+    def release(self) -> None:
+        self.released.set()
 
     def wait_loading(self, handle: ClusterHandle, buildings: list[str], rows: int) -> None:
         """Until at least ``rows`` of its rows are visible (the load is under way)."""
@@ -179,6 +204,10 @@ class Ingest:
         raise AssertionError("ingest did not get going")
 
     def finish(self) -> str:
+        self.release()
+        if self.feeder is not None:
+            self.feeder.join(timeout=300)
+        self.proc.stdin = None  # closed by the feeder; communicate() must not touch it
         try:
             out, err = self.proc.communicate(timeout=300)
         except subprocess.TimeoutExpired:
@@ -194,7 +223,7 @@ class Ingest:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.communicate()
+        self.finish()
 
 
 def check_stored(handle: ClusterHandle, work: Workload) -> None:
@@ -243,6 +272,7 @@ def _during_ingest(
         ingest.wait_loading(handle, work.buildings, 5_000)
         reader.start()
         operation()
+        ingest.release()
         outcome = ingest.finish()
         time.sleep(0.2)
     finally:
