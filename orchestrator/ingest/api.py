@@ -20,6 +20,13 @@ writes the affected rows where they now belong (:mod:`orchestrator.elastic.gate`
 
 Placement: before the first batch of a load, a source may call :meth:`prepare_for_load` with the
 building row counts of its input; it calls the placement hook of issue 9 when it exists.
+
+A network source (MQTT, HTTP POST, hisWrite) checks its readings with
+:func:`orchestrator.ingest.parse.rows_to_batch` (the same rules and reasons as a JSON line; each
+message gets an increasing sequence number, so rejects name it), submits the batch with
+``label`` = the next sequence number, and acknowledges every message below an outcome's
+``label`` in ``on_commit``. It calls :meth:`poll` on its commit interval, so acknowledgements
+follow commits without waiting for the next batch.
 """
 
 from __future__ import annotations
