@@ -63,7 +63,7 @@ from orchestrator.ingest.writer import HOUR_US, NO_LEAVES, BatchCounts, Fragment
 log = logging.getLogger(__name__)
 
 DEFAULT_STREAMS = 2
-DEFAULT_WINDOW_BYTES = 64 << 20  # CSV bytes in flight: keeps every fragment busy on sorted input
+DEFAULT_WINDOW_BYTES = 48 << 20  # bytes in flight: more than one fragment busy on sorted input, RSS < 300 MB
 MAX_COMMITS_IN_FLIGHT = 64
 PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01, PostgreSQL's timestamp origin
 MIN_LEAF_ROWS = 5_000  # new rows of one time partition worth a COPY straight into it
