@@ -1,23 +1,33 @@
-"""Ingest benchmark: the same rows, the same key rule, four routes, one run.
+"""Ingest benchmark (issue 11's definition), all routes in one run on the same rows.
 
-  (a) baseline: one plain PostgreSQL server, COPY into one table keyed on (building, meter, ts)
-  (b) `buildsmart ingest` into an N-worker cluster (routed per fragment, straight to the workers)
-  (c) COPY through the coordinator (postgres_fdw batch inserts into the foreign partitions)
-  (d) multi-row INSERTs through the coordinator from C concurrent clients
-  (e) follow mode: seconds from appending a reading to a followed file until the coordinator shows it
+  baseline  ONE plain PostgreSQL 18 server (the embedded binaries, default settings), ONE
+            `COPY ... FROM STDIN` stream of the decompressed file into a table with
+            PRIMARY KEY (building, meter, ts): what a user would do (no upsert, no staging)
+  (b)       `buildsmart ingest FILE` into a default cluster: `up --workers 3`, one synchronous
+            replica per node (Patroni)
+  (b0)      the same with `--replicas 0` (one plain server per node)
+  (c)       `COPY readings FROM STDIN` through the coordinator of the (b) cluster (postgres_fdw
+            batch inserts; the workers' per-row BEFORE INSERT replace trigger keeps latest-wins)
+
+The clusters are default clusters (`up` with no layout): `buildsmart ingest` pre-splits the
+empty cluster from the file's building counts (issue 9's automatic layout). The balancer is paused
+(as every benchmark but bench/distribution.py does) so that only the ingest is timed;
+`--balancer-running` leaves it on. The resulting rows per worker are printed.
+Transport: TCP on 127.0.0.1 for every route (the baseline's client streams the decompressed file;
+(b) reads the file itself, as a user runs it).
 
 Usage:
-  python bench/ingest.py                                  # the Cambridge file (6.7M rows)
-  python bench/ingest.py --limit 1000000                  # its first million rows
-  python bench/ingest.py --synthetic 200x4x2000 --shuffle --resend 0.05
-Prints rows/s, the ratio of each route to (a), and the peak RSS of the ingest process.
+  python bench/ingest.py                          # the Cambridge file (6.7M rows)
+  python bench/ingest.py --limit 1000000          # its first million rows
+  python bench/ingest.py --synthetic 60x4x4000    # generated 15-minute readings (about 2-3 minutes)
+  python bench/ingest.py --skip c,b0              # leave routes out
+Run it under `flock /tmp/bsdb-bench.lock` so two benchmarks never overlap.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import io
 import os
 import random
 import shutil
@@ -25,9 +35,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -52,64 +63,59 @@ CAMBRIDGE = (
 HEADER = "building,meter,ts,kwh\n"
 
 
-def synthetic_lines(buildings: int, meters: int, intervals: int, shuffle: bool, resend: float, seed: int = 1) -> list[str]:
+def synthetic_lines(buildings: int, meters: int, intervals: int, seed: int = 1) -> list[str]:
+    """Readings sorted by building, meter, time (as the Cambridge file is)."""
     rnd = random.Random(seed)
     start = datetime(2024, 1, 1, tzinfo=UTC)
-    lines = []
-    for t in range(intervals):
-        ts = (start + timedelta(minutes=15 * t)).strftime("%Y-%m-%d %H:%M:%S+00")
-        for b in range(buildings):
-            for m in range(meters):
-                lines.append(f"bld{b:05d},m{m},{ts},{rnd.uniform(0, 100):.3f}\n")
-    if resend:
-        lines += [ln.rsplit(",", 1)[0] + f",{rnd.uniform(0, 100):.3f}\n" for ln in rnd.sample(lines, int(len(lines) * resend))]
-    if shuffle:
-        rnd.shuffle(lines)
-    return lines
+    stamps = [(start + timedelta(minutes=15 * t)).strftime("%Y-%m-%d %H:%M:%S+00") for t in range(intervals)]
+    return [f"bld{b:05d},m{m},{ts},{rnd.uniform(0, 100):.3f}\n" for b in range(buildings) for m in range(meters) for ts in stamps]
 
 
-def write_input(args: argparse.Namespace, workdir: Path) -> tuple[Path, int]:
-    """The benchmark input as a plain CSV file (decompression is not what we measure)."""
-    path = workdir / "input.csv"
+def write_input(args: argparse.Namespace, workdir: Path) -> tuple[Path, int, Counter[str]]:
+    """The input as a gzip file (as the Cambridge file comes), with its building row counts."""
+    path = workdir / "input.csv.gz"
     rows = 0
-    with path.open("w") as out:
+    counts: Counter[str] = Counter()
+    with gzip.open(path, "wt", compresslevel=6) as out, ExitStack() as stack:
         out.write(HEADER)
+        lines: Iterable[str]
         if args.synthetic:
             b, m, t = (int(x) for x in args.synthetic.split("x"))
-            for line in synthetic_lines(b, m, t, args.shuffle, args.resend):
-                out.write(line)
-                rows += 1
+            lines = synthetic_lines(b, m, t)
         else:
-            with gzip.open(args.file, "rt") as src:
-                next(src)
-                for line in src:
-                    if args.limit and rows >= args.limit:
-                        break
-                    out.write(line)
-                    rows += 1
+            src = stack.enter_context(gzip.open(args.file, "rt"))
+            next(src)
+            lines = src
+        for line in lines:
+            if args.limit and rows >= args.limit:
+                break
+            out.write(line)
+            counts[line.split(",", 1)[0]] += 1
+            rows += 1
     os.chmod(workdir, 0o755)
     os.chmod(path, 0o644)
-    return path, rows
+    return path, rows, counts
 
 
-def distinct_keys(path: Path) -> int:
-    seen = set()
-    with path.open() as fh:
-        next(fh)
-        for line in fh:
-            b, m, t, _ = line.split(",", 3)
-            seen.add((b, m, t))
-    return len(seen)
+def copy_stream(copy: psycopg.Copy, path: Path) -> None:
+    with gzip.open(path, "rb") as fh:
+        fh.readline()  # the header
+        while chunk := fh.read(1 << 20):
+            copy.write(chunk)
 
 
 def baseline_copy(path: Path, workdir: Path) -> float:
-    """(a) One plain server: COPY into a staging table, then the same upsert rule (latest line wins)
-    into the keyed table, in one transaction."""
+    """ONE plain server, default settings, ONE COPY stream into the keyed table."""
     user = service_user()
     base = workdir / "baseline"
     member = local.LocalMember(Member("baseline", "127.0.0.1", free_port()), base / "data", base / "log")
     creds = Credentials("bench", "bench-secret", "x", "x")
     local.initdb(member, user, creds)
+    # Default settings: only what connecting needs, none of the cluster's tuning (max_wal_size, wal_level, ...).
+    (base / "data" / "postgresql.buildsmart.conf").write_text(
+        f"listen_addresses = '127.0.0.1'\nport = {member.member.port}\nunix_socket_directories = ''\n"
+        "password_encryption = 'scram-sha-256'\n"
+    )
     local.start(member, user)
     try:
         conninfo = f"host=127.0.0.1 port={member.member.port} dbname=postgres user=bench password=bench-secret"
@@ -118,24 +124,12 @@ def baseline_copy(path: Path, workdir: Path) -> float:
                 'CREATE TABLE readings (building text COLLATE "C" NOT NULL, meter text NOT NULL, ts timestamptz NOT NULL, '
                 "kwh double precision NOT NULL, PRIMARY KEY (building, meter, ts))"
             )
-            conn.execute("CREATE UNLOGGED TABLE stage (LIKE readings, seq bigint GENERATED ALWAYS AS IDENTITY)")
             started = time.monotonic()
-            with conn.transaction():
-                with conn.cursor().copy("COPY stage (building, meter, ts, kwh) FROM STDIN (FORMAT csv, HEADER)") as copy:
-                    copy_file(copy, path)
-                conn.execute(
-                    "INSERT INTO readings SELECT DISTINCT ON (building, meter, ts) building, meter, ts, kwh FROM stage "
-                    "ORDER BY building, meter, ts, seq DESC ON CONFLICT (building, meter, ts) DO UPDATE SET kwh = EXCLUDED.kwh"
-                )
+            with conn.cursor().copy("COPY readings FROM STDIN (FORMAT csv)") as copy:
+                copy_stream(copy, path)
             return time.monotonic() - started
     finally:
-        local.stop(member, user, mode="immediate")
-
-
-def copy_file(copy: psycopg.Copy, path: Path) -> None:
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            copy.write(chunk)
+        local.stop(member, user, mode="fast")
 
 
 def count_rows(directory: Path) -> int:
@@ -157,11 +151,12 @@ def truncate(directory: Path) -> None:
             ).fetchall()
             if tables:
                 conn.execute("TRUNCATE " + ", ".join(t[0] for t in tables))
+            conn.execute("CHECKPOINT")
 
 
-def buildsmart_ingest(directory: Path, path: Path) -> tuple[float, int]:
-    """(b) The CLI as a user runs it; returns seconds and the peak RSS (bytes) of the ingest process,
-    sampled every 50 ms (rusage of children would count the benchmark's own pages copied at fork)."""
+def buildsmart_ingest(directory: Path, path: Path) -> tuple[float, int, float]:
+    """`buildsmart ingest` as a user runs it. Returns seconds, the peak RSS summed over the ingest's
+    processes (the CLI and any children, sampled every 50 ms) and its CPU seconds."""
     started = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "ingest", str(path), "--dir", str(directory)],
@@ -170,10 +165,14 @@ def buildsmart_ingest(directory: Path, path: Path) -> tuple[float, int]:
         text=True,
     )
     peak = 0
+    cpu = 0.0
     watched = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
-            peak = max(peak, watched.memory_info().rss)
+            procs = [watched, *watched.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in procs))
+            t = watched.cpu_times()
+            cpu = t.user + t.system + t.children_user + t.children_system
         except psutil.NoSuchProcess:
             break
         time.sleep(0.05)
@@ -182,7 +181,7 @@ def buildsmart_ingest(directory: Path, path: Path) -> tuple[float, int]:
     if proc.returncode != 0:
         raise SystemExit(f"buildsmart ingest failed: {err}")
     print("   ", out.strip())
-    return elapsed, peak
+    return elapsed, peak, cpu
 
 
 def coordinator_copy(directory: Path, path: Path) -> float:
@@ -190,53 +189,85 @@ def coordinator_copy(directory: Path, path: Path) -> float:
     topo, creds = topology.load(directory), topology.load_credentials(directory)
     with connect(app_target(topo.coordinator, creds), "bench:copy") as conn:
         started = time.monotonic()
-        with conn.transaction(), conn.cursor().copy("COPY public.readings FROM STDIN (FORMAT csv, HEADER)") as copy:
-            copy_file(copy, path)
+        with conn.transaction(), conn.cursor().copy("COPY public.readings FROM STDIN (FORMAT csv)") as copy:
+            copy_stream(copy, path)
         return time.monotonic() - started
 
 
-def _values(lines: list[str]) -> Iterator[tuple[str, ...]]:
-    for line in lines:
-        b, m, t, k = line.rstrip("\n").split(",")
-        yield b, m, t, k
-
-
-def coordinator_inserts(directory: Path, path: Path, clients: int, rows_per_insert: int = 500) -> float:
-    """(d) Multi-row INSERTs through the coordinator from concurrent clients (rows split by building,
-    so each key's repeats stay in one client and keep their order)."""
-    topo, creds = topology.load(directory), topology.load_credentials(directory)
-    target = app_target(topo.coordinator, creds)
-    parts: list[list[str]] = [[] for _ in range(clients)]
-    with path.open() as fh:
-        next(fh)
-        for line in fh:
-            parts[hash(line.split(",", 1)[0]) % clients].append(line)
-    errors: list[BaseException] = []
-
-    def run(lines: list[str]) -> None:
+def server_cpu(directory: Path) -> float:
+    """CPU seconds used so far by the cluster's PostgreSQL servers: each postmaster with the
+    backends it has reaped (children_*) and those still running."""
+    total = 0.0
+    for pidfile in directory.glob("**/postmaster.pid"):
         try:
-            with connect(target, "bench:insert", autocommit=True) as conn:
-                for i in range(0, len(lines), rows_per_insert):
-                    chunk = list(_values(lines[i : i + rows_per_insert]))
-                    placeholders = ",".join(["(%s,%s,%s,%s)"] * len(chunk))
-                    conn.execute(f"INSERT INTO public.readings VALUES {placeholders}", [v for row in chunk for v in row])
-        except BaseException as exc:
-            errors.append(exc)
+            master = psutil.Process(int(pidfile.read_text().split()[0]))
+            t = master.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+            for child in master.children(recursive=True):
+                ct = child.cpu_times()
+                total += ct.user + ct.system
+        except (OSError, ValueError, IndexError, psutil.Error):
+            continue
+    return total
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in parts]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise SystemExit(f"INSERT client failed: {errors[0]}")
-    return time.monotonic() - started
+
+def rows_per_worker(directory: Path) -> dict[str, int]:
+    """Rows each worker holds (its primary's bsdata tables), to show where the data landed."""
+    topo, creds = topology.load(directory), topology.load_credentials(directory)
+    out: dict[str, int] = {}
+    for worker in topo.workers:
+        with connect(superuser_target(worker, creds), "bench", autocommit=True) as conn:
+            tables = conn.execute(
+                "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'bsdata' AND c.relkind = 'p' AND NOT c.relispartition"
+            ).fetchall()
+            total = 0
+            for (table,) in tables:
+                row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+                total += int(row[0]) if row else 0
+        out[worker.name] = total
+    return out
+
+
+def run_cluster(
+    label: str, workdir: Path, args: argparse.Namespace, path: Path, keys: int
+) -> dict[str, tuple[float, int, float, float]]:
+    directory = workdir / f"cluster-{label}"
+    replicas = 0 if label == "b0" else args.replicas
+    print(f"starting a cluster: coordinator + {args.workers} workers, {replicas} replica(s) per node ...", flush=True)
+    cluster.up(directory, workers=args.workers, replicas=replicas, balancer_paused=not args.balancer_running)
+    out: dict[str, tuple[float, int, float, float]] = {}
+    try:
+        time.sleep(2)
+        before = server_cpu(directory)
+        print(f"({label}) buildsmart ingest ...", flush=True)
+        seconds, peak, cpu = buildsmart_ingest(directory, path)
+        out[label] = (seconds, peak, cpu, server_cpu(directory) - before)
+        if count_rows(directory) != keys:
+            raise SystemExit(f"({label}) buildsmart ingest lost or duplicated rows")
+        spread = rows_per_worker(directory)
+        print(f"    rows per worker: {', '.join(f'{w} {n:,}' for w, n in spread.items())}")
+        if label == "b0" and args.follow_latency:
+            lat = sorted(follow_latency(directory, workdir))
+            median, worst = lat[len(lat) // 2], lat[-1]
+            print(f"(e) --follow, {len(lat)} readings appended singly: visible after median {median:.2f} s, max {worst:.2f} s")
+        if label == "b" and "c" not in args.skip:
+            truncate(directory)
+            time.sleep(2)
+            before = server_cpu(directory)
+            print("(c) COPY through the coordinator ...", flush=True)
+            seconds = coordinator_copy(directory, path)
+            out["c"] = (seconds, 0, 0.0, server_cpu(directory) - before)
+            if count_rows(directory) != keys:
+                raise SystemExit("(c) COPY through the coordinator lost or duplicated rows")
+    finally:
+        cluster.down(directory, purge=True)
+    return out
 
 
 def follow_latency(directory: Path, workdir: Path, readings: int = 20) -> list[float]:
-    """(e) `buildsmart ingest --follow` on a growing file: append one reading at a time and time
-    how long until a query on the coordinator returns it."""
+    """`buildsmart ingest --follow` on a growing file: append one reading at a time and time how
+    long until a query on the coordinator returns it."""
     live = workdir / "live.csv"
     live.write_text(HEADER)
     live.chmod(0o644)
@@ -248,7 +279,7 @@ def follow_latency(directory: Path, workdir: Path, readings: int = 20) -> list[f
     topo, creds = topology.load(directory), topology.load_credentials(directory)
     latencies = []
     try:
-        time.sleep(1.5)
+        time.sleep(2.0)
         with connect(app_target(topo.coordinator, creds), "bench:follow", autocommit=True) as conn:
             for i in range(readings):
                 ts = (datetime(2030, 1, 1, tzinfo=UTC) + timedelta(hours=i)).strftime("%Y-%m-%d %H:%M:%S+00")
@@ -256,9 +287,8 @@ def follow_latency(directory: Path, workdir: Path, readings: int = 20) -> list[f
                     fh.write(f"follow-bench,el,{ts},{i}\n")
                 written = time.monotonic()
                 while time.monotonic() - written < 30:
-                    if conn.execute(
-                        "SELECT 1 FROM public.readings WHERE building = 'follow-bench' AND ts = %s", (ts,)
-                    ).fetchone():
+                    query = "SELECT 1 FROM public.readings WHERE building = 'follow-bench' AND ts = %s"
+                    if conn.execute(query, (ts,)).fetchone():
                         break
                     time.sleep(0.01)
                 latencies.append(time.monotonic() - written)
@@ -274,87 +304,50 @@ def main() -> None:
     ap.add_argument("--file", type=Path, default=CAMBRIDGE)
     ap.add_argument("--limit", type=int, default=0, help="only the first N rows of --file")
     ap.add_argument("--synthetic", help="BUILDINGSxMETERSxINTERVALS of generated 15-minute readings")
-    ap.add_argument("--shuffle", action="store_true")
-    ap.add_argument("--resend", type=float, default=0.0, help="share of readings sent again with a new value")
     ap.add_argument("--workers", type=int, default=3)
-    ap.add_argument("--replicas", type=int, default=0, help="replicas per node (synchronous when > 0)")
-    ap.add_argument("--clients", type=int, default=4, help="concurrent clients for (d)")
-    ap.add_argument("--insert-rows", type=int, default=500_000, help="rows for (d) (multi-row INSERT is the slow path)")
-    ap.add_argument("--skip", default="", help="comma-separated routes to skip: a,b,c,d,e")
+    ap.add_argument("--replicas", type=int, default=1, help="replicas per node for (b) (synchronous)")
+    ap.add_argument("--balancer-running", action="store_true", help="leave the balancer on during the ingest")
+    ap.add_argument("--skip", default="", help="comma-separated routes to leave out: base,b,b0,c")
+    ap.add_argument("--follow-latency", action="store_true", help="also time --follow (append -> visible) on the (b0) cluster")
     args = ap.parse_args()
-    skip = set(args.skip.split(",")) if args.skip else set()
+    args.skip = set(args.skip.split(",")) if args.skip else set()
 
     workdir = Path(tempfile.mkdtemp(prefix="bs-bench-"))
     os.chmod(workdir, 0o755)
     try:
-        path, rows = write_input(args, workdir)
-        keys = distinct_keys(path)
-        print(f"input: {rows:,} rows, {keys:,} distinct (building, meter, ts) keys")
-        results: dict[str, tuple[int, float]] = {}
-        if "a" not in skip:
-            print("(a) baseline: plain PostgreSQL COPY + upsert into one keyed table ...")
-            results["a"] = (rows, baseline_copy(path, workdir))
-        directory = workdir / "cluster"
-        print(f"starting a cluster: coordinator + {args.workers} workers, {args.replicas} replica(s) per node ...")
-        cluster.up(directory, workers=args.workers, replicas=args.replicas, balancer_paused=True)
-        print("the background balancer is paused for this benchmark (the first load still lays the fragments out)")
-        try:
-            peak_rss = None
-            if "b" not in skip:
-                print("(b) buildsmart ingest ...")
-                seconds, peak_rss = buildsmart_ingest(directory, path)
-                assert count_rows(directory) == keys, "buildsmart ingest lost or duplicated rows"
-                results["b"] = (rows, seconds)
-                truncate(directory)
-            if "c" not in skip:
-                print("(c) COPY through the coordinator ...")
-                results["c"] = (rows, coordinator_copy(directory, path))
-                assert count_rows(directory) == keys, "coordinator COPY lost or duplicated rows"
-                truncate(directory)
-            if "d" not in skip:
-                n = min(rows, args.insert_rows)
-                sub = workdir / "insert.csv"
-                with path.open() as src, sub.open("w") as dst:
-                    for i, line in enumerate(src):
-                        if i > n:
-                            break
-                        dst.write(line)
-                print(f"(d) multi-row INSERTs through the coordinator, {args.clients} clients, {n:,} rows ...")
-                results["d"] = (n, coordinator_inserts(directory, sub, args.clients))
-            latencies = []
-            if "e" not in skip:
-                print("(e) follow mode: append readings one by one, time until the coordinator shows each ...")
-                latencies = follow_latency(directory, workdir)
-        finally:
-            cluster.down(directory, purge=True)
-        report(results, peak_rss)
-        if latencies:
-            ordered = sorted(latencies)
-            print(
-                f"(e) follow mode, {len(ordered)} readings appended one by one: visible on the coordinator after "
-                f"median {ordered[len(ordered) // 2]:.2f} s, max {ordered[-1]:.2f} s"
-            )
+        path, rows, counts = write_input(args, workdir)
+        keys = rows  # the benchmark inputs hold each key once
+        print(f"input: {rows:,} rows of {len(counts)} buildings ({path.stat().st_size / 2**20:.0f} MB gzip)")
+        times: dict[str, tuple[float, int, float, float]] = {}
+        if "base" not in args.skip:
+            print("baseline: one plain PostgreSQL server, one COPY into a keyed table ...", flush=True)
+            times["base"] = (baseline_copy(path, workdir), 0, 0.0, 0.0)
+        for label in ("b", "b0"):
+            if label not in args.skip or (label == "b" and "c" not in args.skip):
+                times.update(run_cluster(label, workdir, args, path, keys))
+        report(rows, times, args)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def report(results: dict[str, tuple[int, float]], peak_rss_bytes: int | None) -> None:
+def report(rows: int, times: dict[str, tuple[float, int, float, float]], args: argparse.Namespace) -> None:
     names = {
-        "a": "(a) plain PostgreSQL COPY, one server",
-        "b": "(b) buildsmart ingest (routed, direct)",
+        "base": "baseline: 1 plain server, 1 COPY stream",
+        "b": f"(b) buildsmart ingest, {args.workers} workers, {args.replicas} sync replica",
+        "b0": f"(b0) buildsmart ingest, {args.workers} workers, no replicas",
         "c": "(c) COPY through the coordinator",
-        "d": "(d) multi-row INSERT via coordinator",
     }
-    base = results["a"][0] / results["a"][1] if "a" in results else None
-    out = io.StringIO()
-    out.write(f"\n{'route':42} {'rows':>11} {'seconds':>8} {'rows/s':>10} {'x (a)':>6}\n")
-    for key, (rows, seconds) in results.items():
+    targets = {"b": 0.9, "b0": 1.2, "c": 0.5}
+    base = rows / times["base"][0] if "base" in times else None
+    print(f"\n{'route':56} {'seconds':>8} {'rows/s':>10} {'x base':>7} {'target':>7} {'peak RSS':>9} {'cpu ingest/servers':>19}")
+    for key, (seconds, peak, cpu, srv) in times.items():
         rate = rows / seconds
         ratio = f"{rate / base:.2f}" if base else "-"
-        out.write(f"{names[key]:42} {rows:>11,} {seconds:>8.1f} {rate:>10,.0f} {ratio:>6}\n")
-    if peak_rss_bytes:
-        out.write(f"peak RSS of `buildsmart ingest`: {peak_rss_bytes / 2**20:.0f} MB\n")
-    print(out.getvalue())
+        target = f">={targets[key]}" if key in targets else ""
+        rss = f"{peak / 2**20:.0f} MB" if peak else ""
+        cpus = f"{cpu:.1f} / {srv:.1f} s" if key != "base" else ""
+        print(f"{names[key]:56} {seconds:>8.1f} {rate:>10,.0f} {ratio:>7} {target:>7} {rss:>9} {cpus:>19}")
+    print("transport: TCP over 127.0.0.1 for every route; peak RSS summed over the ingest's processes")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import csv
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from orchestrator.exceptions import ConfigError
 
@@ -131,6 +131,12 @@ class TimeGroup:
         starts: list[datetime] = self._starts  # type: ignore[attr-defined]
         return self.fragments[bisect.bisect_right(starts, ts)]
 
+    def starts_us(self) -> list[int]:
+        """The start instants of every piece but the first, in microseconds since 1970 UTC (for
+        routing many rows at once with a sorted search)."""
+        starts: list[datetime] = self._starts  # type: ignore[attr-defined]
+        return [(t - _EPOCH) // timedelta(microseconds=1) for t in starts]
+
 
 def ts_of_csv_line(csv_line: bytes) -> datetime:
     """The timestamp of a normalised ``building,meter,ts,kwh`` line (validated by the reader)."""
@@ -190,6 +196,15 @@ class Router:
     def route_bytes(self, building: bytes, ts: datetime | None = None) -> Fragment:
         """Route a UTF-8 encoded building code; ``ts`` is needed for time-split ranges."""
         return self._resolve(self._entry_bytes(building), ts, building)
+
+    def entry(self, building: str) -> Fragment | TimeGroup:
+        """The fragment of a building, or its time group when the building is split by time."""
+        hit = self._cache.get(building)
+        if hit is None:
+            hit = self._entries[bisect.bisect_right(self._lower, c_order(building))]
+            if len(self._cache) < 100_000:
+                self._cache[building] = hit
+        return hit
 
     def route(self, building: str, ts: datetime | None = None) -> Fragment:
         hit = self._cache.get(building)

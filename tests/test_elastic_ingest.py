@@ -58,7 +58,7 @@ def _buildings(tok: str) -> list[str]:
     return [f"{region}{tok}_{i:02d}" for region in ("a", "c", "n") for i in range(10)]
 
 
-def make_workload(handle: ClusterHandle, directory: Path, tok: str, seed: int) -> Workload:
+def make_workload(handle: ClusterHandle, directory: Path, tok: str, seed: int, steps: int = STEPS) -> Workload:
     rng = random.Random(seed)
     buildings = _buildings(tok)
     series = [(b, f"m{j}") for b in buildings for j in range(SERIES_PER_REGION // 10)]
@@ -71,7 +71,7 @@ def make_workload(handle: ClusterHandle, directory: Path, tok: str, seed: int) -
         lines.append(f"{key[0]},{key[1]},{ts},{kwh}")
         reference[key] = kwh
 
-    for step in range(STEPS):
+    for step in range(steps):
         epoch = int((T0 + timedelta(hours=step)).timestamp())
         for b, m in series:
             key = (b, m, epoch)
@@ -152,19 +152,44 @@ class Reader:
 
 @dataclass
 class Ingest:
+    """`buildsmart ingest -` fed the workload through its standard input. The feeder holds back
+    the last tenth of the lines until ``release()``: the load is still running when the operation
+    switches, however fast the loader is, and what comes after the switch must be re-routed."""
+
     proc: subprocess.Popen[bytes]
     log: Path
     log_offset: int
+    released: threading.Event = field(default_factory=threading.Event)
+    feeder: threading.Thread | None = None
 
     @classmethod
     def start(cls, handle: ClusterHandle, path: Path) -> Ingest:
         log = handle.directory / LOG_FILE
         offset = log.stat().st_size if log.exists() else 0
         cmd = [
-            sys.executable, "-m", "orchestrator", "ingest", str(path),
+            sys.executable, "-m", "orchestrator", "ingest", "-",
             "--dir", str(handle.directory), "--batch-rows", "2000",
         ]  # fmt: skip
-        return cls(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE), log, offset)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ingest = cls(proc, log, offset)
+        ingest.feeder = threading.Thread(target=ingest._feed, args=(path.read_bytes(),), daemon=True)
+        ingest.feeder.start()
+        return ingest
+
+    def _feed(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        held = data.rfind(b"\n", 0, len(data) * 9 // 10) + 1
+        try:
+            self.proc.stdin.write(data[:held])
+            self.proc.stdin.flush()
+            self.released.wait(timeout=600)
+            self.proc.stdin.write(data[held:])
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass  # the ingest was killed
+
+    def release(self) -> None:
+        self.released.set()
 
     def wait_loading(self, handle: ClusterHandle, buildings: list[str], rows: int) -> None:
         """Until at least ``rows`` of its rows are visible (the load is under way)."""
@@ -179,6 +204,10 @@ class Ingest:
         raise AssertionError("ingest did not get going")
 
     def finish(self) -> str:
+        self.release()
+        if self.feeder is not None:
+            self.feeder.join(timeout=300)
+        self.proc.stdin = None  # closed by the feeder; communicate() must not touch it
         try:
             out, err = self.proc.communicate(timeout=300)
         except subprocess.TimeoutExpired:
@@ -194,7 +223,7 @@ class Ingest:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.communicate()
+        self.finish()
 
 
 def check_stored(handle: ClusterHandle, work: Workload) -> None:
@@ -233,14 +262,17 @@ def check_clean(handle: ClusterHandle) -> None:
             assert w.execute("SELECT count(*) FROM pg_views WHERE schemaname = 'bsdata'").fetchone() == (0,)
 
 
-def _during_ingest(handle: ClusterHandle, tok: str, seed: int, operation: Callable[[], None]) -> tuple[Workload, str]:
-    work = make_workload(handle, handle.directory.parent, tok, seed)
+def _during_ingest(
+    handle: ClusterHandle, tok: str, seed: int, operation: Callable[[], None], steps: int = STEPS
+) -> tuple[Workload, str]:
+    work = make_workload(handle, handle.directory.parent, tok, seed, steps)
     ingest = Ingest.start(handle, work.path)
     reader = Reader(handle, work)
     try:
         ingest.wait_loading(handle, work.buildings, 5_000)
         reader.start()
         operation()
+        ingest.release()
         outcome = ingest.finish()
         time.sleep(0.2)
     finally:
@@ -299,7 +331,9 @@ def test_rebalance_during_ingest(icluster: ClusterHandle) -> None:
         with open_cluster(icluster.directory) as el:
             done.append(balancer.run(el, 0.3))
 
-    _during_ingest(icluster, "z", 3, operation)
+    # Several moves run one after another: three times the readings keep the (faster) loader busy
+    # until the first switch.
+    _during_ingest(icluster, "z", 3, operation, steps=3 * STEPS)
     assert done[0] >= 1
     with open_cluster(icluster.directory) as el:
         assert {f.node for f in el.fragments()} == {"w1", "w2"}

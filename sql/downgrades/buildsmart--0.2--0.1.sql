@@ -8,3 +8,5 @@ DROP TABLE buildsmart.task_runs;
 DROP TABLE buildsmart.balancer_log;
 DROP TABLE buildsmart.balancer;
 ALTER TABLE buildsmart.fragments DROP COLUMN ts_from, DROP COLUMN ts_to, DROP COLUMN time_group;
+DROP FUNCTION buildsmart.ensure_time_partitions(regclass, interval, timestamptz, timestamptz);
+-- #include udfs/ensure_time_partitions/0.1.sql

@@ -9,3 +9,4 @@
 -- #include catalog/checks.sql
 -- #include catalog/balancer.sql
 -- #include udfs/time_split_mirror_trigger/0.2.sql
+-- #include udfs/ensure_time_partitions/0.2.sql
