@@ -50,6 +50,9 @@ SELECT f.shard,
 """
 
 
+SAMPLE_ATTEMPTS = 10
+
+
 @dataclass(frozen=True)
 class FragmentSample:
     fragment: Fragment
@@ -75,8 +78,19 @@ def sample_node(conn: psycopg.Connection, fragments: Iterable[Fragment]) -> dict
     shards = [f.shard_name for f in fragments]
     if not shards:
         return {}
-    rows = conn.execute(_SAMPLE_SQL, (shards, SHARD_SCHEMA)).fetchall()
-    return {str(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows}
+    # pg_total_relation_size locks each partition (AccessShare) while DDL such as a new time
+    # partition locks them in another order: wait briefly, never deadlock, try again.
+    for attempt in range(SAMPLE_ATTEMPTS):
+        try:
+            with conn.transaction():
+                conn.execute("SET LOCAL lock_timeout = '200ms'")
+                rows = conn.execute(_SAMPLE_SQL, (shards, SHARD_SCHEMA)).fetchall()
+            return {str(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows}
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+            if attempt == SAMPLE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def sample(el: Elastic) -> Sample:
