@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import psycopg
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.exceptions import BuildSmartError
+from orchestrator.exceptions import BuildSmartError, NodeError
 
 app = typer.Typer(
     name="buildsmart",
@@ -63,18 +64,30 @@ def main() -> None:
     except BuildSmartError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
         sys.exit(exc.exit_code)
+    except psycopg.Error as exc:
+        # A database error no command turned into a BuildSmartError: one line, the server's
+        # message and SQLSTATE, no traceback (the log file has the details).
+        logging.getLogger(__name__).debug("unhandled database error", exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        state = f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else ""
+        console.print(
+            f"[bold red]error:[/] database error{state}: {escape(first)}\n"
+            "the command stopped here; what it committed before stays committed (details in the cluster's "
+            f"{LOG_FILE}); run it again once the cause is fixed"
+        )
+        sys.exit(NodeError.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except typer.Abort:
         sys.exit(1)
-    except Exception as exc:  # click usage errors arrive as ClickException
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
+    except Exception as exc:
+        # Usage errors arrive as a ClickException (typer >= 0.16 vendors click as typer._click);
+        # `raise typer.Exit(n)` inside a callback as an Exit.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        if type(exc).__name__ == "Exit" and isinstance(getattr(exc, "exit_code", None), int):
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         raise
     sys.exit(code if isinstance(code, int) else 0)
