@@ -72,7 +72,12 @@ def _stored(handle: ClusterHandle, buildings: list[str]) -> dict[str, tuple[int,
 def _scans(conn: psycopg.Connection, where: str, params: tuple[object, ...]) -> list[str]:
     """The foreign tables a query on readings scans (from EXPLAIN)."""
     plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN (COSTS OFF) SELECT * FROM public.readings WHERE {where}", params))
-    return [f"bsdata.{name}" for name in re.findall(r"Foreign Scan on (?:bsdata\.)?(readings_f\d+)", plan)]
+    # the distributed scan lists each worker's fragments ("Node bs_w1: readings_f2, readings_f5");
+    # the PostgreSQL plan (pushdown off or not possible) has a Foreign Scan per fragment
+    names = re.findall(r"Foreign Scan on (?:bsdata\.)?(readings_f\d+)", plan)
+    for listed in re.findall(r"^\s*Node [^:]+: (.*)$", plan, flags=re.M):
+        names += re.findall(r"readings_f\d+", listed)
+    return sorted(f"bsdata.{name}" for name in names)
 
 
 def _settings(handle: ClusterHandle, **settings: object) -> None:

@@ -225,3 +225,46 @@ def test_parameters_and_generic_plans(main_cluster: ClusterHandle, plain: str, d
             got = conn.execute(f"EXECUTE q({lits})").fetchall()
             want = ref.execute(f"EXECUTE q({lits})").fetchall()
             assert want and _equal(got, want, ordered=True), (a, got, want)
+
+
+def _listed_fragments(plan: str) -> set[str]:
+    """The fragments a distributed scan reads, from its EXPLAIN lines "Node bs_w1: readings_f2, ..."."""
+    names: set[str] = set()
+    for line in plan.splitlines():
+        head, _, listed = line.strip().partition(": ")
+        if head.startswith("Node ") and "Remote SQL" not in head:
+            names |= {n.split(" ")[0] for n in listed.split(", ")}
+    return names
+
+
+def test_building_ranges_prune_fragments(main_cluster: ClusterHandle, plain: str, dataset: str) -> None:
+    """building >= / > / < / <= (C order) read only the fragments whose ranges meet the condition,
+    with constants and with a generic plan's parameters; answers equal the plain server's."""
+    with main_cluster.coordinator(admin=False) as conn, psycopg.connect(plain, autocommit=True) as ref:
+        every = _listed_fragments("\n".join(r[0] for r in conn.execute("EXPLAIN SELECT count(*) FROM readings")))
+        assert len(every) >= 3
+        lo, hi = f"c{dataset}", f"t{dataset}"
+        checks = [
+            ("building >= %s AND building < %s", (lo, hi)),
+            ("building > %s AND building <= %s", (lo, hi)),
+            ("%s::text <= building", (hi,)),
+            ("building < %s", (lo,)),
+        ]
+        for where, args in checks:
+            query = f"SELECT building, count(*), sum(kwh) FROM readings WHERE {where} AND building LIKE %s GROUP BY 1 ORDER BY 1"
+            full = (*args, f"%{dataset}%")
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (COSTS OFF) " + query, full))
+            read = _listed_fragments(plan)
+            assert read and len(read) < len(every), (where, plan)
+            got, want = conn.execute(query, full).fetchall(), ref.execute(query, full).fetchall()
+            assert want and _equal(got, want, ordered=True), (where, got, want)
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        ranged = "SELECT count(*), sum(kwh) FROM readings WHERE building >= {} AND building < {} AND building LIKE {}"
+        conn.execute("PREPARE r(text, text, text) AS " + ranged.format("$1", "$2", "$3"))
+        full = (lo, hi, f"%{dataset}%")
+        execute = psycopg.sql.SQL("EXECUTE r({}, {}, {})").format(*map(psycopg.sql.Literal, full))
+        plan = "\n".join(r[0] for r in conn.execute(psycopg.sql.SQL("EXPLAIN (ANALYZE, COSTS OFF) ") + execute))
+        assert 0 < len(_listed_fragments(plan)) < len(every), plan
+        got = conn.execute(execute).fetchone()
+        want = ref.execute(ranged.format("%s", "%s", "%s"), full).fetchone()
+        assert got is not None and want is not None and got[0] == want[0] and math.isclose(got[1], want[1], rel_tol=1e-9)

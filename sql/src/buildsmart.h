@@ -97,10 +97,18 @@ typedef enum BsPruneKind
 	BS_PRUNE_TS_LE = 4,
 	BS_PRUNE_TS_EQ = 5,
 	BS_PRUNE_TS_GE = 6,
-	BS_PRUNE_TS_GT = 7
+	BS_PRUNE_TS_GT = 7,
+	BS_PRUNE_B_LT = 8,			/* building < value (C order): building ranges below it */
+	BS_PRUNE_B_LE = 9,
+	BS_PRUNE_B_GE = 10,
+	BS_PRUNE_B_GT = 11
 } BsPruneKind;
 
+#define BS_PRUNE_IS_TS(k) ((k) >= BS_PRUNE_TS_LT && (k) <= BS_PRUNE_TS_GT)
+#define BS_PRUNE_IS_RANGE(k) ((k) >= BS_PRUNE_B_LT && (k) <= BS_PRUNE_B_GT)
+
 extern bool bs_time_may_hold(Const *lo, Const *hi, int kind, TimestampTz v);
+extern bool bs_range_may_hold(Const *lo, Const *hi, int kind, Datum v);
 
 /* two-phase aggregates (dist_combine.c) */
 typedef struct BsCombine

@@ -51,6 +51,7 @@ static ProcessUtility_hook_type prev_process_utility = NULL;
 typedef struct BsRun
 {
 	BsConn	   *conn;
+	Oid			server;			/* foreign server */
 	char	   *node;			/* foreign server name */
 	char	   *sql;			/* the statement sent */
 	List	   *fragments;		/* names, for EXPLAIN */
@@ -95,6 +96,7 @@ typedef struct BsScanState
 	bool	   *sort_nf;
 	List	   *param_states;
 	List	   *prune_states;
+	List	   *prune_exprs;	/* the expressions of prune_states (EXPLAIN) */
 	ExprState  *limit_count_state;
 	ExprState  *limit_offset_state;
 
@@ -313,13 +315,15 @@ bs_prune(BsScanState *s, ExprContext *econtext)
 				continue;
 			if (isnull)
 				hit = false;
-			else if (lfirst_int(lk) >= BS_PRUNE_TS_LT)
+			else if (BS_PRUNE_IS_TS(lfirst_int(lk)))
 			{
 				Const	   *tlo = list_nth(s->frag_ts_lower, i);
 				Const	   *thi = list_nth(s->frag_ts_upper, i);
 
 				hit = bs_time_may_hold(tlo, thi, lfirst_int(lk), DatumGetTimestampTz(v));
 			}
+			else if (BS_PRUNE_IS_RANGE(lfirst_int(lk)))
+				hit = bs_range_may_hold(lo, hi, lfirst_int(lk), v);
 			else if (lfirst_int(lk) == BS_PRUNE_EQ)
 				hit = bs_holds(lo, hi, v);
 			else
@@ -374,6 +378,61 @@ bs_param_value(Datum v, bool isnull, Oid type, bool binary, const char **value, 
 	}
 }
 
+/*
+ * Which fragments this execution reads, grouped into one statement per worker (no I/O): the
+ * building and time pruning values are evaluated here.
+ */
+static void
+bs_assign_runs(BsScanState *s, ExprContext *econtext)
+{
+	int			nfrag = list_length(s->frag_oids);
+	bool	   *keep;
+	int			i,
+				r;
+
+	keep = bs_prune(s, econtext);
+	s->nfrags_total = nfrag;
+	s->nfrags_used = 0;
+	s->runs = palloc0(sizeof(BsRun) * Max(nfrag, 1));
+	s->nruns = 0;
+	for (i = 0; i < nfrag; i++)
+	{
+		Oid			frag = list_nth_oid(s->frag_oids, i);
+		Oid			server;
+		BsRun	   *run = NULL;
+		char	   *sql = strVal(list_nth(s->frag_sql, i));
+
+		if (!keep[i])
+			continue;
+		s->nfrags_used++;
+		server = GetForeignTable(frag)->serverid;
+		for (r = 0; r < s->nruns; r++)
+			if (s->runs[r].server == server)
+				run = &s->runs[r];
+		if (run == NULL)
+		{
+			run = &s->runs[s->nruns++];
+			run->server = server;
+			run->sql = sql;
+			run->node = GetForeignServer(server)->servername;
+		}
+		else
+			run->sql = psprintf("(%s) UNION ALL (%s)", run->sql, sql);
+		run->fragments = lappend(run->fragments, get_rel_name(frag));
+	}
+	if (s->shape == BS_SHAPE_SINGLE && s->nfrags_used > 1)
+		elog(ERROR, "buildsmart: a single-fragment plan selected %d fragments", s->nfrags_used);
+
+	/* parenthesised UNION ALL branches need the outer statement to be a plain SELECT */
+	for (r = 0; r < s->nruns; r++)
+	{
+		BsRun	   *run = &s->runs[r];
+
+		if (list_length(run->fragments) > 1)
+			run->sql = psprintf("SELECT * FROM (%s) bs_union", run->sql);
+	}
+}
+
 static void
 bs_dispatch(BsScanState *s, EState *estate)
 {
@@ -385,9 +444,6 @@ bs_dispatch(BsScanState *s, EState *estate)
 	int		   *formats = palloc0(sizeof(int) * Max(np, 1));
 	ListCell   *lc;
 	int			i = 0;
-	bool	   *keep;
-	int			nfrag = list_length(s->frag_oids);
-	Oid		   *servers;
 	int			r;
 
 	/* parameters: evaluated here, once */
@@ -451,53 +507,12 @@ bs_dispatch(BsScanState *s, EState *estate)
 		}
 	}
 
-	keep = bs_prune(s, econtext);
-	s->nfrags_total = nfrag;
-	s->nfrags_used = 0;
-	servers = palloc0(sizeof(Oid) * Max(nfrag, 1));
-	s->runs = palloc0(sizeof(BsRun) * Max(nfrag, 1));
-	s->nruns = 0;
-	for (i = 0; i < nfrag; i++)
-	{
-		Oid			frag = list_nth_oid(s->frag_oids, i);
-		Oid			server;
-		BsRun	   *run = NULL;
-		char	   *sql = strVal(list_nth(s->frag_sql, i));
-
-		if (!keep[i])
-			continue;
-		s->nfrags_used++;
-		server = GetForeignTable(frag)->serverid;
-		for (r = 0; r < s->nruns; r++)
-			if (servers[r] == server)
-				run = &s->runs[r];
-		if (run == NULL)
-		{
-			run = &s->runs[s->nruns];
-			servers[s->nruns++] = server;
-			run->sql = sql;
-			run->node = GetForeignServer(server)->servername;
-		}
-		else
-			run->sql = psprintf("(%s) UNION ALL (%s)", run->sql, sql);
-		run->fragments = lappend(run->fragments, get_rel_name(frag));
-	}
-	if (s->shape == BS_SHAPE_SINGLE && s->nfrags_used > 1)
-		elog(ERROR, "buildsmart: a single-fragment plan selected %d fragments", s->nfrags_used);
-
-	/* parenthesised UNION ALL branches need the outer statement to be a plain SELECT */
+	bs_assign_runs(s, econtext);
 	for (r = 0; r < s->nruns; r++)
 	{
 		BsRun	   *run = &s->runs[r];
 
-		if (list_length(run->fragments) > 1)
-			run->sql = psprintf("SELECT * FROM (%s) bs_union", run->sql);
-	}
-	for (r = 0; r < s->nruns; r++)
-	{
-		BsRun	   *run = &s->runs[r];
-
-		run->conn = bs_get_conn(servers[r], NULL);
+		run->conn = bs_get_conn(run->server, NULL);
 		INSTR_TIME_SET_CURRENT(run->sent);
 		bs_conn_send(run->conn, run->sql, np, types, values, lengths, formats, s->binary ? 1 : 0);
 	}
@@ -609,6 +624,7 @@ bs_begin(CustomScanState *node, EState *estate, int eflags)
 	s->explain_only = (eflags & EXEC_FLAG_EXPLAIN_ONLY) != 0;
 	s->param_states = NIL;
 	s->prune_states = NIL;
+	s->prune_exprs = NIL;
 	foreach(lc, cs->custom_exprs)
 	{
 		Expr	   *e = lfirst(lc);
@@ -617,7 +633,10 @@ bs_begin(CustomScanState *node, EState *estate, int eflags)
 		if (i < s->nparams)
 			s->param_states = lappend(s->param_states, es);
 		else if (i < s->nparams + s->nprune)
+		{
 			s->prune_states = lappend(s->prune_states, es);
+			s->prune_exprs = lappend(s->prune_exprs, e);
+		}
 		else if (i == s->nparams + s->nprune)
 			s->limit_count_state = es;
 		else
@@ -931,6 +950,25 @@ bs_rescan(CustomScanState *node)
 	s->started = false;
 }
 
+/*
+ * Can EXPLAIN (without ANALYZE) not evaluate this expression? A PARAM_EXEC comes from a
+ * subquery EXPLAIN does not run; a PARAM_EXTERN has no value under EXPLAIN (GENERIC_PLAN).
+ */
+static bool
+bs_unknown_param_walker(Node *node, void *context)
+{
+	if (node == NULL)
+		return false;
+	if (IsA(node, Param))
+	{
+		Param	   *p = (Param *) node;
+
+		if (p->paramkind == PARAM_EXEC || (p->paramkind == PARAM_EXTERN && *(bool *) context))
+			return true;
+	}
+	return expression_tree_walker(node, bs_unknown_param_walker, context);
+}
+
 static void
 bs_explain(CustomScanState *node, List *ancestors, ExplainState *es)
 {
@@ -969,11 +1007,22 @@ bs_explain(CustomScanState *node, List *ancestors, ExplainState *es)
 	ExplainPropertyText("Shape", s->note, es);
 	if (!s->started)
 	{
-		ExplainPropertyText("Fragments", psprintf("%d candidate(s)%s", list_length(s->frag_oids),
-												  s->nprune > 0 ? ", pruned on building when the plan runs" : ""), es);
-		if (es->verbose && s->frag_sql != NIL)
-			ExplainPropertyText("Remote SQL", strVal(linitial(s->frag_sql)), es);
-		return;
+		/*
+		 * Without ANALYZE the fragments are pruned here as the run would prune them, unless a
+		 * pruning value comes from a subquery (EXPLAIN does not run it).
+		 */
+		bool		generic = es->generic;
+
+		if (bs_unknown_param_walker((Node *) s->prune_exprs, &generic))
+		{
+			ExplainPropertyText("Fragments", psprintf("%d candidate(s), pruned on building when the plan runs",
+													  list_length(s->frag_oids)), es);
+			if (es->verbose && s->frag_sql != NIL)
+				ExplainPropertyText("Remote SQL", strVal(linitial(s->frag_sql)), es);
+			return;
+		}
+		if (s->runs == NULL)
+			bs_assign_runs(s, node->ss.ps.ps_ExprContext);
 	}
 	ExplainPropertyText("Fragments", psprintf("%d of %d on %d node(s)", s->nfrags_used, s->nfrags_total, s->nruns), es);
 	if (s->nsort > 0 && s->nfrags_used > 1)

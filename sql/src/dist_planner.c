@@ -372,6 +372,76 @@ bs_time_comparison(Node *c, Index dist_rti, AttrNumber a_ts, Node **value)
 	return 0;
 }
 
+/* Can the building range [lo, hi) hold a building <op> v (C order)? NULL bounds are open. */
+bool
+bs_range_may_hold(Const *lo, Const *hi, int kind, Datum v)
+{
+	bool		lo_open = lo == NULL || lo->constisnull;
+	bool		hi_open = hi == NULL || hi->constisnull;
+
+	switch (kind)
+	{
+		case BS_PRUNE_B_LT:
+			return lo_open || bs_cmp_c(lo->constvalue, v) < 0;
+		case BS_PRUNE_B_LE:
+			return lo_open || bs_cmp_c(lo->constvalue, v) <= 0;
+		case BS_PRUNE_B_GE:
+		case BS_PRUNE_B_GT:
+			return hi_open || bs_cmp_c(hi->constvalue, v) > 0;
+		default:
+			return true;
+	}
+}
+
+/* building <op> value with text's btree operators under the C collation: a range kind, or 0 */
+static int
+bs_building_range(Node *c, Index dist_rti, AttrNumber attno, Node **value)
+{
+	OpExpr	   *op = (OpExpr *) c;
+	Node	   *l,
+			   *r;
+	bool		commuted;
+	int			k;
+
+	if (!IsA(c, OpExpr) || list_length(op->args) != 2 || op->inputcollid != C_COLLATION_OID)
+		return 0;
+	l = bs_strip(linitial(op->args));
+	r = bs_strip(lsecond(op->args));
+	if (IsA(l, Var) && ((Var *) l)->varno == (int) dist_rti && ((Var *) l)->varattno == attno &&
+		((Var *) l)->varlevelsup == 0)
+		commuted = false;
+	else if (IsA(r, Var) && ((Var *) r)->varno == (int) dist_rti && ((Var *) r)->varattno == attno &&
+			 ((Var *) r)->varlevelsup == 0)
+		commuted = true;
+	else
+		return 0;
+	*value = commuted ? l : r;
+	if (exprType(*value) != TEXTOID || contain_vars_of_level(*value, 0) || contain_volatile_functions(*value) ||
+		contain_subplans(*value) || contain_agg_clause(*value))
+		return 0;
+	switch (op->opno)
+	{
+		case TextLessOperator:	/* text < text */
+			k = BS_PRUNE_B_LT;
+			break;
+		case 665:				/* text <= text */
+			k = BS_PRUNE_B_LE;
+			break;
+		case 666:				/* text > text */
+			k = BS_PRUNE_B_GT;
+			break;
+		case TextGreaterEqualOperator:	/* text >= text */
+			k = BS_PRUNE_B_GE;
+			break;
+		default:
+			return 0;
+	}
+	if (commuted)				/* v < building is building > v */
+		k = k == BS_PRUNE_B_LT ? BS_PRUNE_B_GT : k == BS_PRUNE_B_LE ? BS_PRUNE_B_GE :
+			k == BS_PRUNE_B_GT ? BS_PRUNE_B_LT : BS_PRUNE_B_LE;
+	return k;
+}
+
 static void
 bs_find_pruning(Node *quals, Index dist_rti, AttrNumber attno, List **exprs, List **kinds)
 {
@@ -385,10 +455,20 @@ bs_find_pruning(Node *quals, Index dist_rti, AttrNumber attno, List **exprs, Lis
 		Node	   *tsval = NULL;
 		int			tskind = bs_time_comparison(c, dist_rti, a_ts, &tsval);
 
+		Node	   *bval = NULL;
+		int			bkind;
+
 		if (tskind != 0)
 		{
 			*exprs = lappend(*exprs, copyObject(tsval));
 			*kinds = lappend_int(*kinds, tskind);
+			continue;
+		}
+		bkind = bs_building_range(c, dist_rti, attno, &bval);
+		if (bkind != 0)
+		{
+			*exprs = lappend(*exprs, copyObject(bval));
+			*kinds = lappend_int(*kinds, bkind);
 			continue;
 		}
 
@@ -468,6 +548,8 @@ bs_prune_static(List *fragments, List *exprs, List *kinds, ParamListInfo bound)
 
 		if (bp != NULL)
 			e = (Node *) bp;
+		else if (!IsA(e, Const))
+			e = eval_const_expressions(NULL, e);	/* IN ('a', 'b') is still an ArrayExpr here */
 		if (!IsA(e, Const))
 			continue;
 		foreach(lf, keep)
@@ -478,9 +560,11 @@ bs_prune_static(List *fragments, List *exprs, List *kinds, ParamListInfo bound)
 
 			if (c->constisnull)
 				hit = false;
-			else if (lfirst_int(lk) >= BS_PRUNE_TS_LT)
+			else if (BS_PRUNE_IS_TS(lfirst_int(lk)))
 				hit = !f->time_piece ||
 					bs_time_may_hold(f->ts_lower, f->ts_upper, lfirst_int(lk), DatumGetTimestampTz(c->constvalue));
+			else if (BS_PRUNE_IS_RANGE(lfirst_int(lk)))
+				hit = bs_range_may_hold(f->lower, f->upper, lfirst_int(lk), c->constvalue);
 			else if (lfirst_int(lk) == BS_PRUNE_EQ)
 				hit = bs_fragment_holds(f, c->constvalue);
 			else
