@@ -5,3 +5,6 @@
 -- latest-wins trigger of fragments in C. Fragments made by 0.1 keep their PL/pgSQL trigger until
 -- the orchestrator swaps it (`buildsmart up` / `init` plan that step).
 -- #include udfs/replace_existing/0.2.sql
+--
+-- Cluster restore points (orchestrator/backup/points.py).
+-- #include catalog/restore_points.sql

@@ -1,0 +1,230 @@
+"""Cluster-consistent restore points (``buildsmart backup point NAME``).
+
+Why a pause: every fragment commits on its own worker, so restore points made one node after the
+other could split an ingest batch or a switch in two. For the shortest moment the coordinator
+holds distributed writes back the way a fragment switch does (orchestrator/elastic/gate.py):
+
+1. every fragment's write lock EXCLUSIVELY (``buildsmart.fragment_switch_lock``, in fragment
+   order as loaders take them SHARED): ingest batches in flight finish first, new ones wait, and a
+   move's or split's switch (which takes the same lock) cannot be half done;
+2. ``LOCK public.readings IN EXCLUSIVE MODE``: writes through the coordinator wait, reads go on;
+3. the catalog version must not have changed since the fragments were read, and no node may hold
+   a prepared transaction (a migration between its coordinator and worker COMMIT PREPARED):
+   otherwise the pause is released and tried again;
+4. ``pg_create_restore_point(NAME)`` on every group's primary, and on every worker a REPEATABLE
+   READ transaction whose snapshot is exported (``pg_export_snapshot``);
+5. commit: writes resume.
+
+After the pause the per-time-partition checksums of every fragment are computed in those
+snapshots (the same function moves use, orchestrator/elastic/verify.py), i.e. of exactly the data
+at the point, and the point is recorded in the repository (points/NAME.json) and in
+``buildsmart.restore_points`` on the coordinator. ``make_restore_point`` is a plain function, so a
+periodic task (or a migration, move or split) can call it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from orchestrator import catalog
+from orchestrator.backup import barman, decide, repo
+from orchestrator.backup.decide import FragmentAt, RestorePoint
+from orchestrator.connections import connect, superuser_target
+from orchestrator.elastic import verify
+from orchestrator.elastic.context import Elastic
+from orchestrator.exceptions import ClusterStateError, ConfigError, NodeError
+from orchestrator.osuser import service_user
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+PAUSE_LOCK_TIMEOUT = "2s"
+ATTEMPTS = 10
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ConfigError(f"restore point name {name!r}: use 1-63 letters, digits, '_', '.', '-' (first a letter or digit)")
+    return name
+
+
+def auto_name(reason: str, now: datetime | None = None) -> str:
+    """A point name for automatic points: <reason>-<UTC time>."""
+    return f"{reason}-{(now or datetime.now(UTC)):%Y%m%dT%H%M%S}"
+
+
+def load_points(r: repo.Repository) -> list[RestorePoint]:
+    if not r.points_dir.is_dir():
+        return []
+    out = []
+    for path in sorted(r.points_dir.glob("*.json")):
+        try:
+            out.append(RestorePoint.from_json(json.loads(path.read_text())))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable restore point %s: %s", path, exc)
+    return sorted(out, key=lambda p: p.created_at)
+
+
+def load_point(r: repo.Repository, name: str) -> RestorePoint:
+    path = r.points_dir / f"{validate_name(name)}.json"
+    try:
+        return RestorePoint.from_json(json.loads(path.read_text()))
+    except FileNotFoundError as exc:
+        known = ", ".join(p.name for p in load_points(r)) or "none"
+        raise ConfigError(f"no restore point {name!r} in {r.root} (known: {known})") from exc
+
+
+def _save_point(r: repo.Repository, point: RestorePoint) -> None:
+    r.points_dir.mkdir(parents=True, exist_ok=True)
+    path = r.points_dir / f"{point.name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(point.to_json(), indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _record_in_catalog(coord: psycopg.Connection, point: RestorePoint) -> None:
+    data = point.to_json()
+    coord.execute(
+        "INSERT INTO buildsmart.restore_points (name, reason, created_at, catalog_version, pause_ms, lsns, topology, checksums) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            point.name,
+            point.reason,
+            point.created_at,
+            point.catalog_version,
+            point.pause_ms,
+            Jsonb(data["lsns"]),
+            Jsonb({k: data[k] for k in ("cluster_name", "groups", "fragments", "time_interval", "timelines")}),
+            Jsonb(data["checksums"]),
+        ),
+    )
+
+
+def _read_catalog(coord: psycopg.Connection) -> tuple[int, tuple[FragmentAt, ...]]:
+    with coord.transaction():
+        coord.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        row = coord.execute("SELECT version FROM buildsmart.catalog_version").fetchone()
+        frags = catalog.load_fragments(coord)
+    return (int(row[0]) if row else 0), tuple(FragmentAt(**asdict(f)) for f in frags)
+
+
+class _Retry(Exception):
+    pass
+
+
+def _pause(
+    el: Elastic, name: str, version: int, fragment_ids: list[int], snaps: dict[str, psycopg.Connection]
+) -> tuple[dict[str, str], float]:
+    """Steps 1-5 above. Returns the LSN of the point per group and the pause in ms."""
+    coord = el.coord
+    lsns: dict[str, str] = {}
+    started = time.monotonic()
+    with coord.transaction():
+        coord.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(PAUSE_LOCK_TIMEOUT)))
+        # in fragment order (the subquery sorts before the locks are taken), as loaders do
+        coord.execute(
+            "SELECT count(buildsmart.fragment_switch_lock(f)) FROM (SELECT unnest(%s::int[]) AS f ORDER BY 1) s",
+            (sorted(fragment_ids),),
+        )
+        coord.execute("LOCK TABLE public.readings IN EXCLUSIVE MODE")
+        row = coord.execute("SELECT version FROM buildsmart.catalog_version").fetchone()
+        if row is None or int(row[0]) != version:
+            raise _Retry(f"catalog version changed ({version} -> {row[0] if row else None})")
+        for group in el.topo.groups:
+            conn = coord if group.role == "coordinator" else el.nodes.get(group.name)
+            prepared = conn.execute("SELECT count(*) FROM pg_catalog.pg_prepared_xacts").fetchone()
+            if prepared and prepared[0]:
+                raise _Retry(f"{prepared[0]} prepared transaction(s) on {group.name} (a distributed commit in progress)")
+        for group in el.topo.groups:
+            conn = coord if group.role == "coordinator" else el.nodes.get(group.name)
+            got = conn.execute("SELECT pg_catalog.pg_create_restore_point(%s)::text", (name,)).fetchone()
+            assert got is not None
+            lsns[group.name] = str(got[0])
+        for worker, conn in snaps.items():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            snap = conn.execute("SELECT pg_catalog.pg_export_snapshot()").fetchone()
+            log.info("restore point %s: snapshot %s exported on %s", name, snap[0] if snap else "?", worker)
+    return lsns, (time.monotonic() - started) * 1000.0
+
+
+def make_restore_point(el: Elastic, name: str, reason: decide.PointReason | str = "manual") -> RestorePoint:
+    """Create a cluster-consistent restore point NAME on every group and record it (repository +
+    catalog). Raises ClusterStateError when the pause could not be taken (a long-running batch
+    or switch held it off ATTEMPTS times) or the name is taken; nothing is recorded then."""
+    validate_name(name)
+    settings = repo.load(el.directory)
+    r = settings.repo
+    if (r.points_dir / f"{name}.json").exists():
+        raise ClusterStateError(f"restore point {name!r} exists already in {r.root}")
+    if el.coord.execute("SELECT 1 FROM buildsmart.restore_points WHERE name = %s", (name,)).fetchone():
+        raise ClusterStateError(f"restore point {name!r} exists already in buildsmart.restore_points")
+    last: Exception | None = None
+    for attempt in range(1, ATTEMPTS + 1):
+        version, frags = _read_catalog(el.coord)
+        # snapshot connections are opened before the pause: connecting is not part of it
+        snaps = {w.name: connect(superuser_target(w, el.creds), "backup:snapshot") for w in el.topo.workers}
+        try:
+            try:
+                lsns, pause_ms = _pause(el, name, version, [f.fragment_id for f in frags], snaps)
+            except (_Retry, psycopg.errors.LockNotAvailable) as exc:
+                last = exc
+                log.info("restore point %s: attempt %d gave way (%s); retrying", name, attempt, exc)
+                for conn in snaps.values():
+                    conn.rollback()
+                time.sleep(0.1 * attempt)
+                continue
+            created = datetime.now(UTC)
+            log.info("restore point %s created on %d groups; write pause %.1f ms", name, len(lsns), pause_ms)
+            checksums = {f.shard_name: verify.unit_sums(snaps[f.node], f.shard_name) for f in frags}
+        finally:
+            for conn in snaps.values():
+                conn.close()
+        break
+    else:
+        raise ClusterStateError(f"restore point {name!r} not made: writes could not be paused ({last}); nothing was recorded")
+    timelines = {}
+    for group in el.topo.groups:
+        # the segment holding the point goes to the archive now, not when it fills up
+        row = el.nodes.get(group.name).execute(
+            "SELECT pg_catalog.pg_walfile_name(%s::pg_lsn), pg_catalog.pg_switch_wal()", (lsns[group.name],)
+        ).fetchone()
+        timelines[group.name] = int(str(row[0])[:8], 16) if row else 0
+    point = RestorePoint(
+        name=name,
+        reason=str(reason),
+        created_at=created,
+        catalog_version=version,
+        pause_ms=pause_ms,
+        lsns=lsns,
+        timelines=timelines,
+        groups={g.name: {"role": g.role, "members": len(g.members), "dbname": g.dbname} for g in el.topo.groups},
+        fragments=frags,
+        cluster_name=el.topo.cluster_name,
+        time_interval=el.topo.layout.time_interval,
+        checksums=checksums,
+        roles={"superuser": el.creds.superuser, "app_user": el.creds.app_user},
+    )
+    _save_point(r, point)
+    _record_in_catalog(el.coord, point)
+    try:
+        barman.cron(r, service_user(el.topo.service_user))
+    except NodeError as exc:  # filing WAL can wait: it is safe in incoming/, and status reports it
+        log.warning("barman cron after restore point %s: %s", name, exc)
+    log.info(
+        "restore point %s recorded (reason %s, catalog version %d, %d fragments, LSNs %s)",
+        name,
+        reason,
+        version,
+        len(frags),
+        lsns,
+    )
+    return point
