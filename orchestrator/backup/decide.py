@@ -86,6 +86,7 @@ class RestorePoint:
     time_interval: str
     checksums: Mapping[str, Mapping[str, Sums]] = field(default_factory=dict)
     roles: Mapping[str, str] = field(default_factory=dict)  # "superuser", "app_user": role names, no secrets
+    wal_name: str = ""  # the name in the WAL (recovery_target_name): NAME@<unique suffix>
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +103,7 @@ class RestorePoint:
             "time_interval": self.time_interval,
             "checksums": {s: {b: list(v) for b, v in u.items()} for s, u in self.checksums.items()},
             "roles": dict(self.roles),
+            "wal_name": self.wal_name or self.name,
         }
 
     @staticmethod
@@ -122,6 +124,7 @@ class RestorePoint:
             time_interval=data.get("time_interval", "1 month"),
             checksums={s: {b: (int(v[0]), int(v[1])) for b, v in u.items()} for s, u in data.get("checksums", {}).items()},
             roles=dict(data.get("roles", {})),
+            wal_name=data.get("wal_name") or data["name"],
         )
 
 

@@ -28,6 +28,8 @@ import json
 import logging
 import re
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
 
@@ -36,24 +38,23 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from orchestrator import catalog
-from orchestrator.backup import barman, decide, repo
+from orchestrator.backup import decide, repo
 from orchestrator.backup.decide import FragmentAt, RestorePoint
 from orchestrator.connections import connect, superuser_target
 from orchestrator.elastic import verify
 from orchestrator.elastic.context import Elastic
-from orchestrator.exceptions import ClusterStateError, ConfigError, NodeError
-from orchestrator.osuser import service_user
+from orchestrator.exceptions import ClusterStateError, ConfigError
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,53}$")  # + "@" + 8 hex = 63, the WAL record's limit
 PAUSE_LOCK_TIMEOUT = "2s"
 ATTEMPTS = 10
 
 
 def validate_name(name: str) -> str:
     if not NAME_RE.match(name):
-        raise ConfigError(f"restore point name {name!r}: use 1-63 letters, digits, '_', '.', '-' (first a letter or digit)")
+        raise ConfigError(f"restore point name {name!r}: use 1-54 letters, digits, '_', '.', '-' (first a letter or digit)")
     return name
 
 
@@ -122,38 +123,83 @@ class _Retry(Exception):
 
 
 def _pause(
-    el: Elastic, name: str, version: int, fragment_ids: list[int], snaps: dict[str, psycopg.Connection]
+    el: Elastic,
+    wal_name: str,
+    version: int,
+    fragment_ids: list[int],
+    snaps: dict[str, psycopg.Connection],
+    pool: ThreadPoolExecutor,
 ) -> tuple[dict[str, str], float]:
-    """Steps 1-5 above. Returns the LSN of the point per group and the pause in ms."""
+    """Steps 1-5 above. Returns the LSN of the point per group and the pause in ms. Per-node
+    statements run on all nodes at once (one thread per node) to keep the pause short."""
     coord = el.coord
-    lsns: dict[str, str] = {}
+    conns = {g.name: coord if g.role == "coordinator" else el.nodes.get(g.name) for g in el.topo.groups}
+
+    def prepared(group: str) -> int:
+        row = conns[group].execute("SELECT count(*) FROM pg_catalog.pg_prepared_xacts").fetchone()
+        return int(row[0]) if row else 0
+
+    def mark(group: str) -> tuple[str, str | None]:
+        got = conns[group].execute("SELECT pg_catalog.pg_create_restore_point(%s)::text", (wal_name,)).fetchone()
+        assert got is not None
+        snap = None
+        if group in snaps:
+            snaps[group].execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            row = snaps[group].execute("SELECT pg_catalog.pg_export_snapshot()").fetchone()
+            snap = str(row[0]) if row else None
+        return str(got[0]), snap
+
     started = time.monotonic()
     with coord.transaction():
-        coord.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(PAUSE_LOCK_TIMEOUT)))
-        # in fragment order (the subquery sorts before the locks are taken), as loaders do
-        coord.execute(
-            "SELECT count(buildsmart.fragment_switch_lock(f)) FROM (SELECT unnest(%s::int[]) AS f ORDER BY 1) s",
-            (sorted(fragment_ids),),
+        # one round trip: lock timeout, the fragments' write locks in fragment order (the
+        # subquery sorts before the locks are taken, as loaders take them), readings, version
+        cur = coord.execute(
+            sql.SQL(
+                "SET LOCAL lock_timeout = {}; "
+                "SELECT count(buildsmart.fragment_switch_lock(f)) FROM (SELECT unnest({}::int[]) AS f ORDER BY 1) s; "
+                "LOCK TABLE public.readings IN EXCLUSIVE MODE; "
+                "SELECT version FROM buildsmart.catalog_version"
+            ).format(sql.Literal(PAUSE_LOCK_TIMEOUT), sql.Literal(sorted(fragment_ids)))
         )
-        coord.execute("LOCK TABLE public.readings IN EXCLUSIVE MODE")
-        row = coord.execute("SELECT version FROM buildsmart.catalog_version").fetchone()
+        while cur.nextset():
+            pass
+        row = cur.fetchone()
         if row is None or int(row[0]) != version:
             raise _Retry(f"catalog version changed ({version} -> {row[0] if row else None})")
-        for group in el.topo.groups:
-            conn = coord if group.role == "coordinator" else el.nodes.get(group.name)
-            prepared = conn.execute("SELECT count(*) FROM pg_catalog.pg_prepared_xacts").fetchone()
-            if prepared and prepared[0]:
-                raise _Retry(f"{prepared[0]} prepared transaction(s) on {group.name} (a distributed commit in progress)")
-        for group in el.topo.groups:
-            conn = coord if group.role == "coordinator" else el.nodes.get(group.name)
-            got = conn.execute("SELECT pg_catalog.pg_create_restore_point(%s)::text", (name,)).fetchone()
-            assert got is not None
-            lsns[group.name] = str(got[0])
-        for worker, conn in snaps.items():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            snap = conn.execute("SELECT pg_catalog.pg_export_snapshot()").fetchone()
-            log.info("restore point %s: snapshot %s exported on %s", name, snap[0] if snap else "?", worker)
-    return lsns, (time.monotonic() - started) * 1000.0
+        pending = dict(zip(conns, pool.map(prepared, list(conns)), strict=True))
+        busy = {g: n for g, n in pending.items() if n}
+        if busy:
+            raise _Retry(f"prepared transactions on {busy} (a distributed commit in progress)")
+        marked = dict(zip(conns, pool.map(mark, list(conns)), strict=True))
+    pause_ms = (time.monotonic() - started) * 1000.0
+    log.info("restore point %s: snapshots %s exported in the pause", wal_name, {g: s for g, (_, s) in marked.items() if s})
+    return {g: lsn for g, (lsn, _) in marked.items()}, pause_ms
+
+
+def _attempts(
+    el: Elastic, name: str, wal_name: str, pool: ThreadPoolExecutor
+) -> tuple[dict[str, str], float, int, tuple[FragmentAt, ...], dict[str, dict[str, verify.Sums]]]:
+    """The pause, tried again when it gave way; then the checksums in the exported snapshots."""
+    last: Exception | None = None
+    for attempt in range(1, ATTEMPTS + 1):
+        version, frags = _read_catalog(el.coord)
+        # snapshot connections are opened before the pause: connecting is not part of it
+        snaps = {w.name: connect(superuser_target(w, el.creds), "backup:snapshot") for w in el.topo.workers}
+        try:
+            try:
+                lsns, pause_ms = _pause(el, wal_name, version, [f.fragment_id for f in frags], snaps, pool)
+            except (_Retry, psycopg.errors.LockNotAvailable) as exc:
+                last = exc
+                log.info("restore point %s: attempt %d gave way (%s); retrying", name, attempt, exc)
+                time.sleep(0.1 * attempt)
+                continue
+            log.info("restore point %s created on %d groups; write pause %.1f ms", name, len(lsns), pause_ms)
+            checksums = {f.shard_name: verify.unit_sums(snaps[f.node], f.shard_name) for f in frags}
+            return lsns, pause_ms, version, frags, checksums
+        finally:
+            for conn in snaps.values():
+                conn.close()
+    raise ClusterStateError(f"restore point {name!r} not made: writes could not be paused ({last}); nothing was recorded")
 
 
 def make_restore_point(el: Elastic, name: str, reason: decide.PointReason | str = "manual") -> RestorePoint:
@@ -167,30 +213,14 @@ def make_restore_point(el: Elastic, name: str, reason: decide.PointReason | str 
         raise ClusterStateError(f"restore point {name!r} exists already in {r.root}")
     if el.coord.execute("SELECT 1 FROM buildsmart.restore_points WHERE name = %s", (name,)).fetchone():
         raise ClusterStateError(f"restore point {name!r} exists already in buildsmart.restore_points")
-    last: Exception | None = None
-    for attempt in range(1, ATTEMPTS + 1):
-        version, frags = _read_catalog(el.coord)
-        # snapshot connections are opened before the pause: connecting is not part of it
-        snaps = {w.name: connect(superuser_target(w, el.creds), "backup:snapshot") for w in el.topo.workers}
-        try:
-            try:
-                lsns, pause_ms = _pause(el, name, version, [f.fragment_id for f in frags], snaps)
-            except (_Retry, psycopg.errors.LockNotAvailable) as exc:
-                last = exc
-                log.info("restore point %s: attempt %d gave way (%s); retrying", name, attempt, exc)
-                for conn in snaps.values():
-                    conn.rollback()
-                time.sleep(0.1 * attempt)
-                continue
-            created = datetime.now(UTC)
-            log.info("restore point %s created on %d groups; write pause %.1f ms", name, len(lsns), pause_ms)
-            checksums = {f.shard_name: verify.unit_sums(snaps[f.node], f.shard_name) for f in frags}
-        finally:
-            for conn in snaps.values():
-                conn.close()
-        break
-    else:
-        raise ClusterStateError(f"restore point {name!r} not made: writes could not be paused ({last}); nothing was recorded")
+    for group in el.topo.groups:
+        el.nodes.get(group.name)  # connect now: a connection made inside the pause lengthens it
+    # the name written into the WAL is unique even if a failed attempt left NAME on some node:
+    # recovery stops at the first record with the target name
+    wal_name = f"{name}@{uuid.uuid4().hex[:8]}"
+    with ThreadPoolExecutor(max_workers=len(el.topo.groups)) as pool:
+        lsns, pause_ms, version, frags, checksums = _attempts(el, name, wal_name, pool)
+    created = datetime.now(UTC)
     timelines = {}
     for group in el.topo.groups:
         # the segment holding the point goes to the archive now, not when it fills up
@@ -200,6 +230,7 @@ def make_restore_point(el: Elastic, name: str, reason: decide.PointReason | str 
         timelines[group.name] = int(str(row[0])[:8], 16) if row else 0
     point = RestorePoint(
         name=name,
+        wal_name=wal_name,
         reason=str(reason),
         created_at=created,
         catalog_version=version,
@@ -215,10 +246,8 @@ def make_restore_point(el: Elastic, name: str, reason: decide.PointReason | str 
     )
     _save_point(r, point)
     _record_in_catalog(el.coord, point)
-    try:
-        barman.cron(r, service_user(el.topo.service_user))
-    except NodeError as exc:  # filing WAL can wait: it is safe in incoming/, and status reports it
-        log.warning("barman cron after restore point %s: %s", name, exc)
+    # Barman files the archived WAL later (list, create, restore, a periodic task): its archive-wal
+    # processes would compete with writers for the CPU right after the pause.
     log.info(
         "restore point %s recorded (reason %s, catalog version %d, %d fragments, LSNs %s)",
         name,

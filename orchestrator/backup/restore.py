@@ -205,7 +205,7 @@ def _recover_group(
     base = lm.data_dir.parent
     base.mkdir(parents=True, exist_ok=True)
     user.chown(base)
-    barman.recover(r, user, group.name, chosen.backup_id, lm.data_dir, point.name)
+    barman.recover(r, user, group.name, chosen.backup_id, lm.data_dir, point.wal_name or point.name)
     archive.write_script(base, user.uid, user.gid)
     return chosen.backup_id
 
