@@ -115,9 +115,11 @@ def run(repo: Repository, user: ServiceUser, *args: str) -> str:
 
 
 def cron(repo: Repository, user: ServiceUser) -> None:
-    """File the WAL waiting in every group's incoming/ into its archive (what `barman cron` does
-    on a schedule; buildsmart runs it at every backup command)."""
-    run(repo, user, "-q", "cron")
+    """File the WAL waiting in every group's incoming/ into its archive, in the foreground (what
+    `barman cron` starts in the background on a schedule; buildsmart runs it at every backup
+    command and before a restore, which needs the files filed)."""
+    for group in repo.groups():
+        run(repo, user, "-q", "archive-wal", group)
 
 
 def backup(repo: Repository, user: ServiceUser, group: str) -> str:
@@ -174,7 +176,9 @@ def recover(repo: Repository, user: ServiceUser, group: str, backup_id: str, des
     promote); the server is not started."""
     args = ["recover", group, backup_id, str(dest)]
     if target_name is not None:
-        args += ["--target-name", target_name, "--target-action", "promote"]
+        # "latest": follow the timeline switches (switchover, failover) recorded in the archived
+        # history files; without it Barman copies the WAL of the backup's own timeline only
+        args += ["--target-name", target_name, "--target-action", "promote", "--target-tli", "latest"]
     run(repo, user, *args)
     log.info("recovered base backup %s of %s into %s (target %s)", backup_id, group, dest, target_name or "end of WAL")
 
