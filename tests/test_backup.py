@@ -172,10 +172,12 @@ def test_point_under_ingest_move_and_mirror_restores_fragments_that_agree_with_t
     main_cluster: ClusterHandle, backed_up: repo.Repository, token: str
 ) -> None:
     buildings = [f"b5{token}{i}" for i in range(4)]  # fragment [b3, b6)
-    seed = [(b, "electricity", f"2031-05-{d:02d}T{h:02d}:00:00Z", float(d * h)) for b in buildings
-            for d in range(1, 29) for h in range(24)]  # fmt: skip
-    with main_cluster.coordinator() as conn:
-        conn.cursor().executemany("INSERT INTO readings VALUES (%s, %s, %s, %s)", seed)
+    with main_cluster.coordinator() as conn:  # enough rows that the move's copy takes a while
+        conn.execute(
+            "INSERT INTO readings SELECT b, 'electricity', t, extract(epoch FROM t)::int %% 97 FROM unnest(%s::text[]) b, "
+            "generate_series('2031-05-01'::timestamptz, '2031-06-30 23:50', '1 minute') t",
+            (buildings,),
+        )
     with open_cluster(main_cluster.directory) as el:
         frag = next(f for f in el.fragments() if f.range_from == "b3")
     home, away = frag.node, next(w.name for w in main_cluster.topology.workers if w.name != frag.node)
@@ -186,6 +188,7 @@ def test_point_under_ingest_move_and_mirror_restores_fragments_that_agree_with_t
                               stderr=subprocess.PIPE, text=True)  # fmt: skip
     load = Load(main_cluster, buildings)
     load.committed.update(_totals(main_cluster, buildings))
+    load.started_rows = sum(n for n, _ in load.committed.values())
     mover_out: list[subprocess.CompletedProcess[str]] = []
     mover = threading.Thread(
         target=lambda: mover_out.append(main_cluster.run_cli("fragment", "move", str(frag.fragment_id), away))
@@ -208,8 +211,11 @@ def test_point_under_ingest_move_and_mirror_restores_fragments_that_agree_with_t
             if step and step[0] in ("subscribed", "target_created"):
                 break
             time.sleep(0.05)
-        made = main_cluster.run_cli("backup", "point", name)
-        assert "write pause" in made.stdout + made.stderr
+        else:
+            raise AssertionError("the move never reached its copy phase")
+        with open_cluster(main_cluster.directory, "test:point") as el:  # the function a periodic task calls
+            made = points.make_restore_point(el, name, "schedule")
+        assert made.name == name and made.pause_ms > 0
         mover.join(timeout=300)
         load.stop()
         load.check()
@@ -232,6 +238,8 @@ def test_point_under_ingest_move_and_mirror_restores_fragments_that_agree_with_t
     # verify restores into a scratch directory: catalog and every fragment equal the point
     verified = main_cluster.run_cli("backup", "verify", name)
     assert f"verified {name}" in verified.stdout + verified.stderr
+    # the move was open (before its switch) at the point: the restored cluster rolled it back
+    assert f"(move of fragment {frag.fragment_id}): not switched at the point; rolled back" in verified.stdout + verified.stderr
     assert point.pause_ms < 1000
 
 

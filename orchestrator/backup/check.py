@@ -85,6 +85,8 @@ def verify_point(r: repo.Repository, point: RestorePoint, scratch: Path | None =
     target = base / "cluster"
     try:
         restored = restore.restore(r, point, target, replicas=0, report=report)
+        for line in restored.jobs_closed:
+            report(line)
         problems = compare(point, target)
     finally:
         try:
