@@ -10,14 +10,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from orchestrator import cluster
-from orchestrator.backup import archive, check, points, repo
+from orchestrator.backup import archive, check, decide, ops, points, repo
 from orchestrator.elastic.context import open_cluster
 from orchestrator.metadata.mirror import run_once
 from orchestrator.osuser import service_user
@@ -257,3 +257,59 @@ def test_point_names_are_checked_and_unique(main_cluster: ClusterHandle, backed_
     status = main_cluster.run_cli("backup", "status", "--json")
     assert '"configured": true' in status.stdout and '"failing_archivers": []' in status.stdout
     assert datetime.now(UTC) - points.load_point(backed_up, f"u{token}").created_at < timedelta(minutes=1)
+
+
+def _archiver(handle: ClusterHandle, group: str) -> tuple[int, bool]:
+    """(failed_count, whether the last attempt failed) of the group's member."""
+    with handle.worker(group) as conn:
+        row = conn.execute(
+            "SELECT failed_count, coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false) "
+            "FROM pg_stat_archiver"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), bool(row[1])
+
+
+def _new_segment(handle: ClusterHandle, group: str) -> None:
+    with handle.worker(group) as conn:
+        conn.execute("SELECT pg_logical_emit_message(false, 'bs-test', 'x'), pg_switch_wal()")
+
+
+def _wait(what: str, check_fn: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check_fn():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+# Last in this module: retention deletes the base backups the other tests restored from.
+def test_failing_archive_is_loud_and_retention_keeps_by_count_and_age(
+    main_cluster: ClusterHandle, backed_up: repo.Repository
+) -> None:
+    incoming = backed_up.incoming("w1")
+    failed_before = _archiver(main_cluster, "w1")[0]
+    incoming.chmod(0o555)  # the archive command (service user) cannot write there
+    try:
+        _new_segment(main_cluster, "w1")
+        _wait("an archive failure on w1", lambda: _archiver(main_cluster, "w1")[0] > failed_before)
+        bad = main_cluster.run_cli("backup", "status", check=False)
+        assert bad.returncode == 4 and "WAL ARCHIVING FAILS on w1-0" in bad.stdout
+        assert "WAL ARCHIVING FAILS on w1-0" in main_cluster.run_cli("status").stdout
+    finally:
+        incoming.chmod(0o755)
+    _new_segment(main_cluster, "w1")  # a new .ready file wakes the archiver: it retries in order
+    _wait("archiving on w1 to recover", lambda: not _archiver(main_cluster, "w1")[1])
+    good = main_cluster.run_cli("backup", "status", check=False)
+    assert good.returncode == 0 and "backups ok" in good.stdout, good.stdout
+
+    before = {b.group: b.backup_id for b in ops.all_backups(backed_up)}
+    main_cluster.run_cli("backup", "init", "--keep", "1", "--keep-days", "0")
+    out = main_cluster.run_cli("backup", "create")
+    text = out.stdout + out.stderr
+    for group, backup_id in before.items():
+        assert f"retention: deleted base backup {backup_id} of {group}" in text
+    after = ops.all_backups(backed_up)
+    assert sorted(b.group for b in after) == sorted(before)  # one per group: the new one
+    assert "no longer restorable and was removed" in text  # the points made before it went with the old backups
+    assert all(decide.restorable(p, after) for p in points.load_points(backed_up))

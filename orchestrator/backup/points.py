@@ -4,10 +4,14 @@ Why a pause: every fragment commits on its own worker, so restore points made on
 other could split an ingest batch or a switch in two. For the shortest moment the coordinator
 holds distributed writes back the way a fragment switch does (orchestrator/elastic/gate.py):
 
-1. every fragment's write lock EXCLUSIVELY (``buildsmart.fragment_switch_lock``, in fragment
-   order as loaders take them SHARED): ingest batches in flight finish first, new ones wait, and a
-   move's or split's switch (which takes the same lock) cannot be half done;
-2. ``LOCK public.readings IN EXCLUSIVE MODE``: writes through the coordinator wait, reads go on;
+1. every fragment's write lock EXCLUSIVELY (loaders take it SHARED per batch; a move's or split's
+   switch takes it too, so a switch is never half done), and
+2. ``LOCK public.readings IN EXCLUSIVE MODE``: writes through the coordinator wait, reads go on.
+   Both are first tried all at once without waiting (``buildsmart.fragment_try_switch_lock``,
+   ``NOWAIT``), again every few ms: waiting on a lock a loader holds would queue every new batch
+   behind it, a pause as long as the batch in flight (100,000 rows, about a second). Only when no
+   moment with every lock free came for SPIN_S seconds, it waits (``fragment_switch_lock``, in
+   fragment order as loaders take theirs): batches in flight finish, new ones wait;
 3. the catalog version must not have changed since the fragments were read, and no node may hold
    a prepared transaction (a migration between its coordinator and worker COMMIT PREPARED):
    otherwise the pause is released and tried again;
@@ -49,6 +53,10 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,53}$")  # + "@" + 8 hex = 63, the WAL record's limit
 PAUSE_LOCK_TIMEOUT = "2s"
+# First try to take every lock at once without waiting (every SPIN_SLEEP_S, for SPIN_S): the pause
+# is then only the few round trips inside it. Only after that, wait for the batches in flight.
+SPIN_S = 3.0
+SPIN_SLEEP_S = 0.002
 ATTEMPTS = 10
 
 
@@ -122,6 +130,10 @@ class _Retry(Exception):
     pass
 
 
+class _Busy(Exception):
+    """A loader holds a fragment's write lock (or a writer holds readings) right now."""
+
+
 def _pause(
     el: Elastic,
     wal_name: str,
@@ -149,28 +161,48 @@ def _pause(
             snap = str(row[0]) if row else None
         return str(got[0]), snap
 
-    started = time.monotonic()
-    with coord.transaction():
-        # one round trip: lock timeout, the fragments' write locks in fragment order (the
-        # subquery sorts before the locks are taken, as loaders take them), readings, version
-        cur = coord.execute(
-            sql.SQL(
-                "SET LOCAL lock_timeout = {}; "
-                "SELECT count(buildsmart.fragment_switch_lock(f)) FROM (SELECT unnest({}::int[]) AS f ORDER BY 1) s; "
-                "LOCK TABLE public.readings IN EXCLUSIVE MODE; "
-                "SELECT version FROM buildsmart.catalog_version"
-            ).format(sql.Literal(PAUSE_LOCK_TIMEOUT), sql.Literal(sorted(fragment_ids)))
-        )
-        while cur.nextset():
-            pass
-        row = cur.fetchone()
-        if row is None or int(row[0]) != version:
-            raise _Retry(f"catalog version changed ({version} -> {row[0] if row else None})")
-        pending = dict(zip(conns, pool.map(prepared, list(conns)), strict=True))
-        busy = {g: n for g, n in pending.items() if n}
-        if busy:
-            raise _Retry(f"prepared transactions on {busy} (a distributed commit in progress)")
-        marked = dict(zip(conns, pool.map(mark, list(conns)), strict=True))
+    spin_until = time.monotonic() + SPIN_S
+    while True:
+        blocking = time.monotonic() >= spin_until
+        try:
+            with coord.transaction():
+                started = time.monotonic()
+                if blocking:
+                    # the fallback: wait for the batches in flight (new ones queue behind us)
+                    cur = coord.execute(
+                        sql.SQL(
+                            "SET LOCAL lock_timeout = {}; "
+                            "SELECT count(buildsmart.fragment_switch_lock(f)) FROM (SELECT unnest({}::int[]) AS f ORDER BY 1) s; "
+                            "LOCK TABLE public.readings IN EXCLUSIVE MODE; "
+                            "SELECT version FROM buildsmart.catalog_version"
+                        ).format(sql.Literal(PAUSE_LOCK_TIMEOUT), sql.Literal(sorted(fragment_ids)))
+                    )
+                else:
+                    # all at once or none: nobody waits for us while a batch is in flight
+                    cur = coord.execute(
+                        sql.SQL(
+                            "SELECT buildsmart.fragment_try_switch_lock({}::int[]) OR NULL; "
+                            "LOCK TABLE public.readings IN EXCLUSIVE MODE NOWAIT; "
+                            "SELECT version FROM buildsmart.catalog_version"
+                        ).format(sql.Literal(sorted(fragment_ids)))
+                    )
+                    if cur.fetchone() == (None,):
+                        raise _Busy
+                while cur.nextset():
+                    pass
+                row = cur.fetchone()
+                if row is None or int(row[0]) != version:
+                    raise _Retry(f"catalog version changed ({version} -> {row[0] if row else None})")
+                pending = dict(zip(conns, pool.map(prepared, list(conns)), strict=True))
+                busy = {g: n for g, n in pending.items() if n}
+                if busy:
+                    raise _Retry(f"prepared transactions on {busy} (a distributed commit in progress)")
+                marked = dict(zip(conns, pool.map(mark, list(conns)), strict=True))
+            break
+        except (_Busy, psycopg.errors.LockNotAvailable):
+            if blocking:
+                raise
+            time.sleep(SPIN_SLEEP_S)
     pause_ms = (time.monotonic() - started) * 1000.0
     log.info("restore point %s: snapshots %s exported in the pause", wal_name, {g: s for g, (_, s) in marked.items() if s})
     return {g: lsn for g, (lsn, _) in marked.items()}, pause_ms

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,7 @@ import typer
 from rich.table import Table
 
 from orchestrator import cluster, metadata_store, pgbin, status, topology
+from orchestrator.backup import ops as backup_ops
 from orchestrator.cli.app import DEFAULT_DIR, DirOpt, app, out, report, setup_logging
 from orchestrator.connections import app_target, superuser_target
 from orchestrator.exceptions import BuildSmartError
@@ -98,6 +100,10 @@ def _members_and_mirror(directory: Path, data: dict[str, Any]) -> None:
         data["mirror"] = mirror_lag(directory)
     except BuildSmartError as exc:
         data["mirror"] = {"error": str(exc)}
+    try:
+        data["backup"] = asdict(backup_ops.status(directory))
+    except BuildSmartError as exc:
+        data["backup"] = {"error": str(exc)}
 
 
 @app.command("status")
@@ -144,6 +150,13 @@ def status_cmd(
         out.print(f"metadata mirror: {mirror.get('events', 0)} event(s), {mirror.get('seconds') or 0:.1f} s behind")
     elif mirror:
         out.print(f"metadata mirror: {mirror['error']}")
+    backup = data.get("backup") or {}
+    if backup.get("configured"):
+        age = backup.get("last_good_backup_age_s")
+        when = "none" if age is None else f"{age / 3600:.1f} h ago"
+        out.print(f"backups: {backup['repository']}, last good base backup {when}, last point {backup.get('last_point') or '-'}")
+    for problem in backup.get("problems", ()) if backup.get("configured") else ():
+        out.print(f"[bold red]{problem}[/]")  # a failing archive is said loudly
 
 
 @app.command()

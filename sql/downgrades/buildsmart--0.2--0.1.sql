@@ -2,3 +2,4 @@
 -- the orchestrator of 0.1 must have re-created the PL/pgSQL triggers first.
 DROP FUNCTION buildsmart.replace_existing();
 DROP TABLE buildsmart.restore_points;
+DROP FUNCTION buildsmart.fragment_try_switch_lock(integer[]);

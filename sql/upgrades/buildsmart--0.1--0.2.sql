@@ -8,3 +8,4 @@
 --
 -- Cluster restore points (orchestrator/backup/points.py).
 -- #include catalog/restore_points.sql
+-- #include udfs/fragment_try_switch_lock/0.2.sql
