@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from orchestrator.topology import Credentials, Topology
 
 log = logging.getLogger(__name__)
 Report = Callable[[str], None]
+CREATE_PARALLEL = 4
 
 
 def _quiet(_: str) -> None:
@@ -115,20 +117,28 @@ def ensure_configured(directory: Path) -> tuple[repo.BackupSettings, Topology, S
 
 
 def create(directory: Path, report: Report = _quiet) -> dict[str, str]:
-    """A base backup of every node group (one after the other: they share the disks), then
-    retention. Returns group -> backup id."""
+    """A base backup of every node group, CREATE_PARALLEL at a time (most of a Barman backup is
+    waiting: for the checkpoint and for its last WAL segment to be archived), then retention.
+    Returns group -> backup id."""
     settings, topo, user = ensure_configured(directory)
     r = settings.repo
     barman.cron(r, user)
     done: dict[str, str] = {}
-    for i, group in enumerate(topo.groups, 1):
-        report(f"[{i}/{len(topo.groups)}] base backup of {group.name} ...")
-        try:
-            done[group.name] = barman.backup(r, user, group.name)
-        except NodeError as exc:
-            finished = ", ".join(f"{g} ({b})" for g, b in done.items()) or "none"
-            raise NodeError(f"{exc}\nfinished before it: {finished}; rerun `buildsmart backup create`") from exc
-        report(f"[{i}/{len(topo.groups)}] {group.name}: backup {done[group.name]} done")
+    failed: dict[str, str] = {}
+    report(f"base backups of {len(topo.groups)} node groups ({', '.join(g.name for g in topo.groups)}) ...")
+    with ThreadPoolExecutor(max_workers=CREATE_PARALLEL) as pool:
+        futures = {g.name: pool.submit(barman.backup, r, user, g.name) for g in topo.groups}
+        for name, fut in futures.items():
+            try:
+                done[name] = fut.result()
+                report(f"[{len(done)}/{len(topo.groups)}] {name}: backup {done[name]} done")
+            except NodeError as exc:
+                failed[name] = str(exc)
+    if failed:
+        finished = ", ".join(f"{g} ({b})" for g, b in done.items()) or "none"
+        raise NodeError(
+            "; ".join(f"{g}: {e}" for g, e in failed.items()) + f"\nfinished: {finished}; rerun `buildsmart backup create`"
+        )
     for line in apply_retention(directory, settings, user):
         report(line)
     return done

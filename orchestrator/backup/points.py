@@ -55,8 +55,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,53}$")  # + "@" + 8 hex = 63
 PAUSE_LOCK_TIMEOUT = "2s"
 # First try to take every lock at once without waiting (every SPIN_SLEEP_S, for SPIN_S): the pause
 # is then only the few round trips inside it. Only after that, wait for the batches in flight.
-SPIN_S = 3.0
-SPIN_SLEEP_S = 0.002
+SPIN_S = 15.0
+SPIN_SLEEP_S = 0.001
 ATTEMPTS = 10
 
 
@@ -130,6 +130,12 @@ class _Retry(Exception):
     pass
 
 
+def _end_snapshots(snaps: dict[str, psycopg.Connection]) -> None:
+    for conn in snaps.values():
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+
+
 class _Busy(Exception):
     """A loader holds a fragment's write lock (or a writer holds readings) right now."""
 
@@ -147,19 +153,28 @@ def _pause(
     coord = el.coord
     conns = {g.name: coord if g.role == "coordinator" else el.nodes.get(g.name) for g in el.topo.groups}
 
-    def prepared(group: str) -> int:
-        row = conns[group].execute("SELECT count(*) FROM pg_catalog.pg_prepared_xacts").fetchone()
-        return int(row[0]) if row else 0
-
-    def mark(group: str) -> tuple[str, str | None]:
-        got = conns[group].execute("SELECT pg_catalog.pg_create_restore_point(%s)::text", (wal_name,)).fetchone()
+    def prepared(group: str) -> tuple[int, str | None]:
+        """Prepared transactions on the node; on a worker, in the same round trip, the REPEATABLE
+        READ snapshot of the point is taken and exported (its connection is in autocommit mode:
+        the BEGIN is part of the one statement string)."""
+        if group not in snaps:
+            row = conns[group].execute("SELECT count(*) FROM pg_catalog.pg_prepared_xacts").fetchone()
+            return (int(row[0]) if row else 0), None
+        cur = snaps[group].execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; "
+            "SELECT count(*), pg_catalog.pg_export_snapshot() FROM pg_catalog.pg_prepared_xacts"
+        )
+        while cur.nextset():
+            pass
+        got = cur.fetchone()
         assert got is not None
-        snap = None
-        if group in snaps:
-            snaps[group].execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            row = snaps[group].execute("SELECT pg_catalog.pg_export_snapshot()").fetchone()
-            snap = str(row[0]) if row else None
-        return str(got[0]), snap
+        return int(got[0]), str(got[1])
+
+    def mark(group: str) -> str:
+        query = sql.SQL("SELECT pg_catalog.pg_create_restore_point({})::text").format(sql.Literal(wal_name))
+        got = conns[group].execute(query).fetchone()
+        assert got is not None
+        return str(got[0])
 
     spin_until = time.monotonic() + SPIN_S
     while True:
@@ -194,18 +209,22 @@ def _pause(
                 if row is None or int(row[0]) != version:
                     raise _Retry(f"catalog version changed ({version} -> {row[0] if row else None})")
                 pending = dict(zip(conns, pool.map(prepared, list(conns)), strict=True))
-                busy = {g: n for g, n in pending.items() if n}
+                busy = {g: n for g, (n, _) in pending.items() if n}
                 if busy:
                     raise _Retry(f"prepared transactions on {busy} (a distributed commit in progress)")
-                marked = dict(zip(conns, pool.map(mark, list(conns)), strict=True))
+                lsns = dict(zip(conns, pool.map(mark, list(conns)), strict=True))
             break
         except (_Busy, psycopg.errors.LockNotAvailable):
+            _end_snapshots(snaps)
             if blocking:
                 raise
             time.sleep(SPIN_SLEEP_S)
+        except _Retry:
+            _end_snapshots(snaps)
+            raise
     pause_ms = (time.monotonic() - started) * 1000.0
-    log.info("restore point %s: snapshots %s exported in the pause", wal_name, {g: s for g, (_, s) in marked.items() if s})
-    return {g: lsn for g, (lsn, _) in marked.items()}, pause_ms
+    log.info("restore point %s: snapshots %s exported in the pause", wal_name, {g: s for g, (_, s) in pending.items() if s})
+    return lsns, pause_ms
 
 
 def _attempts(
@@ -216,7 +235,7 @@ def _attempts(
     for attempt in range(1, ATTEMPTS + 1):
         version, frags = _read_catalog(el.coord)
         # snapshot connections are opened before the pause: connecting is not part of it
-        snaps = {w.name: connect(superuser_target(w, el.creds), "backup:snapshot") for w in el.topo.workers}
+        snaps = {w.name: connect(superuser_target(w, el.creds), "backup:snapshot", autocommit=True) for w in el.topo.workers}
         try:
             try:
                 lsns, pause_ms = _pause(el, wal_name, version, [f.fragment_id for f in frags], snaps, pool)
