@@ -83,6 +83,9 @@ def test_switchover_between_base_backup_and_point_restores_with_replicas(ha_clus
         member = new / "nodes" / f"{new_topo.workers[0].name}-0"
         assert f'namespace: "/{new_topo.cluster_name}/"' in (member / "patroni.yml").read_text()
         assert not (member / archive.CONF).exists()  # archives into no repository, least of all the original's
+        # verify restores the same point as plain servers (no replicas) into a scratch directory
+        verified = ha_cluster.run_cli("backup", "verify", "after-switchover")
+        assert "verified after-switchover" in verified.stdout + verified.stderr
     finally:
         if (new / "topology.json").exists():
             stop_cluster(ClusterHandle(new))
