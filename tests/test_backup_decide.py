@@ -130,3 +130,18 @@ def test_archive_script_copies_once_accepts_the_same_bytes_and_refuses_other_byt
     wal.write_bytes(b"y" * 1000)
     failed = _run_script(base, wal)
     assert failed.returncode != 0 and "other content" in failed.stderr
+
+
+def test_restored_topology_keeps_names_and_roles_with_new_ports_and_name() -> None:
+    from orchestrator.backup.restore import new_topology
+    from orchestrator.osuser import ServiceUser
+
+    user = ServiceUser("buildsmart", 999, 999)
+    p = _point("p1", T0)
+    topo = new_topology(p, user, replicas=None)
+    assert [(g.name, g.role, len(g.members)) for g in topo.groups] == [("coordinator", "coordinator", 2), ("w1", "worker", 2)]
+    assert topo.cluster_name == "buildsmart-p1" and topo.layout.time_interval == "1 month"
+    ports = [m.port for g in topo.groups for m in g.members]
+    assert len(set(ports)) == len(ports)
+    plain = new_topology(p, user, replicas=0)
+    assert [len(g.members) for g in plain.groups] == [1, 1]

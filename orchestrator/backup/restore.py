@@ -129,6 +129,11 @@ def _unseal_config(data: Path, user: ServiceUser) -> None:
     user.chown(data)
 
 
+def _log_tail(lm: local.LocalMember, lines: int = 6) -> str:
+    text = lm.log_file.read_text(errors="replace").splitlines()[-lines:] if lm.log_file.exists() else []
+    return "\n  " + "\n  ".join(text) + f"\n(see {lm.log_file})"
+
+
 def _sealed_conn(socket_dir: Path, port: int, superuser: str, dbname: str) -> psycopg.Connection:
     return psycopg.connect(
         host=str(socket_dir), port=port, user=superuser, dbname=dbname, autocommit=True,
@@ -140,8 +145,7 @@ def _wait_promoted(lm: local.LocalMember, socket_dir: Path, superuser: str, dbna
     deadline = time.monotonic() + RECOVERY_TIMEOUT_S
     while time.monotonic() < deadline:
         if local.pid_of(lm.data_dir) is None:
-            tail = lm.log_file.read_text(errors="replace").splitlines()[-5:] if lm.log_file.exists() else []
-            raise NodeError(f"restored {lm.name} stopped during recovery:\n  " + "\n  ".join(tail))
+            raise NodeError(f"restored {lm.name} stopped during recovery: {_log_tail(lm)}")
         try:
             with _sealed_conn(socket_dir, lm.member.port, superuser, dbname) as conn:
                 row = conn.execute("SELECT pg_catalog.pg_is_in_recovery()").fetchone()
@@ -161,7 +165,11 @@ def _rewrite_node(conn: psycopg.Connection, group: Group, topo: Topology, creds:
     )
     executor.ensure_app_role(conn, creds.app_user, creds.app_password, group.dbname)
     done.append(f"{group.name}: new passwords for {creds.superuser} and {creds.app_user}")
-    for (name,) in conn.execute("SELECT subname FROM pg_catalog.pg_subscription").fetchall():
+    subs = conn.execute(
+        "SELECT s.subname FROM pg_catalog.pg_subscription s JOIN pg_catalog.pg_database d ON d.oid = s.subdbid "
+        "WHERE d.datname = current_database()"
+    ).fetchall()
+    for (name,) in subs:
         ident = sql.Identifier(name)
         conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
         conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
@@ -218,10 +226,20 @@ def restore(
     report: Report = _quiet,
 ) -> RestoreResult:
     """Build, start and check a new local cluster in ``new_dir`` at ``point``."""
-    started = time.monotonic()
     new_dir = new_dir.resolve()
-    if topology.exists(new_dir):
-        raise ConfigError(f"{new_dir} already holds a cluster: restore into a new directory")
+    if topology.exists(new_dir) or (new_dir / "nodes").exists():
+        raise ConfigError(f"{new_dir} already holds a cluster (or a failed restore): restore into a new directory")
+    try:
+        return _restore(r, point, new_dir, replicas, report)
+    except (ConfigError, NodeError, ClusterStateError) as exc:
+        raise type(exc)(
+            f"{exc}\nrestore of {point.name} into {new_dir} did not finish; the original cluster and repository were "
+            f"only read. Remove it (`buildsmart down --purge --dir {new_dir}`, or delete the directory) and rerun"
+        ) from exc
+
+
+def _restore(r: repo.Repository, point: RestorePoint, new_dir: Path, replicas: int | None, report: Report) -> RestoreResult:
+    started = time.monotonic()
     missing = sorted(set(point.lsns) - set(r.groups()))
     if missing:
         raise ClusterStateError(f"the repository {r.root} has no backups of {', '.join(missing)}")
@@ -247,7 +265,10 @@ def restore(
             _write_sealed_config(lm.data_dir, lm.member.port, socket_dir, creds.superuser, user)
             report(f"[{i}/{len(firsts)}] {group.name}: base backup {backup_id} restored; replaying WAL to {point.name}")
         for _group, lm in firsts:
-            run_as(user, [pgbin.tool("pg_ctl"), "-D", str(lm.data_dir), "-l", str(lm.log_file), "start"])
+            try:
+                run_as(user, [pgbin.tool("pg_ctl"), "-D", str(lm.data_dir), "-l", str(lm.log_file), "-w", "-t", "600", "start"])
+            except NodeError as exc:
+                raise NodeError(f"restored {lm.name} did not start: {_log_tail(lm)}") from exc
         for group, lm in firsts:
             _wait_promoted(lm, socket_dir, creds.superuser, group.dbname)
             with _sealed_conn(socket_dir, lm.member.port, creds.superuser, group.dbname) as conn:
