@@ -7,11 +7,12 @@ holds distributed writes back the way a fragment switch does (orchestrator/elast
 1. every fragment's write lock EXCLUSIVELY (loaders take it SHARED per batch; a move's or split's
    switch takes it too, so a switch is never half done), and
 2. ``LOCK public.readings IN EXCLUSIVE MODE``: writes through the coordinator wait, reads go on.
-   Both are first tried all at once without waiting (``buildsmart.fragment_try_switch_lock``,
-   ``NOWAIT``), again every few ms: waiting on a lock a loader holds would queue every new batch
-   behind it, a pause as long as the batch in flight (100,000 rows, about a second). Only when no
-   moment with every lock free came for SPIN_S seconds, it waits (``fragment_switch_lock``, in
-   fragment order as loaders take theirs): batches in flight finish, new ones wait;
+   Waiting on a lock a loader holds queues every new batch behind it: a pause as long as the batch
+   in flight (100,000 rows, about a second). So every free lock is taken at once
+   (``buildsmart.fragment_try_switch_lock``), the batches in flight get WAIT_BUDGET_MS to finish,
+   and otherwise everything is released and tried again a moment later; a writer never waits
+   longer than that budget plus the pause itself. Only when SPIN_S passed without success does
+   it wait as long as it takes (``fragment_switch_lock`` in fragment order, as loaders take theirs);
 3. the catalog version must not have changed since the fragments were read, and no node may hold
    a prepared transaction (a migration between its coordinator and worker COMMIT PREPARED):
    otherwise the pause is released and tried again;
@@ -53,10 +54,12 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,53}$")  # + "@" + 8 hex = 63, the WAL record's limit
 PAUSE_LOCK_TIMEOUT = "2s"
-# First try to take every lock at once without waiting (every SPIN_SLEEP_S, for SPIN_S): the pause
-# is then only the few round trips inside it. Only after that, wait for the batches in flight.
-SPIN_S = 15.0
-SPIN_SLEEP_S = 0.001
+# First take every free lock at once and give the batches in flight WAIT_BUDGET_MS to finish (else
+# release all and try again after SPIN_SLEEP_S, for SPIN_S): no writer waits longer than that
+# budget plus the few round trips inside the pause. Only after SPIN_S, wait as long as it takes.
+WAIT_BUDGET_MS = 40
+SPIN_S = 30.0
+SPIN_SLEEP_S = 0.1
 ATTEMPTS = 10
 
 
@@ -177,6 +180,7 @@ def _pause(
         return str(got[0])
 
     spin_until = time.monotonic() + SPIN_S
+    attempts = 0
     while True:
         blocking = time.monotonic() >= spin_until
         try:
@@ -193,16 +197,20 @@ def _pause(
                         ).format(sql.Literal(PAUSE_LOCK_TIMEOUT), sql.Literal(sorted(fragment_ids)))
                     )
                 else:
-                    # all at once or none: nobody waits for us while a batch is in flight
+                    # every free lock at once; the busy ones (batches in flight) get WAIT_BUDGET
+                    # to finish, else everything is released: a writer never waits longer
+                    got = coord.execute(
+                        "SELECT buildsmart.fragment_try_switch_lock(%s::int[])", (sorted(fragment_ids),)
+                    ).fetchone()
+                    busy_ids = list(got[0]) if got and got[0] else []
                     cur = coord.execute(
                         sql.SQL(
-                            "SELECT buildsmart.fragment_try_switch_lock({}::int[]) OR NULL; "
-                            "LOCK TABLE public.readings IN EXCLUSIVE MODE NOWAIT; "
+                            "SET LOCAL lock_timeout = {}; "
+                            "SELECT count(buildsmart.fragment_switch_lock(f)) FROM (SELECT unnest({}::int[]) AS f ORDER BY 1) s; "
+                            "LOCK TABLE public.readings IN EXCLUSIVE MODE; "
                             "SELECT version FROM buildsmart.catalog_version"
-                        ).format(sql.Literal(sorted(fragment_ids)))
+                        ).format(sql.Literal(f"{WAIT_BUDGET_MS}ms"), sql.Literal(busy_ids))
                     )
-                    if cur.fetchone() == (None,):
-                        raise _Busy
                 while cur.nextset():
                     pass
                 row = cur.fetchone()
@@ -218,12 +226,19 @@ def _pause(
             _end_snapshots(snaps)
             if blocking:
                 raise
+            attempts += 1
             time.sleep(SPIN_SLEEP_S)
         except _Retry:
             _end_snapshots(snaps)
             raise
     pause_ms = (time.monotonic() - started) * 1000.0
-    log.info("restore point %s: snapshots %s exported in the pause", wal_name, {g: s for g, (_, s) in pending.items() if s})
+    log.info(
+        "restore point %s: pause taken at attempt %d%s; snapshots %s exported in it",
+        wal_name,
+        attempts + 1,
+        " (waiting for batches in flight)" if blocking else "",
+        {g: s for g, (_, s) in pending.items() if s},
+    )
     return lsns, pause_ms
 
 
