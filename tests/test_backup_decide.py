@@ -54,6 +54,8 @@ def test_backup_for_point_is_the_newest_that_ended_before_the_point() -> None:
     with pytest.raises(ClusterStateError, match="no base backup"):
         decide.backup_for_point(backups, "w1", "0/2000000")
     assert decide.restorable(_point("p", T0), backups)
+    late = _point("late", T0 + timedelta(hours=1), {"coordinator": "0/5000000", "w1": "0/1000000"})  # before any w1 backup
+    assert decide.latest_restorable([_point("p", T0), late], backups) == _point("p", T0)
     assert not decide.restorable(_point("p", T0, {"coordinator": "0/5000000", "w2": "0/7000000"}), backups)
 
 

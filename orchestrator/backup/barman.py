@@ -17,13 +17,11 @@ in the repository's passfile (0600), never in a config file or a command line.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 from orchestrator import pgbin
 from orchestrator.backup import decide
@@ -181,23 +179,3 @@ def recover(repo: Repository, user: ServiceUser, group: str, backup_id: str, des
         args += ["--target-name", target_name, "--target-action", "promote", "--target-tli", "latest"]
     run(repo, user, *args)
     log.info("recovered base backup %s of %s into %s (target %s)", backup_id, group, dest, target_name or "end of WAL")
-
-
-def check(repo: Repository, user: ServiceUser, group: str) -> dict[str, Any]:
-    """``barman check`` as a dict {check: {"status": bool, "hint": str}}; never raises on failed checks."""
-    cmd = [barman_bin(), "-c", str(repo.barman_conf), "-f", "json", "check", group]
-    try:
-        proc = run_as(user, cmd)
-        text = proc.stdout
-    except NodeError as exc:
-        text = str(exc).partition(": ")[2]
-    try:
-        data = json.loads(text[text.find("{") :]) if "{" in text else {}
-    except ValueError:
-        return {}
-    return dict(data.get(group, {}))
-
-
-def wal_bytes(repo: Repository, group: str) -> int:
-    wals = repo.group_home(group) / "wals"
-    return sum(p.stat().st_size for p in wals.rglob("*") if p.is_file()) if wals.is_dir() else 0

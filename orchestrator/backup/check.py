@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import cluster
-from orchestrator.backup import decide, repo, restore
+from orchestrator.backup import repo, restore
 from orchestrator.backup.decide import RestorePoint
 from orchestrator.elastic import verify
 from orchestrator.elastic.context import open_cluster
@@ -97,8 +97,3 @@ def verify_point(r: repo.Repository, point: RestorePoint, scratch: Path | None =
     result = VerifyResult(point.name, len(point.fragments), tuple(problems), restored.seconds, time.monotonic() - started)
     log.info("verify of %s: %s", point.name, "ok" if result.ok else "; ".join(problems))
     return result
-
-
-def latest_restorable(r: repo.Repository, points: list[RestorePoint], backups: list[decide.BaseBackup]) -> RestorePoint | None:
-    usable = [p for p in points if decide.restorable(p, backups)]
-    return max(usable, key=lambda p: p.created_at) if usable else None

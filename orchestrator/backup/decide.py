@@ -158,6 +158,11 @@ def restorable(point: RestorePoint, backups: Sequence[BaseBackup]) -> bool:
     return True
 
 
+def latest_restorable(points: Iterable[RestorePoint], backups: Sequence[BaseBackup]) -> RestorePoint | None:
+    usable = [p for p in points if restorable(p, backups)]
+    return max(usable, key=lambda p: p.created_at) if usable else None
+
+
 def expired_backups(backups: Sequence[BaseBackup], keep_count: int, keep_days: float, now: datetime) -> list[BaseBackup]:
     """Per group, a finished backup is kept while it is among the ``keep_count`` newest finished
     ones OR younger than ``keep_days``; the others expire. Failed backups expire once a newer

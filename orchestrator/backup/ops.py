@@ -10,7 +10,6 @@ task runner can call :func:`maintain`).
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -232,7 +231,3 @@ def status(directory: Path) -> BackupStatus:
         _du(r.root),
         datetime.now(UTC),
     )
-
-
-def free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free

@@ -203,7 +203,7 @@ def verify_cmd(
     r = _source_repo(directory, repo_path)
     backups = ops.all_backups(r)
     if point_name is None:
-        chosen = check.latest_restorable(r, points.load_points(r), backups)
+        chosen = decide.latest_restorable(points.load_points(r), backups)
         if chosen is None:
             raise ClusterStateError("no restorable point: run `buildsmart backup create`, then `buildsmart backup point NAME`")
     else:
