@@ -139,10 +139,6 @@ def _end_snapshots(snaps: dict[str, psycopg.Connection]) -> None:
             conn.execute("ROLLBACK")
 
 
-class _Busy(Exception):
-    """A loader holds a fragment's write lock (or a writer holds readings) right now."""
-
-
 def _pause(
     el: Elastic,
     wal_name: str,
@@ -150,8 +146,8 @@ def _pause(
     fragment_ids: list[int],
     snaps: dict[str, psycopg.Connection],
     pool: ThreadPoolExecutor,
-) -> tuple[dict[str, str], float]:
-    """Steps 1-5 above. Returns the LSN of the point per group and the pause in ms. Per-node
+) -> tuple[dict[str, str], float, datetime]:
+    """Steps 1-5 above. Returns the LSN of the point per group, the pause in ms and when. Per-node
     statements run on all nodes at once (one thread per node) to keep the pause short."""
     coord = el.coord
     conns = {g.name: coord if g.role == "coordinator" else el.nodes.get(g.name) for g in el.topo.groups}
@@ -222,7 +218,7 @@ def _pause(
                     raise _Retry(f"prepared transactions on {busy} (a distributed commit in progress)")
                 lsns = dict(zip(conns, pool.map(mark, list(conns)), strict=True))
             break
-        except (_Busy, psycopg.errors.LockNotAvailable):
+        except psycopg.errors.LockNotAvailable:
             _end_snapshots(snaps)
             if blocking:
                 raise
@@ -232,6 +228,7 @@ def _pause(
             _end_snapshots(snaps)
             raise
     pause_ms = (time.monotonic() - started) * 1000.0
+    created = datetime.now(UTC)
     log.info(
         "restore point %s: pause taken at attempt %d%s; snapshots %s exported in it",
         wal_name,
@@ -239,12 +236,12 @@ def _pause(
         " (waiting for batches in flight)" if blocking else "",
         {g: s for g, (_, s) in pending.items() if s},
     )
-    return lsns, pause_ms
+    return lsns, pause_ms, created
 
 
 def _attempts(
     el: Elastic, name: str, wal_name: str, pool: ThreadPoolExecutor
-) -> tuple[dict[str, str], float, int, tuple[FragmentAt, ...], dict[str, dict[str, verify.Sums]]]:
+) -> tuple[dict[str, str], float, datetime, int, tuple[FragmentAt, ...], dict[str, dict[str, verify.Sums]]]:
     """The pause, tried again when it gave way; then the checksums in the exported snapshots."""
     last: Exception | None = None
     for attempt in range(1, ATTEMPTS + 1):
@@ -253,7 +250,7 @@ def _attempts(
         snaps = {w.name: connect(superuser_target(w, el.creds), "backup:snapshot", autocommit=True) for w in el.topo.workers}
         try:
             try:
-                lsns, pause_ms = _pause(el, wal_name, version, [f.fragment_id for f in frags], snaps, pool)
+                lsns, pause_ms, created = _pause(el, wal_name, version, [f.fragment_id for f in frags], snaps, pool)
             except (_Retry, psycopg.errors.LockNotAvailable) as exc:
                 last = exc
                 log.info("restore point %s: attempt %d gave way (%s); retrying", name, attempt, exc)
@@ -261,7 +258,7 @@ def _attempts(
                 continue
             log.info("restore point %s created on %d groups; write pause %.1f ms", name, len(lsns), pause_ms)
             checksums = {f.shard_name: verify.unit_sums(snaps[f.node], f.shard_name) for f in frags}
-            return lsns, pause_ms, version, frags, checksums
+            return lsns, pause_ms, created, version, frags, checksums
         finally:
             for conn in snaps.values():
                 conn.close()
@@ -285,8 +282,7 @@ def make_restore_point(el: Elastic, name: str, reason: decide.PointReason | str 
     # recovery stops at the first record with the target name
     wal_name = f"{name}@{uuid.uuid4().hex[:8]}"
     with ThreadPoolExecutor(max_workers=len(el.topo.groups)) as pool:
-        lsns, pause_ms, version, frags, checksums = _attempts(el, name, wal_name, pool)
-    created = datetime.now(UTC)
+        lsns, pause_ms, created, version, frags, checksums = _attempts(el, name, wal_name, pool)
     timelines = {}
     for group in el.topo.groups:
         # the segment holding the point goes to the archive now, not when it fills up
