@@ -87,8 +87,9 @@ def main() -> int:
     args = parser.parse_args()
     directory = make_tmp_dir("bs-bench-ha-") / "cluster"
     t = time.monotonic()
-    cluster.up(directory, workers=2, split_points=["b3", "b6", "t", "u"], replicas=1)
+    cluster.up(directory, workers=2, split_points=["b3", "b6", "t", "u"], replicas=1, balancer_paused=True)
     print(f"HA cluster up in {time.monotonic() - t:.1f} s (coordinator + 2 workers, 1 sync replica each)")
+    print("the background balancer is paused for this benchmark (no fragment moves during the faults)")
     try:
         ha_tools.wait_healthy(directory)
 

@@ -296,7 +296,8 @@ def main() -> None:
             results["a"] = (rows, baseline_copy(path, workdir))
         directory = workdir / "cluster"
         print(f"starting a cluster: coordinator + {args.workers} workers, {args.replicas} replica(s) per node ...")
-        cluster.up(directory, workers=args.workers, replicas=args.replicas)
+        cluster.up(directory, workers=args.workers, replicas=args.replicas, balancer_paused=True)
+        print("the background balancer is paused for this benchmark (the first load still lays the fragments out)")
         try:
             peak_rss = None
             if "b" not in skip:

@@ -109,7 +109,8 @@ def main() -> None:
     base = make_tmp_dir("bs-bench-mirror-")
     directory = base / "cluster"
     try:
-        cluster.up(directory, workers=1)
+        cluster.up(directory, workers=1, balancer_paused=True)
+        print("the background balancer is paused for this benchmark")
         uri = mongo.ensure_started(directory)
         docs_s = throughput(directory, args.docs, args.batch)
         print(f"initial mirror: {args.docs} Ghausi documents in batches of {args.batch}: {docs_s:,.0f} documents/s")

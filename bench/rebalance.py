@@ -50,7 +50,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=500_000)
     args = ap.parse_args()
-    handle = start_cluster("bs-bench-", workers=2, split_points=["b", "m"])
+    handle = start_cluster("bs-bench-", workers=2, split_points=["b", "m"])  # the harness starts the balancer paused
+    print("the background balancer is paused for this benchmark (only the measured move runs)")
     try:
         with open_cluster(handle.directory) as el:
             # Monthly time partitions for the loaded range and the writer's, as `buildsmart ingest`

@@ -1,16 +1,28 @@
-"""Reading the cluster's state: the coordinator catalog and what exists on each node."""
+"""Reading and writing the coordinator catalog (buildsmart.*), and observing what exists on each
+node. The one place that knows the catalog's tables: other modules call these functions."""
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
 import psycopg
+from psycopg.types.json import Jsonb
 
 from orchestrator import EXTENSION_NAME, EXTENSION_VERSION
 from orchestrator.fragments import SHARD_SCHEMA, Fragment
 from orchestrator.nodeconn import NodeConnections
 from orchestrator.planner import NodeSpec, ObservedCluster
 
+log = logging.getLogger(__name__)
+
 FRAGMENTS_SQL = """
-SELECT f.fragment_id, f.range_from, f.range_to, p.node_name, f.time_interval::text
+SELECT f.fragment_id, f.range_from, f.range_to, p.node_name, f.time_interval::text, f.ts_from, f.ts_to, f.time_group
   FROM buildsmart.fragments f
   JOIN buildsmart.placements p ON p.fragment_id = f.fragment_id AND p.state = 'active'
  WHERE f.logicalrelid = 'public.readings'::regclass
@@ -29,8 +41,16 @@ def has_catalog(conn: psycopg.Connection) -> bool:
 
 def load_fragments(conn: psycopg.Connection) -> tuple[Fragment, ...]:
     with conn.cursor() as cur:
-        cur.execute(FRAGMENTS_SQL)
-        return tuple(Fragment(fid, lo, hi, node, iv) for fid, lo, hi, node, iv in cur.fetchall())
+        # a cluster still on release 0.1 (before `buildsmart upgrade`) has no time ranges yet
+        cur.execute(
+            "SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = 'buildsmart.fragments'::regclass "
+            "AND attname = 'time_group' AND NOT attisdropped"
+        )
+        query = FRAGMENTS_SQL
+        if cur.fetchone() is None:
+            query = query.replace("f.ts_from, f.ts_to, f.time_group", "NULL::timestamptz, NULL::timestamptz, NULL::text")
+        cur.execute(query)
+        return tuple(Fragment(*row) for row in cur.fetchall())
 
 
 def _extension_ok(conn: psycopg.Connection, coordinator: bool = False) -> bool:
@@ -127,3 +147,239 @@ def observe(nodes: NodeConnections) -> ObservedCluster:
         old_triggers=frozenset(old_triggers),
         coordinator_partitions=frozenset(partitions),
     )
+
+
+# ---------------------------------------------------------------- routing version and fragments
+
+
+def catalog_version(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT version FROM buildsmart.catalog_version").fetchone()
+    return int(row[0]) if row else 0
+
+
+def bump_version(conn: psycopg.Connection) -> int:
+    """Inside the caller's switching transaction: loaders re-route after it commits."""
+    row = conn.execute("SELECT buildsmart.bump_catalog_version()").fetchone()
+    return int(row[0]) if row else 0
+
+
+def next_fragment_id(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT coalesce(max(fragment_id), 0) + 1 FROM buildsmart.fragments").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def insert_fragment(conn: psycopg.Connection, frag: Fragment) -> None:
+    """Catalog rows of a new fragment and its active placement (in the caller's transaction)."""
+    conn.execute(
+        "INSERT INTO buildsmart.fragments (fragment_id, logicalrelid, shard_name, range_from, range_to, time_interval, "
+        "ts_from, ts_to, time_group) VALUES (%s, 'public.readings'::regclass, %s, %s, %s, %s::interval, %s, %s, %s)",
+        (frag.fragment_id, frag.shard_name, frag.range_from, frag.range_to, frag.time_interval, frag.ts_from, frag.ts_to,
+         frag.time_group),
+    )  # fmt: skip
+    conn.execute("INSERT INTO buildsmart.placements (fragment_id, node_name) VALUES (%s, %s)", (frag.fragment_id, frag.node))
+
+
+def update_fragment_range(conn: psycopg.Connection, frag: Fragment) -> None:
+    """Store a fragment's (narrowed) building and time range and its time group."""
+    conn.execute(
+        "UPDATE buildsmart.fragments SET range_from = %s, range_to = %s, ts_from = %s, ts_to = %s, time_group = %s "
+        "WHERE fragment_id = %s",
+        (frag.range_from, frag.range_to, frag.ts_from, frag.ts_to, frag.time_group, frag.fragment_id),
+    )
+
+
+def delete_fragment(conn: psycopg.Connection, fragment_id: int) -> None:
+    conn.execute("DELETE FROM buildsmart.fragments WHERE fragment_id = %s", (fragment_id,))
+
+
+def active_workers(conn: psycopg.Connection) -> tuple[str, ...]:
+    rows = conn.execute("SELECT name FROM buildsmart.nodes WHERE role = 'worker' AND is_active ORDER BY name").fetchall()
+    return tuple(str(r[0]) for r in rows)
+
+
+def inactive_workers(conn: psycopg.Connection) -> frozenset[str]:
+    rows = conn.execute("SELECT name FROM buildsmart.nodes WHERE role = 'worker' AND NOT is_active").fetchall()
+    return frozenset(str(r[0]) for r in rows)
+
+
+def store_fragment_stats(conn: psycopg.Connection, stats: Mapping[int, tuple[int, int | None]]) -> None:
+    """Last observed (bytes, rows) per fragment, for citus_shards and status."""
+    for fid, (nbytes, rows) in stats.items():
+        conn.execute(
+            "INSERT INTO buildsmart.fragment_stats (fragment_id, size_bytes, row_count) SELECT %s, %s, %s "
+            "WHERE EXISTS (SELECT 1 FROM buildsmart.fragments WHERE fragment_id = %s) "
+            "ON CONFLICT (fragment_id) DO UPDATE SET size_bytes = EXCLUDED.size_bytes, row_count = EXCLUDED.row_count, "
+            "observed_at = now()",
+            (fid, nbytes, rows, fid),
+        )
+
+
+# ---------------------------------------------------------------- balancer state and decisions
+
+BalancerAction = Literal["presplit", "split", "time_split", "move", "wait", "none", "pause", "resume", "config"]
+DecisionOutcome = Literal["decided", "done", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class BalancerState:
+    paused: bool
+    paused_note: str | None
+    auto_layout: bool
+    settings: Mapping[str, Any]
+    changed_at: datetime
+
+
+@dataclass(frozen=True)
+class DecisionEntry:
+    entry_id: int
+    at: datetime
+    action: str
+    outcome: str
+    fragment_id: int | None
+    reason: str
+    job_id: int | None
+    detail: Mapping[str, Any]
+
+
+def balancer_state(conn: psycopg.Connection) -> BalancerState:
+    row = conn.execute("SELECT paused, paused_note, auto_layout, settings, changed_at FROM buildsmart.balancer").fetchone()
+    if row is None:  # the row is made with the extension; only a hand-edited catalog lacks it
+        return BalancerState(False, None, True, {}, datetime.now().astimezone())
+    return BalancerState(bool(row[0]), row[1], bool(row[2]), dict(row[3]), row[4])
+
+
+def set_paused(conn: psycopg.Connection, paused: bool, note: str | None = None) -> None:
+    conn.execute(
+        "UPDATE buildsmart.balancer SET paused = %s, paused_note = %s, changed_at = now()", (paused, note if paused else None)
+    )
+    log_decision(conn, "pause" if paused else "resume", note or ("paused" if paused else "resumed"), outcome="done")
+    log.info("balancer %s%s", "paused" if paused else "resumed", f" ({note})" if note else "")
+
+
+def set_auto_layout(conn: psycopg.Connection, auto: bool) -> None:
+    conn.execute("UPDATE buildsmart.balancer SET auto_layout = %s, changed_at = now()", (auto,))
+    log.info("automatic first-load layout %s", "on" if auto else "off (split points given by the user)")
+
+
+def set_balancer_settings(conn: psycopg.Connection, settings: Mapping[str, Any]) -> None:
+    conn.execute("UPDATE buildsmart.balancer SET settings = %s, changed_at = now()", (Jsonb(dict(settings)),))
+    log_decision(conn, "config", f"settings now {dict(settings)}", outcome="done")
+    log.info("balancer settings now %s", dict(settings))
+
+
+def log_decision(
+    conn: psycopg.Connection,
+    action: BalancerAction,
+    reason: str,
+    *,
+    fragment_id: int | None = None,
+    outcome: DecisionOutcome = "decided",
+    job_id: int | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> int:
+    row = conn.execute(
+        "INSERT INTO buildsmart.balancer_log (action, outcome, fragment_id, reason, job_id, detail) "
+        "VALUES (%s, %s, %s, %s, %s, %s) RETURNING entry_id",
+        (action, outcome, fragment_id, reason, job_id, Jsonb(dict(detail or {}))),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def finish_decision(
+    conn: psycopg.Connection, entry_id: int, outcome: DecisionOutcome, job_id: int | None = None, **detail: Any
+) -> None:
+    conn.execute(
+        "UPDATE buildsmart.balancer_log SET outcome = %s, job_id = coalesce(%s, job_id), detail = detail || %s "
+        "WHERE entry_id = %s",
+        (outcome, job_id, Jsonb(detail), entry_id),
+    )
+
+
+_SETTLE_SQL = """
+WITH m AS (
+  SELECT l.entry_id,
+         (SELECT j.job_id FROM buildsmart.jobs j
+           WHERE j.created_at >= l.at
+             AND j.kind = CASE l.action WHEN 'presplit' THEN 'relayout' WHEN 'move' THEN 'move' ELSE 'split' END
+             AND (l.action = 'presplit' OR (j.args ->> 'fragment_id')::int = l.fragment_id)
+           ORDER BY j.job_id LIMIT 1) AS job_id
+    FROM buildsmart.balancer_log l
+   WHERE l.outcome = 'decided' AND l.action IN ('presplit', 'split', 'time_split', 'move')
+)
+UPDATE buildsmart.balancer_log l
+   SET outcome = CASE j.state WHEN 'done' THEN 'done' ELSE 'failed' END, job_id = j.job_id,
+       detail = l.detail || jsonb_build_object('finished_by', 'a later run (the process that started it stopped)')
+  FROM m JOIN buildsmart.jobs j ON j.job_id = m.job_id
+ WHERE l.entry_id = m.entry_id AND j.state IN ('done', 'failed', 'cancelled')
+"""
+
+
+def settle_decisions(conn: psycopg.Connection) -> int:
+    """Operations decided by a process that stopped before recording their outcome take the
+    outcome of their job (which a later run finished or rolled back). Returns how many."""
+    n = conn.execute(_SETTLE_SQL).rowcount
+    if n:
+        log.info("recorded the outcome of %d decision(s) whose process had stopped", n)
+    return n
+
+
+def recent_decisions(conn: psycopg.Connection, limit: int = 20, idle: bool = True) -> tuple[DecisionEntry, ...]:
+    rows = conn.execute(
+        "SELECT entry_id, at, action, outcome, fragment_id, reason, job_id, detail FROM buildsmart.balancer_log "
+        "WHERE %s OR action NOT IN ('wait', 'none') ORDER BY entry_id DESC LIMIT %s",
+        (idle, limit),
+    ).fetchall()
+    return tuple(DecisionEntry(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], dict(r[7])) for r in rows)
+
+
+def prune_decisions(conn: psycopg.Connection, keep: int = 5000) -> None:
+    conn.execute(
+        "DELETE FROM buildsmart.balancer_log WHERE entry_id <= (SELECT max(entry_id) FROM buildsmart.balancer_log) - %s",
+        (keep,),
+    )
+
+
+# ---------------------------------------------------------------- periodic tasks
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    task: str
+    runner: str
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str
+    summary: str | None
+    runs: int
+    failures: int
+
+
+def runner_identity() -> str:
+    """host:pid of this process, as recorded for task runs and shown by status."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def task_started(conn: psycopg.Connection, task: str) -> None:
+    conn.execute(
+        "INSERT INTO buildsmart.task_runs (task, runner, started_at, outcome) VALUES (%s, %s, now(), 'running') "
+        "ON CONFLICT (task) DO UPDATE SET runner = EXCLUDED.runner, started_at = now(), finished_at = NULL, "
+        "outcome = 'running'",
+        (task, runner_identity()),
+    )
+
+
+def task_finished(conn: psycopg.Connection, task: str, ok: bool, summary: str) -> None:
+    conn.execute(
+        "UPDATE buildsmart.task_runs SET finished_at = now(), outcome = %s, summary = %s, runs = runs + 1, "
+        "failures = failures + %s WHERE task = %s",
+        ("ok" if ok else "failed", summary, 0 if ok else 1, task),
+    )
+
+
+def task_runs(conn: psycopg.Connection) -> tuple[TaskRun, ...]:
+    rows = conn.execute(
+        "SELECT task, runner, started_at, finished_at, outcome, summary, runs, failures FROM buildsmart.task_runs ORDER BY task"
+    ).fetchall()
+    return tuple(TaskRun(*r) for r in rows)

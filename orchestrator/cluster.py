@@ -22,7 +22,7 @@ from psycopg import sql
 from orchestrator import catalog, executor, extension, metadata_store, topology
 from orchestrator.connections import connect, superuser_target
 from orchestrator.exceptions import ClusterStateError, ConfigError, NodeError
-from orchestrator.fragments import even_split_points, initial_fragments, validate_split_points
+from orchestrator.fragments import initial_fragments, validate_split_points
 from orchestrator.nodeconn import NodeConnections
 from orchestrator.osuser import ServiceUser, service_user
 from orchestrator.planner import DesiredCluster, NodeSpec, Step, plan
@@ -30,12 +30,12 @@ from orchestrator.runtime import etcd, ha, hasettings, local, supervisor
 from orchestrator.runtime.patroni import PatroniMember
 from orchestrator.runtime.ports import free_port, is_listening
 from orchestrator.spec import ClusterSpec
+from orchestrator.tasks import runner as tasks_runner
 from orchestrator.topology import COORDINATOR, WORKER, Credentials, Group, Layout, Member, Topology
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 3
-DEFAULT_FRAGMENTS_PER_WORKER = 2
 DEFAULT_REPLICAS = 1
 FALLBACK_DATA_ROOT = Path("/var/lib/buildsmart")
 Report = Callable[[str], None]
@@ -145,15 +145,19 @@ def up(
     report: Report = _quiet,
     replicas: int | None = None,
     synchronous: str = "on",
+    balancer_paused: bool = False,
 ) -> Topology:
     """Create or restart the local cluster in DIR; idempotent.
 
     ``replicas`` (new clusters only, default 1): streaming replicas per node under Patroni; 0 runs
-    plain servers. ``synchronous``: "on" (default), "strict" or "off" (Patroni synchronous mode)."""
+    plain servers. ``synchronous``: "on" (default), "strict" or "off" (Patroni synchronous mode).
+    ``balancer_paused`` (new clusters only): the background balancer starts paused. Either shape
+    ends with the task runner running (orchestrator.tasks)."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     user = service_user()
-    if topology.exists(directory):
+    new = not topology.exists(directory)
+    if not new:
         topo = topology.load(directory)
         creds = topology.load_credentials(directory)
         if workers is not None and workers != len(topo.workers):
@@ -167,7 +171,9 @@ def up(
             )
     else:
         n = DEFAULT_WORKERS if workers is None else workers
-        points = validate_split_points(split_points) if split_points else even_split_points(n * DEFAULT_FRAGMENTS_PER_WORKER)
+        # Without split points the cluster starts with one placeholder fragment; the first load lays
+        # the fragments out from its own buildings (orchestrator.elastic.autosplit).
+        points = validate_split_points(split_points) if split_points else ()
         layout = Layout(points, time_interval or "1 month")
         r = DEFAULT_REPLICAS if replicas is None else replicas
         if synchronous not in hasettings.SYNC_MODES:
@@ -177,9 +183,24 @@ def up(
         topology.save_credentials(directory, creds)
         if r > 0:
             hasettings.save(directory, ha.new_settings(topo, r, synchronous))
-        report(f"new cluster in {directory}: coordinator + {n} workers, {len(points) + 1} fragments, {r} replica(s) per node")
+        shape = f"{len(points) + 1} fragments" if points else "fragments laid out by the first load"
+        report(f"new cluster in {directory}: coordinator + {n} workers, {shape}, {r} replica(s) per node")
     if hasettings.exists(directory):
-        return _up_patroni(directory, topo, creds, user, report)
+        topo = _up_patroni(directory, topo, creds, user, report)
+    else:
+        topo = _up_plain(directory, topo, creds, user, report)
+    if new and balancer_paused:
+        _pause_balancer(topo, creds, "started paused (`buildsmart balancer resume` starts it)")
+    report(f"task runner running (pid {tasks_runner.start_daemon(directory)})")
+    return topo
+
+
+def _pause_balancer(topo: Topology, creds: Credentials, note: str) -> None:
+    with connect(superuser_target(topo.coordinator, creds), "up", autocommit=True) as conn:
+        catalog.set_paused(conn, True, note)
+
+
+def _up_plain(directory: Path, topo: Topology, creds: Credentials, user: ServiceUser, report: Report) -> Topology:
     members = local_members(directory, topo, user)
     checked = []
     for group, lm in members:
@@ -240,6 +261,9 @@ def down(directory: Path, purge: bool = False, report: Report = _quiet) -> None:
         return
     topo = topology.load(directory)
     user = service_user(topo.service_user)
+    stopped = tasks_runner.stop_daemon(directory)  # first: it works on the servers stopped below
+    if stopped is not None:
+        report(f"task runner: stopped (pid {stopped})")
     metadata_store.stop(directory, report)  # the MongoDB-protocol server `up` may have started
     if hasettings.exists(directory):
         _down_patroni(directory, topo, user, report)
@@ -279,8 +303,6 @@ def init_remote(directory: Path, spec: ClusterSpec, report: Report = _quiet) -> 
         # Keep the password made the first time: user mappings on the coordinator hold it.
         stored = topology.load_credentials(directory).app_password
         spec = replace(spec, credentials=replace(spec.credentials, app_password=stored))
-    if not topo.layout.split_points:
-        topo = replace(topo, layout=replace(topo.layout, split_points=even_split_points(2 * len(topo.workers))))
     for group in topo.groups:
         _prepare_remote_group(group, spec.credentials)
         report(f"{group.name}: reachable at {group.address}")
@@ -321,7 +343,7 @@ def desired_state(topo: Topology) -> DesiredCluster:
 
     workers = tuple(spec(w) for w in topo.workers)
     fragments = initial_fragments(topo.layout.split_points, [w.name for w in workers], topo.layout.time_interval)
-    return DesiredCluster(spec(topo.coordinator), workers, fragments)
+    return DesiredCluster(spec(topo.coordinator), workers, fragments, auto_layout=not topo.layout.split_points)
 
 
 def setup(topo: Topology, creds: Credentials) -> list[Step]:

@@ -12,7 +12,6 @@ from typing import Any
 
 from orchestrator import cluster, metadata_store, topology
 from orchestrator.connections import app_target, connect, superuser_target
-from orchestrator.fragments import quantile_split_points
 from orchestrator.ingest.loader import IngestResult, ingest
 
 log = logging.getLogger(__name__)
@@ -76,18 +75,11 @@ def load_buildings(directory: Path, path: Path = SAMPLE_BUILDINGS) -> list[str]:
     return [r["Building ID"] for r in rows]
 
 
-def sample_split_points(workers: int) -> list[str]:
-    """Two fragments per worker, each with about the same number of sample buildings."""
-    with SAMPLE_BUILDINGS.open() as fh:
-        codes = [r["Building ID"] for r in csv.DictReader(fh)]
-    return list(quantile_split_points(codes, 2 * workers))
-
-
 def run(directory: Path, workers: int = 3, report: Callable[[str], None] | None = None) -> DemoAnswers:
     directory = directory.resolve()
     say = report or (lambda _m: None)
-    split = None if topology.exists(directory) else sample_split_points(workers)
-    topo = cluster.up(directory, workers=workers, split_points=split, report=say)
+    # No split points: the first load lays the fragments out from the sample's own buildings.
+    topo = cluster.up(directory, workers=workers, report=say)
     # as `buildsmart up` does: the devices outbox and the local MongoDB-protocol server for the mirror
     metadata_store.start(directory, topo, topology.load_credentials(directory), mongo_uri=None, local_server=True, report=say)
     load_buildings(directory)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
 
-from orchestrator import extension
+from orchestrator import catalog, extension
 from orchestrator.exceptions import NodeError
 from orchestrator.fragments import DISTRIBUTED_TABLE, SHARD_SCHEMA, Fragment
 from orchestrator.nodeconn import NodeConnections
@@ -21,6 +22,7 @@ from orchestrator.planner import (
     EnsureExtension,
     EnsureForeignServer,
     EnsureUserMapping,
+    RecordLayoutSource,
     RegisterFragment,
     RegisterNode,
     Step,
@@ -185,15 +187,9 @@ def fragment_table_ddl(frag: Fragment, columns: list[tuple[str, str, bool]]) -> 
         sql.SQL("{} {}{}").format(sql.Identifier(name), sql.SQL(typ), sql.SQL(" NOT NULL" if notnull else ""))
         for name, typ, notnull in columns
     ]
-    checks = []
-    if frag.range_from is not None:
-        checks.append(sql.SQL("building >= {}").format(sql.Literal(frag.range_from)))
-    if frag.range_to is not None:
-        checks.append(sql.SQL("building < {}").format(sql.Literal(frag.range_to)))
-    if checks:
-        cols.append(
-            sql.SQL("CONSTRAINT {} CHECK ({})").format(sql.Identifier(f"{frag.shard_name}_range"), sql.SQL(" AND ").join(checks))
-        )
+    check = range_check(frag)
+    if check is not None:
+        cols.append(sql.SQL("CONSTRAINT {} CHECK ({})").format(sql.Identifier(f"{frag.shard_name}_range"), check))
     cols.append(sql.SQL("CONSTRAINT {} PRIMARY KEY (building, meter, ts)").format(sql.Identifier(f"{frag.shard_name}_pkey")))
     return [
         sql.SQL("CREATE TABLE {} ({}) PARTITION BY RANGE (ts)").format(table, sql.SQL(", ").join(cols)),
@@ -213,6 +209,20 @@ def fragment_table_ddl(frag: Fragment, columns: list[tuple[str, str, bool]]) -> 
             sql.Literal(frag.time_interval),
         ),
     ]
+
+
+def range_check(frag: Fragment) -> sql.Composable | None:
+    """The CHECK of a worker fragment: its building range and, in a time group, its time range."""
+    checks: list[sql.Composable] = []
+    if frag.range_from is not None:
+        checks.append(sql.SQL("building >= {}").format(sql.Literal(frag.range_from)))
+    if frag.range_to is not None:
+        checks.append(sql.SQL("building < {}").format(sql.Literal(frag.range_to)))
+    if frag.ts_from is not None:
+        checks.append(sql.SQL("ts >= {}::timestamptz").format(sql.Literal(frag.ts_from.isoformat())))
+    if frag.ts_to is not None:
+        checks.append(sql.SQL("ts < {}::timestamptz").format(sql.Literal(frag.ts_to.isoformat())))
+    return sql.SQL(" AND ").join(checks) if checks else None
 
 
 def replace_function(shard: str) -> sql.Identifier:
@@ -279,29 +289,52 @@ def _upgrade_fragment_trigger(nodes: NodeConnections, step: UpgradeFragmentTrigg
 
 @implements(RegisterFragment)
 def _register_fragment(nodes: NodeConnections, step: RegisterFragment) -> None:
-    f = step.fragment
     coord = nodes.coordinator
     with coord.transaction():
-        coord.execute(
-            "INSERT INTO buildsmart.fragments (fragment_id, logicalrelid, shard_name, range_from, range_to, time_interval) "
-            "VALUES (%s, 'public.readings'::regclass, %s, %s, %s, %s::interval)",
-            (f.fragment_id, f.shard_name, f.range_from, f.range_to, f.time_interval),
-        )
-        coord.execute("INSERT INTO buildsmart.placements (fragment_id, node_name) VALUES (%s, %s)", (f.fragment_id, f.node))
+        catalog.insert_fragment(coord, step.fragment)
 
 
 def _bound(value: str | None, infinite: str) -> sql.Composable:
     return sql.SQL(infinite) if value is None else sql.SQL("({})").format(sql.Literal(value))
 
 
+def _ts_bound(value: datetime | None, infinite: str) -> sql.Composable:
+    return sql.SQL(infinite) if value is None else sql.SQL("({})").format(sql.Literal(value.isoformat()))
+
+
+def partition_parent(frag: Fragment) -> sql.Identifier:
+    """The coordinator table a fragment's foreign table is a partition of: readings, or the time
+    group table of its building range."""
+    if frag.time_group is None:
+        return sql.Identifier("public", DISTRIBUTED_TABLE)
+    return sql.Identifier(SHARD_SCHEMA, frag.time_group)
+
+
+def partition_bounds(frag: Fragment) -> sql.Composed:
+    """FOR VALUES of the fragment under its parent: building bounds, or time bounds in a group."""
+    values = sql.SQL("FOR VALUES FROM {} TO {}")
+    if frag.time_group is None:
+        return values.format(_bound(frag.range_from, "(MINVALUE)"), _bound(frag.range_to, "(MAXVALUE)"))
+    return values.format(_ts_bound(frag.ts_from, "(MINVALUE)"), _ts_bound(frag.ts_to, "(MAXVALUE)"))
+
+
+def time_group_sql(group: str, range_from: str | None, range_to: str | None) -> list[sql.Composed]:
+    """A time group on the coordinator: a table with readings' columns, partitioned by time, as the
+    partition of readings for one building range (its partitions are the fragments' foreign tables)."""
+    table = sql.Identifier(SHARD_SCHEMA, group)
+    return [
+        sql.SQL("CREATE TABLE {} (LIKE public.readings) PARTITION BY RANGE (ts)").format(table),
+        sql.SQL("ALTER TABLE public.readings ATTACH PARTITION {} FOR VALUES FROM {} TO {}").format(
+            table, _bound(range_from, "(MINVALUE)"), _bound(range_to, "(MAXVALUE)")
+        ),
+    ]
+
+
 def attach_partition_sql(frag: Fragment, server_name: str) -> sql.Composed:
-    return sql.SQL(
-        "CREATE FOREIGN TABLE {} PARTITION OF public.readings FOR VALUES FROM {} TO {} "
-        "SERVER {} OPTIONS (schema_name {}, table_name {})"
-    ).format(
+    return sql.SQL("CREATE FOREIGN TABLE {} PARTITION OF {} {} SERVER {} OPTIONS (schema_name {}, table_name {})").format(
         sql.Identifier(SHARD_SCHEMA, frag.shard_name),
-        _bound(frag.range_from, "(MINVALUE)"),
-        _bound(frag.range_to, "(MAXVALUE)"),
+        partition_parent(frag),
+        partition_bounds(frag),
         sql.Identifier(server_name),
         sql.Literal(SHARD_SCHEMA),
         sql.Literal(frag.shard_name),
@@ -321,3 +354,8 @@ def _attach_partition(nodes: NodeConnections, step: AttachCoordinatorPartition) 
                 sql.Identifier(SHARD_SCHEMA, step.fragment.shard_name), _app_role(nodes)
             )
         )
+
+
+@implements(RecordLayoutSource)
+def _record_layout_source(nodes: NodeConnections, step: RecordLayoutSource) -> None:
+    catalog.set_auto_layout(nodes.coordinator, step.auto)

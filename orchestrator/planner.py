@@ -31,6 +31,7 @@ class DesiredCluster:
     coordinator: NodeSpec
     workers: tuple[NodeSpec, ...]
     fragments: tuple[Fragment, ...]  # used only when the catalog holds none yet
+    auto_layout: bool = True  # no split points given: the first load may lay the fragments out (orchestrator.elastic.autosplit)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,16 @@ class AttachCoordinatorPartition(Step):
         return f"attach foreign partition {self.fragment.shard_name} for {self.fragment.describe_range()}"
 
 
+@dataclass(frozen=True)
+class RecordLayoutSource(Step):
+    auto: bool
+
+    def describe(self) -> str:
+        if self.auto:
+            return "let the first load lay out the fragments from its own buildings"
+        return "keep the given split points (no automatic first-load layout)"
+
+
 def plan(desired: DesiredCluster, observed: ObservedCluster) -> list[Step]:
     """Steps that take the observed cluster to the desired one; empty when nothing is to do."""
     steps: list[Step] = []
@@ -154,6 +165,8 @@ def plan(desired: DesiredCluster, observed: ObservedCluster) -> list[Step]:
             steps.append(RegisterFragment(frag))
         if frag.shard_name not in observed.coordinator_partitions:
             steps.append(AttachCoordinatorPartition(frag))
+    if not observed.fragments:  # a new catalog: remember where its layout comes from
+        steps.append(RecordLayoutSource(desired.auto_layout))
     return steps
 
 

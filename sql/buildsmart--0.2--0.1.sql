@@ -5,3 +5,10 @@
 DROP FUNCTION buildsmart.replace_existing();
 DROP TABLE buildsmart.restore_points;
 DROP FUNCTION buildsmart.fragment_try_switch_lock(integer[]);
+DROP TABLE buildsmart.twophase_decisions;
+DROP TABLE buildsmart.check_runs;
+DROP FUNCTION buildsmart.time_split_mirror_trigger();
+DROP TABLE buildsmart.task_runs;
+DROP TABLE buildsmart.balancer_log;
+DROP TABLE buildsmart.balancer;
+ALTER TABLE buildsmart.fragments DROP COLUMN ts_from, DROP COLUMN ts_to, DROP COLUMN time_group;

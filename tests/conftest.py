@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.harness import ClusterHandle, start_cluster, stop_cluster
+from orchestrator import cluster
+from tests.harness import ClusterHandle, make_tmp_dir, start_cluster, stop_cluster
 
 # Two workers, five fragments: [MIN,b3) w1, [b3,b6) w2, [b6,t) w1, [t,u) w2, [u,MAX) w1.
 # Tests name their buildings with a unique token so they never see each other's rows.
 MAIN_SPLIT_POINTS = ["b3", "b6", "t", "u"]
+HA_SPLIT_POINTS = ["b3", "b6", "t", "u"]
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +26,18 @@ def main_cluster() -> Iterator[ClusterHandle]:
         yield handle
     finally:
         stop_cluster(handle)
+
+
+@pytest.fixture(scope="session")
+def ha_dir() -> Iterator[Path]:
+    """The session's Patroni-shaped cluster: coordinator + 2 workers, one synchronous replica each."""
+    directory = make_tmp_dir("bs-ha-") / "cluster"
+    try:
+        cluster.up(directory, workers=2, split_points=HA_SPLIT_POINTS, replicas=1, balancer_paused=True)
+        yield directory
+    finally:
+        cluster.down(directory, purge=True)
+        shutil.rmtree(directory.parent, ignore_errors=True)
 
 
 @pytest.fixture

@@ -82,12 +82,16 @@ def write_csv(path: Path, rows: list[tuple[str, str, str, float | str]], header:
     return path
 
 
-def start_cluster(prefix: str, workers: int, split_points: list[str], replicas: int = 0) -> ClusterHandle:
-    """Start a local cluster; on failure, stop whatever it started before re-raising."""
+def start_cluster(
+    prefix: str, workers: int, split_points: list[str] | None, replicas: int = 0, balancer: bool = False
+) -> ClusterHandle:
+    """Start a local cluster; on failure, stop whatever it started before re-raising. The
+    background balancer starts paused unless ``balancer`` (tests that move fragments themselves
+    must not race it); the task runner runs either way."""
     directory = make_tmp_dir(prefix) / "cluster"
     handle = ClusterHandle(directory)
     try:
-        cluster.up(directory, workers=workers, split_points=split_points, replicas=replicas)
+        cluster.up(directory, workers=workers, split_points=split_points, replicas=replicas, balancer_paused=not balancer)
     except BaseException:
         stop_cluster(handle)
         raise

@@ -132,7 +132,7 @@ class Reader:
                     return
                 n = int(row[0]) if row else 0
                 if got != self.work.stable:
-                    self.bad.append(f"preloaded totals {got} != {self.work.stable}")
+                    self.bad.append(f"preloaded totals differ: {sorted(set(got.items()) ^ set(self.work.stable.items()))}")
                 if n < last or n > len(self.work.reference):
                     self.bad.append(f"ingest rows {n} after {last} (at most {len(self.work.reference)})")
                 last = n

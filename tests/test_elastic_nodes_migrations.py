@@ -111,3 +111,54 @@ def test_node_add_rebalance_then_remove(mcluster: ClusterHandle) -> None:
         assert c.execute("SELECT count(*), sum(kwh) FROM public.readings").fetchone() == total
         assert c.execute("SELECT count(*) FROM buildsmart.nodes").fetchone() == (3,)
     migrate.run(mcluster.directory, "base", downgrade=True)
+
+
+@pytest.mark.parametrize(
+    ("fault", "applied"),
+    [
+        ("migrate:workers-prepared", False),  # killed between the workers' PREPARE and the coordinator's
+        ("migrate:decided", True),  # killed after the decision, before any COMMIT PREPARED
+        ("migrate:coordinator-committed", True),  # killed between the coordinator's commit and the workers'
+    ],
+)
+def test_killed_migration_is_settled_all_or_none(mcluster: ClusterHandle, fault: str, applied: bool) -> None:
+    """kill -9 of the migrating process at each point of the two-phase commit: the next migrate
+    settles every node the same way (from the decision recorded on the coordinator) and goes on."""
+    migrate.run(mcluster.directory, "base", downgrade=True)
+    before = _schema_state(mcluster)
+    env = {
+        "BUILDSMART_DIR": str(mcluster.directory),
+        "PATH": "/opt/bsdb-venv/bin:/usr/bin:/bin",
+        migrate.FAULT_ENV: fault,
+    }
+    proc = subprocess.run(
+        ["/opt/bsdb-venv/bin/alembic", "upgrade", "0001"], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 137, proc.stderr
+    left = 0
+    for node in ("coordinator", "w1", "w2"):
+        with mcluster.coordinator() if node == "coordinator" else mcluster.worker(node) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()
+            left += int(row[0]) if row else 0
+    assert left > 0, "the kill must leave prepared transactions behind"
+    # the next run settles what was left (all committed or all rolled back), then migrates
+    with open_cluster(mcluster.directory) as el:
+        from orchestrator.connections import superuser_target
+
+        coord = superuser_target(el.topo.coordinator, el.creds)
+        workers = {w.name: superuser_target(w, el.creds) for w in el.topo.workers}
+        settled = migrate.recover(coord, workers)
+    assert settled >= 1
+    state = _schema_state(mcluster)
+    kw_everywhere = {
+        v if isinstance(v, bool) else v[0] for k, v in state.items() if k == "coordinator" or k.startswith("readings_f")
+    }
+    assert kw_everywhere == {applied}, state
+    assert state["version"] == (("0001",) if applied else before["version"])
+    for node in ("coordinator", "w1", "w2"):
+        with mcluster.coordinator() if node == "coordinator" else mcluster.worker(node) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone() == (0,)
+    with mcluster.coordinator() as c:
+        assert c.execute("SELECT count(*) FROM buildsmart.twophase_decisions").fetchone() == (0,)
+    migrate.run(mcluster.directory, "head")
+    migrate.run(mcluster.directory, "base", downgrade=True)

@@ -42,7 +42,7 @@ def hcluster() -> Iterator[ClusterHandle]:
     directory = make_tmp_dir("bs-ha-el-") / "cluster"
     handle = ClusterHandle(directory)
     try:
-        cluster.up(directory, workers=1, split_points=SPLIT_POINTS, replicas=1)
+        cluster.up(directory, workers=1, split_points=SPLIT_POINTS, replicas=1, balancer_paused=True)
         with handle.coordinator() as conn:
             conn.execute(
                 "INSERT INTO public.readings SELECT chr(97 + i % 20) || lpad((i % 7)::text, 2, '0'), 'seed', "

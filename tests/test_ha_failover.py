@@ -1,16 +1,14 @@
-"""Replication and failover with real Patroni, etcd and PostgreSQL: one HA cluster (coordinator +
-2 workers, one synchronous replica each) for the whole module; the failover supervisor runs as
-it does after `buildsmart up`."""
+"""Replication and failover with real Patroni, etcd and PostgreSQL, on the session's HA cluster
+(coordinator + 2 workers, one synchronous replica each; conftest.ha_dir); the failover supervisor
+runs as it does after `buildsmart up`."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -18,26 +16,15 @@ import pytest
 from typer.testing import CliRunner
 
 import orchestrator.cli.ha_cmds  # noqa: F401  (registers switchover/failover on the app)
-from orchestrator import cluster, topology
+from orchestrator import topology
 from orchestrator.cli.app import app
 from orchestrator.connections import Target, connect, superuser_target
+from orchestrator.exceptions import BuildSmartError
 from orchestrator.runtime import ha, hasettings, procs
 from tests import ha_tools
-from tests.harness import make_tmp_dir
 
 SPLIT_POINTS = ["b3", "b6", "t", "u"]
 RECOVERY_TARGET_S = 5.0
-
-
-@pytest.fixture(scope="module")
-def ha_dir() -> Iterator[Path]:
-    directory = make_tmp_dir("bs-ha-") / "cluster"
-    try:
-        cluster.up(directory, workers=2, split_points=SPLIT_POINTS, replicas=1)
-        yield directory
-    finally:
-        cluster.down(directory, purge=True)
-        shutil.rmtree(directory.parent, ignore_errors=True)
 
 
 @pytest.fixture
@@ -64,7 +51,30 @@ def _count(directory: Path, prefix: str, timeout_s: float = 30.0) -> tuple[int, 
             time.sleep(0.3)
 
 
+def _runner_elected(directory: Path, timeout_s: float = 30.0) -> str:
+    """The session holding the task runner's election lock on the coordinator's current primary."""
+    from orchestrator.tasks.runner import ELECTION_LOCK
+
+    topo, creds = topology.load(directory), topology.load_credentials(directory)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with connect(superuser_target(topo.coordinator, creds), "ha-test", autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.granted",
+                    (ELECTION_LOCK,),
+                ).fetchone()
+                if row is not None:
+                    return str(row[0])
+        except (psycopg.Error, BuildSmartError):
+            pass  # the coordinator is failing over
+        assert time.monotonic() < deadline, "no task runner holds the election lock on the coordinator primary"
+        time.sleep(0.3)
+
+
 def _crash_primary_under_load(directory: Path, group: str, prefix: str) -> None:
+    runner = _runner_elected(directory) if group == "coordinator" else None
     writer = ha_tools.Writer(directory, prefix, rows=500).start()
     writer.wait_acked(10)
     old = ha_tools.leader(directory, group)
@@ -77,6 +87,8 @@ def _crash_primary_under_load(directory: Path, group: str, prefix: str) -> None:
     print(f"{group}: {old} killed, {new} leads; first write after {recovery} s, {failed} failed attempts")
     assert recovery is not None and recovery < RECOVERY_TARGET_S, f"writes resumed only after {recovery} s"
     assert _count(directory, prefix) == (writer.acked * writer.rows,) * 2, "every acknowledged row exactly once"
+    if runner is not None:  # the task runner lost its lock session with the old primary and is elected again
+        assert _runner_elected(directory, timeout_s=60) == runner
     ha_tools.wait_member_state(directory, old, "replica", timeout_s=60)  # rejoined (pg_rewind when diverged)
 
 

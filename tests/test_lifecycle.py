@@ -27,7 +27,8 @@ def test_down_up_keeps_data_and_second_up_is_a_no_op(main_cluster: ClusterHandle
     assert all(before.values())
 
     out = main_cluster.run_cli("down")
-    assert out.stderr.count("stopped") == len(before)
+    assert sum(f"{name}: stopped" in out.stderr for name in before) == len(before)
+    assert "task runner: stopped" in out.stderr  # the background task runner `up` started
     assert not any(_pids(main_cluster).values())
     for g in main_cluster.topology.groups:
         for m in g.members:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import cluster
-from orchestrator.backup import repo, restore
+from orchestrator.backup import points, repo, restore
 from orchestrator.backup.decide import RestorePoint
 from orchestrator.elastic import verify
 from orchestrator.elastic.context import open_cluster
@@ -57,16 +57,15 @@ def compare(point: RestorePoint, directory: Path) -> list[str]:
     """Differences between a (restored) cluster in ``directory`` and the point's record."""
     problems: list[str] = []
     with open_cluster(directory, "backup:verify") as el:
-        have = {f.fragment_id: f for f in el.fragments()}
+        have = {f.fragment_id: points.fragment_at(f) for f in el.fragments()}
         want = {f.fragment_id: f for f in point.fragments}
         for fid in sorted(set(want) | set(have)):
             w, h = want.get(fid), have.get(fid)
             if w is None or h is None:
                 problems.append(f"fragment {fid}: {'not in the point' if w is None else 'missing from the restored catalog'}")
                 continue
-            if (h.range_from, h.range_to, h.node) != (w.range_from, w.range_to, w.node):
-                problems.append(f"fragment {fid}: restored as [{h.range_from}, {h.range_to}) on {h.node}, "
-                                f"point has [{w.range_from}, {w.range_to}) on {w.node}")  # fmt: skip
+            if h != w:
+                problems.append(f"fragment {fid}: restored as {h}, at the point {w}")
                 continue
             got = verify.unit_sums(el.nodes.get(w.node), w.shard_name)
             expected = dict(point.checksums.get(w.shard_name, {}))

@@ -61,6 +61,9 @@ class FragmentAt:
     range_to: str | None
     node: str
     time_interval: str
+    ts_from: str | None = None  # ISO 8601: a fragment of a building split by time
+    ts_to: str | None = None
+    time_group: str | None = None
 
     @property
     def shard_name(self) -> str:

@@ -35,7 +35,6 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from datetime import UTC, datetime
 
 import psycopg
@@ -49,6 +48,7 @@ from orchestrator.connections import connect, superuser_target
 from orchestrator.elastic import verify
 from orchestrator.elastic.context import Elastic
 from orchestrator.exceptions import ClusterStateError, ConfigError
+from orchestrator.fragments import Fragment
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,15 @@ def _read_catalog(coord: psycopg.Connection) -> tuple[int, tuple[FragmentAt, ...
         coord.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         row = coord.execute("SELECT version FROM buildsmart.catalog_version").fetchone()
         frags = catalog.load_fragments(coord)
-    return (int(row[0]) if row else 0), tuple(FragmentAt(**asdict(f)) for f in frags)
+    return (int(row[0]) if row else 0), tuple(fragment_at(f) for f in frags)
+
+
+def fragment_at(f: Fragment) -> FragmentAt:
+    """The JSON-friendly record of a catalog fragment (times as ISO 8601)."""
+    return FragmentAt(
+        f.fragment_id, f.range_from, f.range_to, f.node, f.time_interval,
+        f.ts_from.isoformat() if f.ts_from else None, f.ts_to.isoformat() if f.ts_to else None, f.time_group,
+    )  # fmt: skip
 
 
 class _Retry(Exception):

@@ -14,7 +14,8 @@ settings. Started as is, it could reach the original cluster or archive into its
    (a subscription cannot connect anywhere). It replays WAL to the point and is promoted. Then,
    over that socket: new passwords for the superuser and application roles, subscriptions
    disabled, detached from their slots and dropped, leftover logical slots dropped, and on the
-   coordinator the foreign servers, user mappings and ``buildsmart.nodes`` point at the new ports.
+   coordinator the foreign servers, user mappings and ``buildsmart.nodes`` point at the new ports,
+   and the background balancer is paused (the layout stays the point's until it is resumed).
    Recovery settings are removed and the server is stopped cleanly.
 3. **Start as a cluster.** The new directory gets its own topology, credentials and (for Patroni
    groups) ``ha.json`` with a new cluster name (Patroni namespace), etcd and REST ports;
@@ -40,7 +41,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from orchestrator import cluster, executor, pgbin, topology
+from orchestrator import catalog, cluster, executor, pgbin, topology
 from orchestrator.backup import archive, barman, decide, ops, repo
 from orchestrator.backup.decide import RestorePoint
 from orchestrator.elastic import jobs, move, split
@@ -157,7 +158,7 @@ def _wait_promoted(lm: local.LocalMember, socket_dir: Path, superuser: str, dbna
     raise NodeError(f"restored {lm.name} did not finish recovery in {RECOVERY_TIMEOUT_S:.0f} s; see {lm.log_file}")
 
 
-def _rewrite_node(conn: psycopg.Connection, group: Group, topo: Topology, creds: Credentials) -> list[str]:
+def _rewrite_node(conn: psycopg.Connection, group: Group, topo: Topology, creds: Credentials, point_name: str) -> list[str]:
     """Inside the sealed start: everything that points at the original cluster."""
     done = []
     conn.execute(
@@ -202,6 +203,10 @@ def _rewrite_node(conn: psycopg.Connection, group: Group, topo: Topology, creds:
             (topo.coordinator.hosts, topo.coordinator.ports, topo.coordinator.name),
         )
         done.append(f"{group.name}: foreign servers, user mappings and buildsmart.nodes point at the new cluster")
+        if conn.execute("SELECT pg_catalog.to_regclass('buildsmart.balancer')").fetchone() != (None,):
+            # the restored layout is the point's: the background balancer waits until told to go on
+            catalog.set_paused(conn, True, f"restored from point {point_name}: `buildsmart balancer resume` to rebalance")
+            done.append(f"{group.name}: background balancer paused")
     return done
 
 
@@ -272,7 +277,7 @@ def _restore(r: repo.Repository, point: RestorePoint, new_dir: Path, replicas: i
         for group, lm in firsts:
             _wait_promoted(lm, socket_dir, creds.superuser, group.dbname)
             with _sealed_conn(socket_dir, lm.member.port, creds.superuser, group.dbname) as conn:
-                lines += _rewrite_node(conn, group, topo, creds)
+                lines += _rewrite_node(conn, group, topo, creds, point.name)
             report(f"{group.name}: at restore point {point.name}, rewritten for the new cluster")
     finally:
         for _group, lm in firsts:

@@ -5,25 +5,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from orchestrator import cluster, metadata_store, pgbin, status, topology
-from orchestrator.backup import ops as backup_ops
+from orchestrator import catalog, cluster, metadata_store, pgbin, status, topology
 from orchestrator.cli.app import DEFAULT_DIR, DirOpt, app, out, report, setup_logging
 from orchestrator.connections import app_target, superuser_target
-from orchestrator.exceptions import BuildSmartError
-from orchestrator.metadata.mirror import mirror_lag
-from orchestrator.runtime import ha
 from orchestrator.spec import load_spec
 
 
 def _split(value: str | None) -> list[str] | None:
-    return [p for p in value.split(",")] if value else None
+    return [p.strip() for p in value.split(",")] if value else None
 
 
 @app.command()
@@ -34,6 +29,9 @@ def up(
     time_interval: Annotated[str, typer.Option(help="Time partition interval on the workers.")] = "1 month",
     replicas: Annotated[int | None, typer.Option(help="Streaming replicas per node of a new cluster [default: 1].")] = None,
     synchronous: Annotated[str, typer.Option(help="Patroni synchronous mode: on, strict or off.")] = "on",
+    balancer_paused: Annotated[
+        bool, typer.Option("--balancer-paused", help="A new cluster's background balancer starts paused.")
+    ] = False,
     mongo_uri: Annotated[
         str | None, typer.Option(help="Mirror device metadata to this MongoDB replica set instead of a local server.")
     ] = None,
@@ -43,8 +41,9 @@ def up(
     """Create and start a local cluster (coordinator + workers), or restart the one in DIR."""
     setup_logging(directory, verbose)
     topo = cluster.up(
-        directory, workers, _split(split_at), time_interval, report=report, replicas=replicas, synchronous=synchronous
-    )
+        directory, workers, _split(split_at), time_interval, report=report, replicas=replicas, synchronous=synchronous,
+        balancer_paused=balancer_paused,
+    )  # fmt: skip
     creds = topology.load_credentials(directory.resolve())
     metadata_store.start(directory.resolve(), topo, creds, mongo_uri=mongo_uri, local_server=not no_mongo, report=report)
     report(f"[green]cluster up[/]: coordinator at {topo.coordinator.address}, {len(topo.workers)} workers")
@@ -75,6 +74,10 @@ def init(
     creds = topology.load_credentials(directory.resolve())
     metadata_store.start(directory.resolve(), topo, creds, mongo_uri=mongo_uri, local_server=False, report=report)
     report(f"[green]initialised[/] {topo.cluster_name}: coordinator {topo.coordinator.address}, {len(topo.workers)} workers")
+    report(
+        "automatic balancing runs in the task runner: `buildsmart tasks start` here, or `buildsmart tasks run` under a "
+        "service manager on each orchestrator host (one is elected)"
+    )
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -88,75 +91,104 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
-def _members_and_mirror(directory: Path, data: dict[str, Any]) -> None:
-    """Add each group's members (role, timeline, lag, sync) and the mirror lag to the status."""
-    for node in data["nodes"]:
-        try:
-            node["members"] = ha.group_members_status(directory, node["name"])
-        except BuildSmartError as exc:
-            node["members"] = []
-            node["members_error"] = str(exc)
-    try:
-        data["mirror"] = mirror_lag(directory)
-    except BuildSmartError as exc:
-        data["mirror"] = {"error": str(exc)}
-    try:
-        data["backup"] = asdict(backup_ops.status(directory))
-    except BuildSmartError as exc:
-        data["backup"] = {"error": str(exc)}
+def _fmt_range(f: status.FragmentStatus) -> str:
+    text = f"[{f.range_from if f.range_from is not None else 'MIN'}, {f.range_to if f.range_to is not None else 'MAX'})"
+    if f.time_group is not None:
+        lo = f"{f.ts_from:%Y-%m-%d}" if f.ts_from else "MIN"
+        hi = f"{f.ts_to:%Y-%m-%d}" if f.ts_to else "MAX"
+        text += f" ts [{lo}, {hi})"
+    return text
+
+
+def render_status(data: status.ClusterStatus) -> None:
+    nodes = Table(title=f"cluster {data.cluster}: nodes")
+    for col in ("node", "role", "address", "state", "size"):
+        nodes.add_column(col)
+    members = Table(title="members of each node group")
+    for col in ("node", "member", "address", "role", "state", "timeline", "lag", "sync"):
+        members.add_column(col)
+    for n in data.nodes:
+        state = ("[green]up[/]" + (" (replica)" if n.in_recovery else " (primary)")) if n.up else "[red]down[/]"
+        nodes.add_row(n.name, n.role, n.address, state, _fmt_bytes(n.size_bytes))
+        for m in n.members:
+            lag = "-" if m.lag_bytes is None else _fmt_bytes(m.lag_bytes)
+            members.add_row(
+                n.name, m.name, f"{m.host}:{m.port}", m.role or "-", m.state or "-", str(m.timeline or "-"), lag,
+                "yes" if m.sync else "",
+            )  # fmt: skip
+    exact = any(f.rows_exact for f in data.fragments)
+    frags = Table(title="fragments of readings" + ("" if exact else " (rows from statistics; --exact counts them)"))
+    for col in ("fragment", "buildings", "node", "rows", "bytes", "time partitions"):
+        frags.add_column(col, justify="right" if col in ("rows", "bytes", "time partitions") else "left")
+    for f in data.fragments:
+        rows = "-" if f.rows is None else f"{f.rows:,}"
+        parts = "-" if f.time_partitions is None else f"{f.time_partitions} × {f.time_interval}"
+        frags.add_row(f.shard_name, _fmt_range(f), f.node, rows, _fmt_bytes(f.bytes), parts)
+    workers = Table(title="bytes per worker")
+    for col in ("worker", "fragments", "rows", "bytes", "vs mean"):
+        workers.add_column(col, justify="left" if col == "worker" else "right")
+    for w in data.workers:
+        vs_mean = "-" if w.vs_mean is None else f"{w.vs_mean:+.1%}"
+        workers.add_row(w.node, str(w.fragments), f"{w.rows:,}", _fmt_bytes(w.bytes), vs_mean)
+    out.print(nodes)
+    out.print(members)
+    out.print(frags)
+    out.print(workers)
+    if data.balancer is not None:
+        render_balancer(data.balancer, data.tasks)
+    if data.mirror_error:
+        out.print(f"metadata mirror: {data.mirror_error}")
+    elif data.mirror:
+        out.print(f"metadata mirror: {data.mirror.get('events', 0)} event(s), {data.mirror.get('seconds') or 0:.1f} s behind")
+
+
+def render_balancer(b: status.BalancerStatus, tasks: tuple[catalog.TaskRun, ...]) -> None:
+    state = "[green]on[/]"
+    if b.paused:
+        state = f"[yellow]paused[/] ({b.paused_note})" if b.paused_note else "[yellow]paused[/]"
+    runner = f"task runner {b.runner}" if b.runner else "[red]no task runner is running[/] (`buildsmart tasks start`)"
+    out.print(f"balancer: {state}; {runner}; first-load layout {'automatic' if b.auto_layout else 'from given split points'}")
+    for job_id, kind, jstate, step in b.open_jobs:
+        out.print(f"  open job {job_id}: {kind} ({jstate}, step {step})")
+    decisions = Table(title="balancer decisions (newest first)")
+    for col in ("at", "action", "outcome", "fragment", "reason"):
+        decisions.add_column(col)
+    for d in b.decisions:
+        extra = ""
+        if d.detail.get("pause_seconds") is not None:
+            extra = f" [{d.detail.get('seconds', 0):.1f} s, pause {float(d.detail['pause_seconds']) * 1000:.0f} ms]"
+        if d.detail.get("error"):
+            extra = f" [{d.detail['error']}]"
+        decisions.add_row(
+            f"{d.at:%Y-%m-%d %H:%M:%S}", d.action, d.outcome, "" if d.fragment_id is None else str(d.fragment_id),
+            d.reason + extra,
+        )  # fmt: skip
+    out.print(decisions)
+    if tasks:
+        table = Table(title="periodic tasks")
+        for col in ("task", "runner", "last run", "outcome", "runs", "failures", "summary"):
+            table.add_column(col)
+        for t in tasks:
+            table.add_row(
+                t.task, t.runner, f"{t.started_at:%H:%M:%S}", t.outcome, str(t.runs), str(t.failures), t.summary or "",
+            )  # fmt: skip
+        out.print(table)
 
 
 @app.command("status")
 def status_cmd(
     directory: DirOpt = DEFAULT_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="Count every fragment's rows (reads all data).")] = False,
 ) -> None:
-    """Nodes (up/down, role, address, size, members), fragments (range, node, rows, bytes), mirror lag."""
+    """Nodes, members, fragments (range, node, rows, bytes), bytes per worker, the balancer and its
+    last decisions, periodic tasks, mirror lag. Rows come from statistics unless --exact."""
     setup_logging(directory)
-    directory = directory.resolve()
-    data = status.collect(topology.load(directory), topology.load_credentials(directory))
-    _members_and_mirror(directory, data)
+    data = status.collect(directory, exact=exact)
     if as_json:
-        out.print_json(json.dumps(data, default=str))
+        out.print_json(json.dumps(data.to_dict(), default=str))
         return
-    nodes = Table(title=f"cluster {data['cluster']}: nodes")
-    for col in ("node", "role", "address", "state", "size"):
-        nodes.add_column(col)
-    members = Table(title="members of each node group")
-    for col in ("node", "member", "address", "role", "state", "timeline", "lag", "sync"):
-        members.add_column(col)
-    for n in data["nodes"]:
-        state = ("[green]up[/]" + (" (replica)" if n["in_recovery"] else " (primary)")) if n["up"] else "[red]down[/]"
-        nodes.add_row(n["name"], n["role"], n["address"], state, _fmt_bytes(n["size_bytes"]))
-        for m in n.get("members", []):
-            lag = "-" if m.get("lag_bytes") is None else _fmt_bytes(m["lag_bytes"])
-            members.add_row(
-                n["name"], m["name"], f"{m['host']}:{m['port']}", m.get("role") or "-", m.get("state") or "-",
-                str(m.get("timeline") or "-"), lag, "yes" if m.get("sync") else "",
-            )  # fmt: skip
-    frags = Table(title="fragments of readings")
-    for col in ("fragment", "buildings", "node", "rows", "bytes", "time partitions"):
-        frags.add_column(col, justify="right" if col in ("rows", "bytes", "time partitions") else "left")
-    for f in data["fragments"]:
-        rng = f"[{f['range_from'] or 'MIN'}, {f['range_to'] or 'MAX'})"
-        rows = "-" if f["rows"] is None else f"{f['rows']:,}"
-        parts = "-" if f["time_partitions"] is None else f"{f['time_partitions']} × {f['time_interval']}"
-        frags.add_row(f["shard_name"], rng, f["node"], rows, _fmt_bytes(f["bytes"]), parts)
-    out.print(nodes)
-    out.print(members)
-    out.print(frags)
-    mirror = data.get("mirror")
-    if mirror and "error" not in mirror:
-        out.print(f"metadata mirror: {mirror.get('events', 0)} event(s), {mirror.get('seconds') or 0:.1f} s behind")
-    elif mirror:
-        out.print(f"metadata mirror: {mirror['error']}")
-    backup = data.get("backup") or {}
-    if backup.get("configured"):
-        age = backup.get("last_good_backup_age_s")
-        when = "none" if age is None else f"{age / 3600:.1f} h ago"
-        out.print(f"backups: {backup['repository']}, last good base backup {when}, last point {backup.get('last_point') or '-'}")
-    for problem in backup.get("problems", ()) if backup.get("configured") else ():
-        out.print(f"[bold red]{problem}[/]")  # a failing archive is said loudly
+    render_status(data)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -92,15 +93,23 @@ def fragment_move(
 def fragment_split(
     fragment: Annotated[str, typer.Argument(help="Fragment id (3) or name (readings_f3).")],
     at: Annotated[str | None, typer.Option(help="First building of the new upper fragment [default: the median].")] = None,
+    at_time: Annotated[
+        str | None, typer.Option("--at-time", help="Split by time instead: first instant of the new fragment (with offset).")
+    ] = None,
     directory: DirOpt = DEFAULT_DIR,
     verbose: Verbose = False,
 ) -> None:
-    """Split a fragment's building range in two on its node while writes go on."""
+    """Split a fragment in two on its node while writes go on: by building, or by time (--at-time)."""
     setup_logging(directory, verbose)
+    try:
+        when = datetime.fromisoformat(at_time) if at_time else None
+    except ValueError as exc:
+        raise ConfigError(f"--at-time {at_time!r}: {exc}") from exc
     with open_cluster(directory, "split") as el:
-        r = split.split_fragment(el, _fragment_id(fragment), at)
+        r = split.split_fragment(el, _fragment_id(fragment), at, at_ts=when)
+    where = f"at {r.at!r}" if r.at is not None else f"at {r.at_ts}"
     report(
-        f"[green]split[/] fragment {r.fragment_id} at {r.at!r}: new fragment {r.new_fragment_id} with {r.rows_moved:,} rows, "
+        f"[green]split[/] fragment {r.fragment_id} {where}: new fragment {r.new_fragment_id} with {r.rows_moved:,} rows, "
         f"write pause {r.pause_seconds * 1000:.0f} ms (job {r.job_id})"
     )
 
@@ -118,7 +127,7 @@ def rebalance(
     setup_logging(directory, verbose)
     with open_cluster(directory, "rebalance") as el:
         observed = balancer.observe_load(el)
-        steps = plan_rebalance(observed, tolerance)
+        steps = plan_rebalance(observed, tolerance)  # dry run: with split points, as a run may need them
         if dry_run:
             for i, step in enumerate(steps, 1):
                 out.print(f"{i}. {step.describe()}")

@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from psycopg import sql
-
-from orchestrator.elastic import jobs, move, rebalance, shardops, split
+from orchestrator import catalog
+from orchestrator.elastic import jobs, move, observe, rebalance, split
 from orchestrator.elastic.context import Elastic
 from orchestrator.elastic.rebalance import FragmentLoad, MoveFragment, ObservedLoad, RebalanceStep, SplitFragment
 
@@ -21,42 +20,34 @@ MAX_ROUNDS = 32
 PARENT_KINDS = ("rebalance_run", "drain_run")
 
 
-def observe_load(el: Elastic, draining: frozenset[str] = frozenset()) -> ObservedLoad:
-    coord = el.coord
-    active = tuple(
-        r[0]
-        for r in coord.execute("SELECT name FROM buildsmart.nodes WHERE role = 'worker' AND is_active ORDER BY name").fetchall()
-    )
-    draining = draining | {
-        r[0] for r in coord.execute("SELECT name FROM buildsmart.nodes WHERE role = 'worker' AND NOT is_active").fetchall()
-    }
+def observe_load(el: Elastic, draining: frozenset[str] = frozenset(), split_points: bool = True) -> ObservedLoad:
+    """Bytes per fragment from the catalogs (orchestrator.elastic.observe), and, with
+    ``split_points``, split points from statistics for the fragments of the heaviest worker (the
+    only ones a plan splits)."""
+    active = catalog.active_workers(el.coord)
+    draining = draining | catalog.inactive_workers(el.coord)
+    sample = observe.sample(el)
+    observe.store(el, sample)
+    totals: dict[str, int] = {}
+    for x in sample.fragments:
+        totals[x.fragment.node] = totals.get(x.fragment.node, 0) + x.bytes
+    heaviest = max(totals, key=lambda n: (totals[n], n)) if totals and split_points else None
     loads = []
-    for f in el.fragments():
-        conn = el.nodes.get(f.node)
-        size = conn.execute(
-            "SELECT coalesce(sum(pg_catalog.pg_total_relation_size(relid)), 0) FROM pg_catalog.pg_partition_tree(%s::regclass)",
-            (shardops.regclass(f.shard_name),),
-        ).fetchone()
-        dist = conn.execute(
-            sql.SQL('SELECT building, count(*) FROM {} GROUP BY building ORDER BY building COLLATE "C"').format(
-                shardops.table(f.shard_name)
-            )
-        ).fetchall()
-        at = rebalance.split_point([(str(b), int(n)) for b, n in dist])
-        nbytes = int(size[0]) if size else 0
-        rows = sum(int(n) for _, n in dist)
-        coord.execute(
-            "INSERT INTO buildsmart.fragment_stats (fragment_id, size_bytes, row_count) VALUES (%s, %s, %s) "
-            "ON CONFLICT (fragment_id) DO UPDATE SET size_bytes = EXCLUDED.size_bytes, row_count = EXCLUDED.row_count, "
-            "observed_at = now()",
-            (f.fragment_id, nbytes, rows),
-        )
-        loads.append(FragmentLoad(f.fragment_id, f.node, nbytes, at, f.range_from, f.range_to))
+    for x in sample.fragments:
+        f = x.fragment
+        at = observe.split_points(el, f).at if f.node == heaviest and f.time_group is None else None
+        loads.append(FragmentLoad(f.fragment_id, f.node, x.bytes, at, f.range_from, f.range_to))
     nodes = tuple(sorted(set(active) | {f.node for f in loads}))
     return ObservedLoad(tuple(loads), nodes, frozenset(draining))
 
 
 def plan(el: Elastic, tolerance: float, draining: frozenset[str] = frozenset()) -> list[RebalanceStep]:
+    """Moves first (no statistics needed); split points are gathered only when moves alone do not
+    bring bytes per node within tolerance."""
+    observed = observe_load(el, draining, split_points=False)
+    steps = rebalance.plan_rebalance(observed, tolerance)
+    if rebalance.is_balanced(rebalance.simulate(observed, steps), tolerance):
+        return steps
     return rebalance.plan_rebalance(observe_load(el, draining), tolerance)
 
 

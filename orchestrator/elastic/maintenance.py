@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from psycopg import sql
 
@@ -44,7 +44,10 @@ class ExpiredPartition:
 def ensure_future_partitions(el: Elastic, ahead: int = DEFAULT_AHEAD) -> dict[str, int]:
     """Create missing partitions from now to ``ahead`` intervals on; returns created per fragment."""
     created: dict[str, int] = {}
+    now = datetime.now(UTC)
     for frag in el.fragments():
+        if frag.ts_to is not None and frag.ts_to <= now:
+            continue  # the earlier part of a building split by time: no future rows come here
         row = (
             el.nodes.get(frag.node)
             .execute(

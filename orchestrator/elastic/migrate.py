@@ -4,9 +4,13 @@
 coordinator's catalog, opens one transaction per node, runs the migration scripts (``op`` acts on
 the coordinator; :func:`fleet` reaches the workers' fragments), then two-phase commits:
 PREPARE TRANSACTION everywhere, COMMIT PREPARED on the coordinator first (the decision), then on
-the workers. Any error before the decision rolls every node back. A crash after some PREPAREs
-leaves transactions named ``bsmig_<token>_<node>``; :func:`recover` (run at the start of every
-migration) commits them when the coordinator's has committed and rolls them back otherwise.
+the workers. Any error before the decision rolls every node back.
+
+The decision is a row in ``buildsmart.twophase_decisions`` on the coordinator, committed on its own
+after every node (the coordinator too) has prepared: that commit is the one moment the migration
+becomes committed. A crash leaves transactions named ``bsmig_<token>_<node>``; :func:`recover`
+(run at the start of every migration) commits those whose token has a decision row and rolls back
+all others (presumed abort), so a kill between two PREPAREs can never commit some nodes only.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 ALEMBIC_INI = REPO / "alembic.ini"
 GID_PREFIX = "bsmig_"
+FAULT_ENV = "BUILDSMART_FAULT"  # tests: name of a point where the process kills itself
 _current: contextvars.ContextVar[Fleet] = contextvars.ContextVar("buildsmart_fleet")
 
 
@@ -92,28 +97,54 @@ def _finish_prepared(target: Target, gid: str, commit: bool) -> None:
             log.info("%s %s on %s", verb.lower(), gid, target.group)
 
 
+def _fault_point(name: str) -> None:
+    """Crash injection for tests (kill -9 at a named point of the protocol)."""
+    if os.environ.get(FAULT_ENV) == name:
+        log.warning("fault injection: exiting at %s", name)
+        os._exit(137)
+
+
+def _decided(coord_target: Target) -> set[str]:
+    with connect(coord_target, "migrate:recover", autocommit=True) as conn:
+        rows = conn.execute("SELECT token FROM buildsmart.twophase_decisions WHERE purpose = 'migration'").fetchall()
+    return {r[0] for r in rows}
+
+
+def _decide(coord_target: Target, token: str) -> None:
+    """The commit point: after this row commits, every node's prepared transaction will commit."""
+    with connect(coord_target, "migrate:decide", autocommit=True) as conn:
+        conn.execute("INSERT INTO buildsmart.twophase_decisions (token, purpose) VALUES (%s, 'migration')", (token,))
+    log.info("migration %s: commit decided (recorded on the coordinator)", token)
+
+
+def _forget(coord_target: Target, tokens: set[str]) -> None:
+    if tokens:
+        with connect(coord_target, "migrate:forget", autocommit=True) as conn:
+            conn.execute("DELETE FROM buildsmart.twophase_decisions WHERE token = ANY(%s)", (sorted(tokens),))
+
+
+def _token_of(gid: str) -> str:
+    return gid[len(GID_PREFIX) :].split("_", 1)[0]
+
+
 def recover(coord_target: Target, workers: dict[str, Target]) -> int:
-    """Settle prepared migration transactions a crash left behind; returns how many were settled."""
+    """Settle prepared migration transactions a crash left behind; returns how many were settled.
+    A transaction whose token has a decision row commits on every node; any other is rolled back."""
 
     def pending(t: Target) -> list[str]:
         with connect(t, "migrate:recover", autocommit=True) as conn:
             rows = conn.execute("SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE %s", (GID_PREFIX + "%",)).fetchall()
         return [r[0] for r in rows]
 
-    coord_pending = set(pending(coord_target))
+    decided = _decided(coord_target)
     settled = 0
-    for name, target in workers.items():
+    for name, target in [("coordinator", coord_target), *workers.items()]:
         for gid in pending(target):
-            token = gid[len(GID_PREFIX) :].split("_", 1)[0]
-            # The coordinator commits first and rolls back last: if its prepared transaction is
-            # still there nothing was decided (roll back); if it is gone, it committed.
-            undecided = f"{GID_PREFIX}{token}_coordinator" in coord_pending
-            _finish_prepared(target, gid, commit=not undecided)
-            log.info("recovered %s on %s: %s", gid, name, "rolled back" if undecided else "committed")
+            commit = _token_of(gid) in decided
+            _finish_prepared(target, gid, commit=commit)
+            log.info("recovered %s on %s: %s", gid, name, "committed (decided)" if commit else "rolled back (no decision)")
             settled += 1
-    for gid in coord_pending:
-        _finish_prepared(coord_target, gid, commit=False)
-        settled += 1
+    _forget(coord_target, decided)
     return settled
 
 
@@ -144,6 +175,7 @@ def run_in_env(context: Any) -> None:
         )
         workers = {name: connect(t, "migrate") for name, t in worker_targets.items()}
         prepared: list[str] = []
+        deciding = False
         try:
             with engine.connect() as sa_conn:
                 sa_conn.begin()
@@ -158,14 +190,25 @@ def run_in_env(context: Any) -> None:
                         context.run_migrations()
                 finally:
                     _current.reset(token_var)
-                # Phase one: every worker, then the coordinator.
+                # Phase one: every node prepares (any order: nothing commits without the decision).
                 for name, conn in workers.items():
                     conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(gids[name])))
                     prepared.append(name)
+                _fault_point("migrate:workers-prepared")
                 sa_conn.exec_driver_sql(f"PREPARE TRANSACTION '{gids['coordinator']}'")
                 prepared.append("coordinator")
                 log.info("migration %s prepared on %d node(s)", token, len(prepared))
-        except BaseException:
+            # The decision, durable on the coordinator. If its outcome is unknown (the coordinator
+            # went away), only the decision table may settle the prepared transactions.
+            deciding = True
+            _decide(coord_target, token)
+        except BaseException as exc:
+            if deciding:
+                raise NodeError(
+                    f"migration {token} is prepared on every node but recording the decision failed ({exc}); "
+                    "run `buildsmart migrate` again: it commits everywhere if the decision was recorded, "
+                    "and rolls back everywhere if not"
+                ) from exc
             log.info("migration %s failed before the decision: rolling back on every node", token)
             for name in prepared:
                 target = coord_target if name == "coordinator" else worker_targets[name]
@@ -177,10 +220,13 @@ def run_in_env(context: Any) -> None:
             for conn in workers.values():
                 conn.close()
             engine.dispose()
-        # Phase two: the coordinator's commit is the decision; then the workers.
+        _fault_point("migrate:decided")
+        # Phase two: commit everywhere; a crash from here on is finished by recover().
         _finish_prepared(coord_target, gids["coordinator"], commit=True)
+        _fault_point("migrate:coordinator-committed")
         for name, target in worker_targets.items():
             _finish_prepared(target, gids[name], commit=True)
+        _forget(coord_target, {token})
         log.info("migration %s committed on the coordinator and %d worker(s)", token, len(worker_targets))
 
 

@@ -313,6 +313,9 @@ def _cleanup(el: Elastic, fid: int, source: str, target: str) -> None:
         for stmt in drop_fragment_sql(shard):
             src.execute(stmt)
         log.info("dropped source %s on %s", shard, source)
+    # The initial copy extends each time partition by many pages at once (bulk COPY); VACUUM gives
+    # the unused tail back, so the target's bytes are its rows' bytes (what the balancer evens).
+    shardops.vacuum_if_not_empty(el.nodes.get(target), shard)
 
 
 def rollback(el: Elastic, fid: int, source: str, target: str) -> None:

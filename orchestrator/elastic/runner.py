@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.elastic import balancer, jobs, maintenance, move, nodes, split
+from orchestrator.elastic import autosplit, balancer, jobs, maintenance, move, nodes, split
 from orchestrator.elastic.context import Elastic
 from orchestrator.exceptions import BuildSmartError, ClusterStateError
 
@@ -29,6 +29,9 @@ def run_job(el: Elastic, job: jobs.Job, report: Report) -> None:
         return
     if kind == "split":
         split.run_split_job(el, job)
+        return
+    if kind == autosplit.JOB_KIND:
+        autosplit.run_relayout_job(el, job)
         return
     # Queued jobs of the other kinds are one-shot: the job row records the outcome.
     try:

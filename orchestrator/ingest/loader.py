@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 from orchestrator import topology
 from orchestrator.connections import Target, superuser_target
+from orchestrator.elastic.autosplit import presplit_for_file
 from orchestrator.elastic.gate import RoutingChanged, WriteGate
 from orchestrator.exceptions import BuildSmartError, ClusterStateError, InputError, InputLocation, NodeError
 from orchestrator.fragments import Router
@@ -147,7 +148,7 @@ class Loader:
         log.info("routing %d fragments (catalog version %d)", len(fragments), self.gate.version)
 
     def add(self, building: bytes, meter: bytes, csv_line: bytes) -> None:
-        where = (self.router.route_bytes(building).fragment_id, hash((building, meter)) % self.streams)
+        where = (self.router.route_row(building, csv_line).fragment_id, hash((building, meter)) % self.streams)
         lines = self.pending.get(where)
         if lines is None:
             lines = self.pending[where] = []
@@ -248,6 +249,8 @@ def ingest(
     is given; the error says exactly which lines are committed. ``follow`` keeps reading a growing
     file or standard input and commits at least every ``commit_interval`` seconds, until Ctrl-C."""
     directory = directory.resolve()
+    if not follow:  # a first load into empty fragments lays them out from its own buildings
+        presplit_for_file(directory, path, fmt)
     topo, creds = topology.load(directory), topology.load_credentials(directory)
     workers = {g.name: superuser_target(g, creds) for g in topo.workers}
     loader = Loader(superuser_target(topo.coordinator, creds), workers, batch_rows, streams)

@@ -31,6 +31,7 @@
 #include "nodes/parsenodes.h"
 #include "nodes/plannodes.h"
 #include "utils/palloc.h"
+#include "utils/timestamp.h"
 
 /* settings (buildsmart.c) */
 extern bool bs_enable_pushdown;
@@ -67,6 +68,8 @@ enum
 	BS_PRIV_SORT_NULLSFIRST,	/* Integer list */
 	BS_PRIV_PRUNE_KIND,			/* Integer list: BS_PRUNE_* of each pruning expression */
 	BS_PRIV_NOTE,				/* String: how the planner read the query (EXPLAIN) */
+	BS_PRIV_FRAG_TS_LOWER,		/* List of Const (timestamptz, NULL): time range of a time piece */
+	BS_PRIV_FRAG_TS_UPPER,
 	BS_PRIV_COUNT
 };
 
@@ -82,14 +85,22 @@ enum
 	BS_INT_SKIP_SCAN,
 	BS_INT_LEAF,				/* partial query under a combine plan: rows only, child = fallback */
 	BS_INT_INSERT,				/* an INSERT routed to one fragment */
+	BS_INT_REDISTINCT,			/* DISTINCT ON again on the coordinator over this many sort keys */
 	BS_INT_COUNT
 };
 
 typedef enum BsPruneKind
 {
 	BS_PRUNE_EQ = 1,			/* building = value */
-	BS_PRUNE_ANY = 2			/* building = ANY(array) */
+	BS_PRUNE_ANY = 2,			/* building = ANY(array) */
+	BS_PRUNE_TS_LT = 3,			/* ts < value: time pieces of a building split by time */
+	BS_PRUNE_TS_LE = 4,
+	BS_PRUNE_TS_EQ = 5,
+	BS_PRUNE_TS_GE = 6,
+	BS_PRUNE_TS_GT = 7
 } BsPruneKind;
+
+extern bool bs_time_may_hold(Const *lo, Const *hi, int kind, TimestampTz v);
 
 /* two-phase aggregates (dist_combine.c) */
 typedef struct BsCombine

@@ -206,6 +206,8 @@ bs_split_agg(Aggref *a, int j, List *ctx, BsCombineBuild *b, List **partials, ch
 	{
 		if (arg == NULL || a->aggfilter != NULL)
 			return false;
+		if (exprType(arg) == RECORDOID || get_typtype(exprType(arg)) == TYPTYPE_PSEUDO)
+			return false;		/* the partial rows would carry an anonymous record */
 		if (b->distinct_arg == NULL)
 			b->distinct_arg = arg;
 		else if (!equal(b->distinct_arg, arg))

@@ -190,6 +190,12 @@ bs_shippable_walker(Node *node, BsShipContext *ctx)
 					ctx->reason = "a column of another relation";
 					return true;
 				}
+				if (v->varattno <= 0 && v->varno == (int) ctx->dist_rti)
+				{
+					/* tableoid, ctid, a whole row: they mean other things on a worker */
+					ctx->reason = "a system column or whole-row reference";
+					return true;
+				}
 				if (!bs_type_shippable(v->vartype))
 				{
 					ctx->reason = "a column of a type workers do not know";

@@ -35,6 +35,7 @@
 #include "tcop/utility.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -71,6 +72,9 @@ typedef struct BsScanState
 	List	   *frag_sql;
 	List	   *frag_lower;
 	List	   *frag_upper;
+	List	   *frag_ts_lower;
+	List	   *frag_ts_upper;
+	int			redistinct;		/* leading sort keys that must be distinct (time pieces) */
 	int			shape;
 	int			nparams;
 	int			nprune;
@@ -116,6 +120,10 @@ typedef struct BsScanState
 	int32	   *typmods;
 
 	/* merge */
+	MemoryContext key_cxt;
+	Datum	   *last_key;
+	bool	   *last_null;
+	bool		have_last_key;
 	TupleTableSlot *sort_slot;
 	Tuplesortstate *sort;
 	bool		sorted;
@@ -197,6 +205,9 @@ bs_create_state(CustomScan *cscan)
 	s->frag_sql = list_nth(priv, BS_PRIV_FRAG_SQL);
 	s->frag_lower = list_nth(priv, BS_PRIV_FRAG_LOWER);
 	s->frag_upper = list_nth(priv, BS_PRIV_FRAG_UPPER);
+	s->frag_ts_lower = list_nth(priv, BS_PRIV_FRAG_TS_LOWER);
+	s->frag_ts_upper = list_nth(priv, BS_PRIV_FRAG_TS_UPPER);
+	s->redistinct = list_nth_int(ints, BS_INT_REDISTINCT);
 	s->shape = list_nth_int(ints, BS_INT_SHAPE);
 	s->nparams = list_nth_int(ints, BS_INT_NPARAMS);
 	s->nprune = list_nth_int(ints, BS_INT_NPRUNE);
@@ -302,6 +313,13 @@ bs_prune(BsScanState *s, ExprContext *econtext)
 				continue;
 			if (isnull)
 				hit = false;
+			else if (lfirst_int(lk) >= BS_PRUNE_TS_LT)
+			{
+				Const	   *tlo = list_nth(s->frag_ts_lower, i);
+				Const	   *thi = list_nth(s->frag_ts_upper, i);
+
+				hit = bs_time_may_hold(tlo, thi, lfirst_int(lk), DatumGetTimestampTz(v));
+			}
 			else if (lfirst_int(lk) == BS_PRUNE_EQ)
 				hit = bs_holds(lo, hi, v);
 			else
@@ -659,6 +677,49 @@ bs_begin(CustomScanState *node, EState *estate, int eflags)
 	 */
 }
 
+/* Does this row repeat the DISTINCT ON key of the last row returned? Remembers it if not. */
+static bool
+bs_same_distinct_key(BsScanState *s, TupleTableSlot *slot)
+{
+	TupleDesc	desc = slot->tts_tupleDescriptor;
+	int			k;
+	bool		same = s->have_last_key;
+
+	slot_getallattrs(slot);
+	for (k = 0; same && k < s->redistinct; k++)
+	{
+		int			a = s->sort_attno[k] - 1;
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+
+		if (slot->tts_isnull[a] != s->last_null[k])
+			same = false;
+		else if (!slot->tts_isnull[a] &&
+				 !datum_image_eq(slot->tts_values[a], s->last_key[k], att->attbyval, att->attlen))
+			same = false;
+	}
+	if (same)
+		return true;
+	if (s->key_cxt == NULL)
+	{
+		s->key_cxt = AllocSetContextCreate(CurrentMemoryContext, "buildsmart distinct key", ALLOCSET_SMALL_SIZES);
+		s->last_key = palloc0(sizeof(Datum) * s->redistinct);
+		s->last_null = palloc0(sizeof(bool) * s->redistinct);
+	}
+	MemoryContextReset(s->key_cxt);
+	for (k = 0; k < s->redistinct; k++)
+	{
+		int			a = s->sort_attno[k] - 1;
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+		MemoryContext old = MemoryContextSwitchTo(s->key_cxt);
+
+		s->last_null[k] = slot->tts_isnull[a];
+		s->last_key[k] = slot->tts_isnull[a] ? (Datum) 0 : datumCopy(slot->tts_values[a], att->attbyval, att->attlen);
+		MemoryContextSwitchTo(old);
+	}
+	s->have_last_key = true;
+	return false;
+}
+
 static TupleTableSlot *
 bs_exec_pushdown(BsScanState *s)
 {
@@ -679,7 +740,7 @@ bs_exec_pushdown(BsScanState *s)
 			if (!s->sorted)
 			{
 				int			r;
-				int64		bound = s->count >= 0 ? s->count + s->offset : 0;
+				int64		bound = s->count >= 0 && s->redistinct == 0 ? s->count + s->offset : 0;
 				MemoryContext old;
 
 				s->sort = tuplesort_begin_heap(slot->tts_tupleDescriptor, s->nsort, s->sort_attno,
@@ -709,6 +770,8 @@ bs_exec_pushdown(BsScanState *s)
 			got = tuplesort_gettupleslot(s->sort, true, false, s->sort_slot, NULL);
 			if (got)
 				slot = s->sort_slot;
+			if (got && s->redistinct > 0 && bs_same_distinct_key(s, slot))
+				continue;		/* an older piece's row of a key already returned */
 		}
 		else
 		{

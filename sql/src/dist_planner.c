@@ -57,10 +57,12 @@ typedef struct BsFragment
 {
 	Oid			relid;			/* coordinator foreign table */
 	char	   *qualified_name; /* the same name on the worker */
-	Const	   *lower;			/* NULL = unbounded */
+	Const	   *lower;			/* building range; NULL = unbounded */
 	Const	   *upper;
+	bool		time_piece;		/* part of a building split by time (a time group) */
+	Const	   *ts_lower;		/* its time range; NULL = unbounded */
+	Const	   *ts_upper;
 } BsFragment;
-
 
 static PlannedStmt *
 bs_next_planner(Query *parse, const char *query_string, int cursorOptions, ParamListInfo boundParams)
@@ -97,10 +99,71 @@ bs_bound_const(List *datums)
 	return (Const *) copyObject(d->value);
 }
 
+/* The range partition bound of a partition; NULL for a default or non-range partition. */
+static PartitionBoundSpec *
+bs_partition_bound(Oid child)
+{
+	HeapTuple	tup;
+	Datum		boundd;
+	bool		isnull;
+	PartitionBoundSpec *spec;
+
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(child));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for relation %u", child);
+	boundd = SysCacheGetAttr(RELOID, tup, Anum_pg_class_relpartbound, &isnull);
+	if (isnull)
+		elog(ERROR, "partition %u has no bound", child);
+	spec = castNode(PartitionBoundSpec, stringToNode(TextDatumGetCString(boundd)));
+	ReleaseSysCache(tup);
+	if (spec->is_default || spec->strategy != PARTITION_STRATEGY_RANGE)
+		return NULL;
+	return spec;
+}
+
+/* A partition that is a postgres_fdw table over the same-named worker table, as a fragment. */
+static BsFragment *
+bs_fragment_of(Oid child, const char **reason)
+{
+	ForeignTable *ft;
+	ForeignServer *srv;
+	ForeignDataWrapper *fdw;
+	ListCell   *lc;
+	char	   *schema = NULL;
+	char	   *table = NULL;
+	BsFragment *f;
+
+	if (get_rel_relkind(child) != RELKIND_FOREIGN_TABLE)
+		NOT_PUSHED("a partition that is not a foreign table");
+	LockRelationOid(child, AccessShareLock);
+	ft = GetForeignTable(child);
+	srv = GetForeignServer(ft->serverid);
+	fdw = GetForeignDataWrapper(srv->fdwid);
+	if (strcmp(fdw->fdwname, "postgres_fdw") != 0)
+		NOT_PUSHED("a partition that is not a postgres_fdw table");
+	foreach(lc, ft->options)
+	{
+		DefElem    *d = lfirst(lc);
+
+		if (strcmp(d->defname, "schema_name") == 0)
+			schema = defGetString(d);
+		else if (strcmp(d->defname, "table_name") == 0)
+			table = defGetString(d);
+	}
+	if (schema == NULL || table == NULL ||
+		strcmp(schema, get_namespace_name(get_rel_namespace(child))) != 0 ||
+		strcmp(table, get_rel_name(child)) != 0)
+		NOT_PUSHED("a fragment whose worker table has another name");
+	f = palloc0(sizeof(BsFragment));
+	f->relid = child;
+	f->qualified_name = quote_qualified_identifier(schema, table);
+	return f;
+}
+
 /*
- * The fragments of the distributed table with their building ranges. NULL when the layout is not
- * one this planner handles (a building split by time, a partition that is not a postgres_fdw
- * table over the same-named worker table).
+ * The fragments of the distributed table with their building ranges, and, for a building split
+ * by time (a partition that is itself partitioned by ts: a time group), each time piece with its
+ * time range. NULL when the layout is not one this planner handles.
  */
 static List *
 bs_load_fragments(Oid dist, const char **reason)
@@ -113,67 +176,58 @@ bs_load_fragments(Oid dist, const char **reason)
 	for (i = 0; i < pd->nparts; i++)
 	{
 		Oid			child = pd->oids[i];
-		BsFragment *f;
-		HeapTuple	tup;
-		Datum		boundd;
-		bool		isnull;
-		PartitionBoundSpec *spec;
-		ForeignTable *ft;
-		ForeignServer *srv;
-		ForeignDataWrapper *fdw;
-		ListCell   *lc;
-		char	   *schema = NULL;
-		char	   *table = NULL;
+		PartitionBoundSpec *spec = bs_partition_bound(child);
+		Const	   *lower,
+				   *upper;
 
-		if (get_rel_relkind(child) != RELKIND_FOREIGN_TABLE)
-		{
-			table_close(rel, NoLock);
-			NOT_PUSHED("a fragment split by time");
-		}
-		LockRelationOid(child, AccessShareLock);
-		ft = GetForeignTable(child);
-		srv = GetForeignServer(ft->serverid);
-		fdw = GetForeignDataWrapper(srv->fdwid);
-		if (strcmp(fdw->fdwname, "postgres_fdw") != 0)
-		{
-			table_close(rel, NoLock);
-			NOT_PUSHED("a partition that is not a postgres_fdw table");
-		}
-		foreach(lc, ft->options)
-		{
-			DefElem    *d = lfirst(lc);
-
-			if (strcmp(d->defname, "schema_name") == 0)
-				schema = defGetString(d);
-			else if (strcmp(d->defname, "table_name") == 0)
-				table = defGetString(d);
-		}
-		if (schema == NULL || table == NULL ||
-			strcmp(schema, get_namespace_name(get_rel_namespace(child))) != 0 ||
-			strcmp(table, get_rel_name(child)) != 0)
-		{
-			table_close(rel, NoLock);
-			NOT_PUSHED("a fragment whose worker table has another name");
-		}
-		tup = SearchSysCache1(RELOID, ObjectIdGetDatum(child));
-		if (!HeapTupleIsValid(tup))
-			elog(ERROR, "cache lookup failed for relation %u", child);
-		boundd = SysCacheGetAttr(RELOID, tup, Anum_pg_class_relpartbound, &isnull);
-		if (isnull)
-			elog(ERROR, "partition %u has no bound", child);
-		spec = castNode(PartitionBoundSpec, stringToNode(TextDatumGetCString(boundd)));
-		ReleaseSysCache(tup);
-		if (spec->is_default || spec->strategy != PARTITION_STRATEGY_RANGE)
+		if (spec == NULL)
 		{
 			table_close(rel, NoLock);
 			NOT_PUSHED("a default or non-range partition");
 		}
-		f = palloc0(sizeof(BsFragment));
-		f->relid = child;
-		f->qualified_name = quote_qualified_identifier(schema, table);
-		f->lower = bs_bound_const(spec->lowerdatums);
-		f->upper = bs_bound_const(spec->upperdatums);
-		out = lappend(out, f);
+		lower = bs_bound_const(spec->lowerdatums);
+		upper = bs_bound_const(spec->upperdatums);
+		if (get_rel_relkind(child) == RELKIND_PARTITIONED_TABLE)
+		{
+			Relation	group = table_open(child, AccessShareLock);
+			PartitionDesc gd = RelationGetPartitionDesc(group, true);
+			int			j;
+
+			for (j = 0; j < gd->nparts; j++)
+			{
+				PartitionBoundSpec *ts = bs_partition_bound(gd->oids[j]);
+				BsFragment *f = ts ? bs_fragment_of(gd->oids[j], reason) : NULL;
+
+				if (f == NULL)
+				{
+					table_close(group, AccessShareLock);
+					table_close(rel, NoLock);
+					if (ts == NULL)
+						*reason = "a default partition in a time group";
+					return NULL;
+				}
+				f->lower = lower;
+				f->upper = upper;
+				f->time_piece = true;
+				f->ts_lower = bs_bound_const(ts->lowerdatums);
+				f->ts_upper = bs_bound_const(ts->upperdatums);
+				out = lappend(out, f);
+			}
+			table_close(group, AccessShareLock);
+		}
+		else
+		{
+			BsFragment *f = bs_fragment_of(child, reason);
+
+			if (f == NULL)
+			{
+				table_close(rel, NoLock);
+				return NULL;
+			}
+			f->lower = lower;
+			f->upper = upper;
+			out = lappend(out, f);
+		}
 	}
 	table_close(rel, NoLock);
 	if (out == NIL)
@@ -197,6 +251,33 @@ bs_fragment_holds(BsFragment *f, Datum building)
 		return false;
 	return true;
 }
+
+/* Can a time piece [ts_lower, ts_upper) hold a row with ts <op> v? (Whole fragments always can.) */
+bool
+bs_time_may_hold(Const *lo, Const *hi, int kind, TimestampTz v)
+{
+	bool		lo_ok = lo == NULL || lo->constisnull;
+	bool		hi_ok = hi == NULL || hi->constisnull;
+	TimestampTz l = lo_ok ? 0 : DatumGetTimestampTz(lo->constvalue);
+	TimestampTz h = hi_ok ? 0 : DatumGetTimestampTz(hi->constvalue);
+
+	switch (kind)
+	{
+		case BS_PRUNE_TS_LT:
+			return lo_ok || l < v;
+		case BS_PRUNE_TS_LE:
+			return lo_ok || l <= v;
+		case BS_PRUNE_TS_EQ:
+			return (lo_ok || l <= v) && (hi_ok || v < h);
+		case BS_PRUNE_TS_GE:
+		case BS_PRUNE_TS_GT:
+			return hi_ok || h > v;
+		default:
+			return true;
+	}
+}
+
+static Oid	bs_pruning_dist = InvalidOid;	/* the distributed table, for its ts column */
 
 static Node *
 bs_strip(Node *n)
@@ -250,15 +331,66 @@ bs_clauses_include(Query *q, Index dist_rti, Index group_rti, List *clauses, Att
  * Conjuncts of WHERE that pin the building: building = value, building = ANY(array). The value
  * must not depend on the row; constants prune now, parameters when the plan runs.
  */
+/* ts <op> value, with the value free of columns: a pruning kind for time pieces, or 0 */
+static int
+bs_time_comparison(Node *c, Index dist_rti, AttrNumber a_ts, Node **value)
+{
+	OpExpr	   *op = (OpExpr *) c;
+	Node	   *l,
+			   *r;
+	char	   *name;
+	bool		commuted;
+
+	if (a_ts == InvalidAttrNumber || !IsA(c, OpExpr) || list_length(op->args) != 2)
+		return 0;
+	l = bs_strip(linitial(op->args));
+	r = bs_strip(lsecond(op->args));
+	if (IsA(l, Var) && ((Var *) l)->varno == (int) dist_rti && ((Var *) l)->varattno == a_ts)
+		commuted = false;
+	else if (IsA(r, Var) && ((Var *) r)->varno == (int) dist_rti && ((Var *) r)->varattno == a_ts)
+		commuted = true;
+	else
+		return 0;
+	*value = commuted ? l : r;
+	if (exprType(*value) != TIMESTAMPTZOID || exprType(commuted ? r : l) != TIMESTAMPTZOID ||
+		contain_vars_of_level(*value, 0) || contain_volatile_functions(*value) || contain_subplans(*value) ||
+		contain_agg_clause(*value))
+		return 0;
+	name = get_opname(op->opno);
+	if (name == NULL)
+		return 0;
+	if (strcmp(name, "=") == 0)
+		return BS_PRUNE_TS_EQ;
+	if (strcmp(name, "<") == 0)
+		return commuted ? BS_PRUNE_TS_GT : BS_PRUNE_TS_LT;
+	if (strcmp(name, "<=") == 0)
+		return commuted ? BS_PRUNE_TS_GE : BS_PRUNE_TS_LE;
+	if (strcmp(name, ">") == 0)
+		return commuted ? BS_PRUNE_TS_LT : BS_PRUNE_TS_GT;
+	if (strcmp(name, ">=") == 0)
+		return commuted ? BS_PRUNE_TS_LE : BS_PRUNE_TS_GE;
+	return 0;
+}
+
 static void
 bs_find_pruning(Node *quals, Index dist_rti, AttrNumber attno, List **exprs, List **kinds)
 {
 	List	   *conj = make_ands_implicit((Expr *) quals);
 	ListCell   *lc;
+	AttrNumber	a_ts = OidIsValid(bs_pruning_dist) ? get_attnum(bs_pruning_dist, "ts") : InvalidAttrNumber;
 
 	foreach(lc, conj)
 	{
 		Node	   *c = lfirst(lc);
+		Node	   *tsval = NULL;
+		int			tskind = bs_time_comparison(c, dist_rti, a_ts, &tsval);
+
+		if (tskind != 0)
+		{
+			*exprs = lappend(*exprs, copyObject(tsval));
+			*kinds = lappend_int(*kinds, tskind);
+			continue;
+		}
 
 		if (IsA(c, OpExpr) && list_length(((OpExpr *) c)->args) == 2 &&
 			((OpExpr *) c)->opno == TextEqualOperator)
@@ -346,6 +478,9 @@ bs_prune_static(List *fragments, List *exprs, List *kinds, ParamListInfo bound)
 
 			if (c->constisnull)
 				hit = false;
+			else if (lfirst_int(lk) >= BS_PRUNE_TS_LT)
+				hit = !f->time_piece ||
+					bs_time_may_hold(f->ts_lower, f->ts_upper, lfirst_int(lk), DatumGetTimestampTz(c->constvalue));
 			else if (lfirst_int(lk) == BS_PRUNE_EQ)
 				hit = bs_fragment_holds(f, c->constvalue);
 			else
@@ -470,6 +605,59 @@ bs_flatten_group_mutator(Node *node, Query *q)
 	return expression_tree_mutator(node, bs_flatten_group_mutator, q);
 }
 
+/* What the executor learns about the fragments a plan may read (custom_private lists). */
+typedef struct BsFragLists
+{
+	List	   *oids;
+	List	   *sql;
+	List	   *lower;
+	List	   *upper;
+	List	   *ts_lower;
+	List	   *ts_upper;
+} BsFragLists;
+
+static Node *
+bs_or_null(Const *c, Oid type, Oid collation)
+{
+	return c ? (Node *) c : (Node *) makeNullConst(type, -1, collation);
+}
+
+static void
+bs_add_fragment(BsFragLists *fl, BsFragment *f, char *sql)
+{
+	fl->oids = lappend_oid(fl->oids, f->relid);
+	fl->sql = lappend(fl->sql, makeString(sql));
+	fl->lower = lappend(fl->lower, bs_or_null(f->lower, TEXTOID, C_COLLATION_OID));
+	fl->upper = lappend(fl->upper, bs_or_null(f->upper, TEXTOID, C_COLLATION_OID));
+	fl->ts_lower = lappend(fl->ts_lower, bs_or_null(f->ts_lower, TIMESTAMPTZOID, InvalidOid));
+	fl->ts_upper = lappend(fl->ts_upper, bs_or_null(f->ts_upper, TIMESTAMPTZOID, InvalidOid));
+}
+
+/* custom_private in the order of BS_PRIV_* */
+static List *
+bs_private(Query *q, BsFragLists *fl, List *ints, List *sort_attno, List *sort_op, List *sort_coll,
+		   List *sort_nf, List *prune_kinds, const char *note)
+{
+	List	   *priv = NIL;
+
+	priv = lappend(priv, copyObject(q));
+	priv = lappend(priv, fl->oids);
+	priv = lappend(priv, fl->sql);
+	priv = lappend(priv, fl->lower);
+	priv = lappend(priv, fl->upper);
+	priv = lappend(priv, ints);
+	priv = lappend(priv, sort_attno);
+	priv = lappend(priv, sort_op);
+	priv = lappend(priv, sort_coll);
+	priv = lappend(priv, sort_nf);
+	priv = lappend(priv, prune_kinds);
+	priv = lappend(priv, makeString(pstrdup(note)));
+	priv = lappend(priv, fl->ts_lower);
+	priv = lappend(priv, fl->ts_upper);
+	Assert(list_length(priv) == BS_PRIV_COUNT);
+	return priv;
+}
+
 /* What a query over the distributed table is, when this planner can run it. */
 typedef struct BsAnalysis
 {
@@ -568,6 +756,17 @@ bs_analyze(Query *q, Oid dist, ParamListInfo bound, BsAnalysis *a, const char **
 		*reason = "a volatile LIMIT";
 		return false;
 	}
+	foreach(lc, q->targetList)
+	{
+		Oid			t = exprType((Node *) ((TargetEntry *) lfirst(lc))->expr);
+
+		/* results cross the wire: an anonymous record cannot be read back */
+		if (t == RECORDOID || t == RECORDARRAYOID || get_typtype(t) == TYPTYPE_PSEUDO)
+		{
+			*reason = "a result column of an anonymous record or pseudo type";
+			return false;
+		}
+	}
 	a->a_building = get_attnum(dist, "building");
 	a->a_meter = get_attnum(dist, "meter");
 	a->a_ts = get_attnum(dist, "ts");
@@ -603,6 +802,7 @@ bs_analyze(Query *q, Oid dist, ParamListInfo bound, BsAnalysis *a, const char **
 	a->fragments = bs_load_fragments(dist, reason);
 	if (a->fragments == NIL)
 		return false;
+	bs_pruning_dist = dist;
 	bs_find_pruning(q->jointree->quals, a->dist_rti, a->a_building, &a->prune_exprs, &a->prune_kinds);
 	a->fragments = bs_prune_static(a->fragments, a->prune_exprs, a->prune_kinds, bound);
 	return true;
@@ -615,7 +815,7 @@ bs_analyze(Query *q, Oid dist, ParamListInfo bound, BsAnalysis *a, const char **
  * rows are only concatenated; the plan above does the rest.
  */
 static CustomScan *
-bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const char *extra_note)
+bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const char *extra_note, int redistinct)
 {
 	BsShipContext ship;
 	Query	   *wq;
@@ -623,10 +823,7 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 	bool		has_limit = direct && (q->limitCount != NULL || q->limitOffset != NULL);
 	int			limit_param = 0;
 	BsSkipScan	skip = {false, false};
-	List	   *frag_oids = NIL,
-			   *frag_sql = NIL,
-			   *frag_lower = NIL,
-			   *frag_upper = NIL;
+	BsFragLists fl = {0};
 	List	   *sort_attno = NIL,
 			   *sort_op = NIL,
 			   *sort_coll = NIL,
@@ -728,12 +925,7 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 			sql = bs_deparse_skip_scan(wq, f->relid, f->qualified_name, skip.ts_desc, limit_param);
 		else
 			sql = bs_deparse_query(wq);
-		frag_oids = lappend_oid(frag_oids, f->relid);
-		frag_sql = lappend(frag_sql, makeString(sql));
-		frag_lower = lappend(frag_lower, f->lower ? (Node *) f->lower :
-							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
-		frag_upper = lappend(frag_upper, f->upper ? (Node *) f->upper :
-							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
+		bs_add_fragment(&fl, f, sql);
 	}
 
 	/* coordinator merge keys */
@@ -786,6 +978,7 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 	list_nth_cell(ints, BS_INT_CURSOR_OPTIONS)->int_value = cursorOptions;
 	list_nth_cell(ints, BS_INT_SKIP_SCAN)->int_value = skip.applies;
 	list_nth_cell(ints, BS_INT_LEAF)->int_value = !direct;
+	list_nth_cell(ints, BS_INT_REDISTINCT)->int_value = redistinct;
 
 	initStringInfo(&note);
 	if (extra_note)
@@ -795,21 +988,10 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 							   a->shape == BS_SHAPE_BUILDING ? "grouped by building" : "single fragment");
 	if (skip.applies)
 		appendStringInfoString(&note, ", latest per meter by index skip scan");
+	if (redistinct > 0)
+		appendStringInfoString(&note, ", DISTINCT ON again across the time pieces of a building");
 
-	priv = lappend(priv, copyObject(q));
-	priv = lappend(priv, frag_oids);
-	priv = lappend(priv, frag_sql);
-	priv = lappend(priv, frag_lower);
-	priv = lappend(priv, frag_upper);
-	priv = lappend(priv, ints);
-	priv = lappend(priv, sort_attno);
-	priv = lappend(priv, sort_op);
-	priv = lappend(priv, sort_coll);
-	priv = lappend(priv, sort_nf);
-	priv = lappend(priv, a->prune_kinds);
-	priv = lappend(priv, makeString(note.data));
-	Assert(list_length(priv) == BS_PRIV_COUNT);
-
+	priv = bs_private(q, &fl, ints, sort_attno, sort_op, sort_coll, sort_nf, a->prune_kinds, note.data);
 	{
 		CustomScan *cscan = bs_make_custom_scan(tlist, custom_exprs, priv);
 
@@ -820,14 +1002,14 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 
 /* The whole query as one custom scan: the plan is just that node. */
 static PlannedStmt *
-bs_plan_direct(Query *parse, BsAnalysis *a, int cursorOptions)
+bs_plan_direct(Query *parse, BsAnalysis *a, int cursorOptions, int redistinct)
 {
-	CustomScan *cscan = bs_build_scan(parse, a, true, cursorOptions, NULL);
+	CustomScan *cscan = bs_build_scan(parse, a, true, cursorOptions, NULL, redistinct);
 	PlannedStmt *stmt = makeNode(PlannedStmt);
 	RangeTblEntry *drte = rt_fetch(a->dist_rti, parse->rtable);
 	RangeTblEntry *r = copyObject(drte);
 	RTEPermissionInfo *perm = copyObject(list_nth(parse->rteperminfos, drte->perminfoindex - 1));
-	List	   *frag_oids = list_nth(cscan->custom_private, BS_PRIV_FRAG_OIDS);
+	List	   *frag_oids = list_nth(cscan->custom_private, BS_PRIV_FRAG_OIDS);	/* for invalidation */
 
 	stmt->commandType = CMD_SELECT;
 	stmt->queryId = parse->queryId;
@@ -954,10 +1136,7 @@ bs_add_scan_path(PlannerInfo *root, RelOptInfo *rel, Index rti, Oid dist)
 	CustomPath *cp;
 	CustomScan *cscan;
 	List	   *all_quals = NIL;
-	List	   *frag_oids = NIL,
-			   *frag_sql = NIL,
-			   *frag_lower = NIL,
-			   *frag_upper = NIL;
+	BsFragLists fl = {0};
 	List	   *ints = NIL;
 	List	   *priv = NIL;
 	StringInfoData cols;
@@ -1002,6 +1181,7 @@ bs_add_scan_path(PlannerInfo *root, RelOptInfo *rel, Index rti, Oid dist)
 	a.fragments = bs_load_fragments(dist, &reason);
 	if (a.fragments == NIL)
 		return;
+	bs_pruning_dist = dist;
 	bs_find_pruning((Node *) make_ands_explicit(all_quals), rti, a.a_building, &a.prune_exprs, &a.prune_kinds);
 	a.fragments = bs_prune_static(a.fragments, a.prune_exprs, a.prune_kinds, root->glob->boundParams);
 
@@ -1043,14 +1223,9 @@ bs_add_scan_path(PlannerInfo *root, RelOptInfo *rel, Index rti, Oid dist)
 		appendStringInfo(&sql, "SELECT %s FROM %s readings", cols.data, f->qualified_name);
 		if (where)
 			appendStringInfo(&sql, " WHERE %s", where);
-		frag_oids = lappend_oid(frag_oids, f->relid);
-		frag_sql = lappend(frag_sql, makeString(sql.data));
-		frag_lower = lappend(frag_lower, f->lower ? (Node *) f->lower :
-							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
-		frag_upper = lappend(frag_upper, f->upper ? (Node *) f->upper :
-							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
+		bs_add_fragment(&fl, f, sql.data);
 	}
-	if (frag_oids == NIL)
+	if (fl.oids == NIL)
 		return;
 
 	for (i = 0; i < BS_INT_COUNT; i++)
@@ -1060,18 +1235,7 @@ bs_add_scan_path(PlannerInfo *root, RelOptInfo *rel, Index rti, Oid dist)
 	list_nth_cell(ints, BS_INT_NPRUNE)->int_value = list_length(a.prune_exprs);
 	list_nth_cell(ints, BS_INT_BINARY)->int_value = binary;
 	list_nth_cell(ints, BS_INT_LEAF)->int_value = 1;
-	priv = lappend(priv, copyObject(root->parse));
-	priv = lappend(priv, frag_oids);
-	priv = lappend(priv, frag_sql);
-	priv = lappend(priv, frag_lower);
-	priv = lappend(priv, frag_upper);
-	priv = lappend(priv, ints);
-	priv = lappend(priv, NIL);
-	priv = lappend(priv, NIL);
-	priv = lappend(priv, NIL);
-	priv = lappend(priv, NIL);
-	priv = lappend(priv, a.prune_kinds);
-	priv = lappend(priv, makeString(pstrdup("scan of readings in a larger query")));
+	priv = bs_private(root->parse, &fl, ints, NIL, NIL, NIL, NIL, a.prune_kinds, "scan of readings in a larger query");
 	cscan = bs_make_custom_scan(NIL, list_concat(list_copy(ship.param_exprs), a.prune_exprs), priv);
 
 	foreach(lc, rel->pathlist)
@@ -1097,7 +1261,7 @@ bs_add_scan_path(PlannerInfo *root, RelOptInfo *rel, Index rti, Oid dist)
 	add_path(rel, (Path *) cp);
 	if (bs_log_pushdown)
 		elog(LOG, "buildsmart: scan path for readings (%d fragment(s), %d condition(s) sent, cost %.1f vs %.1f)",
-			 list_length(frag_oids), list_length(shipped), cp->path.total_cost, child->total_cost);
+			 list_length(fl.oids), list_length(shipped), cp->path.total_cost, child->total_cost);
 }
 
 /*
@@ -1116,7 +1280,7 @@ bs_set_rel_pathlist(PlannerInfo *root, RelOptInfo *rel, Index rti, RangeTblEntry
 		CustomPath *cp = makeNode(CustomPath);
 		Path	   *child = linitial(rel->pathlist);	/* cheapest total after add_path */
 		CustomScan *leaf = bs_build_scan(bs_pending_partial, bs_pending_analysis, false,
-										 bs_pending_cursor, "partial aggregate per fragment");
+										 bs_pending_cursor, "partial aggregate per fragment", 0);
 		ListCell   *lc;
 
 		foreach(lc, rel->pathlist)
@@ -1219,10 +1383,7 @@ bs_plan_insert(Query *parse, Oid dist, int cursorOptions, ParamListInfo bound, c
 	AttrNumber	a_building = get_attnum(dist, "building");
 	List	   *rows = NIL;		/* per row: List of (resno, expr) as TargetEntries */
 	Query	   *wq;
-	List	   *frag_oids = NIL,
-			   *frag_sql = NIL,
-			   *frag_lower = NIL,
-			   *frag_upper = NIL;
+	BsFragLists fl = {0};
 	List	   *prune_kinds = NIL;
 	List	   *ints = NIL;
 	List	   *priv = NIL;
@@ -1336,6 +1497,12 @@ bs_plan_insert(Query *parse, Oid dist, int cursorOptions, ParamListInfo bound, c
 				a.prune_exprs = lappend(a.prune_exprs, copyObject(tle->expr));
 				prune_kinds = lappend_int(prune_kinds, BS_PRUNE_EQ);
 			}
+			else if (tle->resno == get_attnum(dist, "ts") && exprType((Node *) tle->expr) == TIMESTAMPTZOID)
+			{
+				/* a building split by time: its row goes to the piece of its ts */
+				a.prune_exprs = lappend(a.prune_exprs, copyObject(tle->expr));
+				prune_kinds = lappend_int(prune_kinds, BS_PRUNE_TS_EQ);
+			}
 		}
 	}
 	if (a.prune_exprs == NIL)
@@ -1369,12 +1536,7 @@ bs_plan_insert(Query *parse, Oid dist, int cursorOptions, ParamListInfo bound, c
 
 		r->relid = f->relid;
 		r->relkind = RELKIND_FOREIGN_TABLE;
-		frag_oids = lappend_oid(frag_oids, f->relid);
-		frag_sql = lappend(frag_sql, makeString(bs_deparse_query(wq)));
-		frag_lower = lappend(frag_lower, f->lower ? (Node *) f->lower :
-							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
-		frag_upper = lappend(frag_upper, f->upper ? (Node *) f->upper :
-							 (Node *) makeNullConst(TEXTOID, -1, C_COLLATION_OID));
+		bs_add_fragment(&fl, f, bs_deparse_query(wq));
 	}
 
 	/* RETURNING rows are the output */
@@ -1404,18 +1566,8 @@ bs_plan_insert(Query *parse, Oid dist, int cursorOptions, ParamListInfo bound, c
 	list_nth_cell(ints, BS_INT_BINARY)->int_value = binary;
 	list_nth_cell(ints, BS_INT_CURSOR_OPTIONS)->int_value = cursorOptions;
 	list_nth_cell(ints, BS_INT_INSERT)->int_value = 1;
-	priv = lappend(priv, copyObject(parse));
-	priv = lappend(priv, frag_oids);
-	priv = lappend(priv, frag_sql);
-	priv = lappend(priv, frag_lower);
-	priv = lappend(priv, frag_upper);
-	priv = lappend(priv, ints);
-	priv = lappend(priv, NIL);
-	priv = lappend(priv, NIL);
-	priv = lappend(priv, NIL);
-	priv = lappend(priv, NIL);
-	priv = lappend(priv, prune_kinds);
-	priv = lappend(priv, makeString(psprintf("INSERT of %d row(s) into one fragment", list_length(rows))));
+	priv = bs_private(parse, &fl, ints, NIL, NIL, NIL, NIL, prune_kinds,
+					  psprintf("INSERT of %d row(s) into one fragment", list_length(rows)));
 	cscan = bs_make_custom_scan(tlist, custom_exprs, priv);
 	cscan->custom_scan_tlist = scan_tlist;
 
@@ -1434,7 +1586,7 @@ bs_plan_insert(Query *parse, Oid dist, int cursorOptions, ParamListInfo bound, c
 		stmt->permInfos = list_make1(perm);
 	}
 	stmt->unprunableRelids = bms_make_singleton(1);
-	stmt->relationOids = lappend_oid(list_copy(frag_oids), dist);
+	stmt->relationOids = lappend_oid(list_copy(fl.oids), dist);
 	stmt->stmt_location = parse->stmt_location;
 	stmt->stmt_len = parse->stmt_len;
 	return stmt;
@@ -1454,9 +1606,29 @@ bs_try_distribute(Query *parse, int cursorOptions, ParamListInfo bound, Oid dist
 	}
 	if (!bs_analyze(parse, dist, bound, &a, reason))
 		return NULL;
+	if (a.shape == BS_SHAPE_BUILDING && list_length(a.fragments) > 1)
+	{
+		/*
+		 * A building split by time has several fragments: groups keyed by building are no longer
+		 * complete on one worker. DISTINCT ON is repeated on the coordinator over the merged
+		 * stream; aggregates go in two phases; anything else is not keyed well enough.
+		 */
+		ListCell   *lc;
+		bool		pieces = false;
+
+		foreach(lc, a.fragments)
+			pieces = pieces || ((BsFragment *) lfirst(lc))->time_piece;
+		if (pieces)
+		{
+			if (parse->hasDistinctOn && !parse->hasAggs && parse->groupClause == NIL &&
+				!parse->hasWindowFuncs && list_length(parse->sortClause) >= list_length(parse->distinctClause))
+				return bs_plan_direct(parse, &a, cursorOptions, list_length(parse->distinctClause));
+			a.shape = BS_SHAPE_SINGLE;
+		}
+	}
 	if (a.shape != BS_SHAPE_SINGLE || list_length(a.fragments) <= 1 ||
 		(a.prune_exprs != NIL && !parse->hasAggs && parse->groupClause == NIL))
-		return bs_plan_direct(parse, &a, cursorOptions);
+		return bs_plan_direct(parse, &a, cursorOptions, 0);
 	/* aggregates not keyed by building over several fragments: partial on the workers */
 	if ((parse->hasAggs || parse->groupClause) && !parse->hasWindowFuncs && parse->distinctClause == NIL &&
 		!parse->hasTargetSRFs)
@@ -1467,11 +1639,11 @@ bs_try_distribute(Query *parse, int cursorOptions, ParamListInfo bound, Oid dist
 			return stmt;
 		/* a parameter may still select one fragment: run directly, falling back when it does not */
 		if (a.prune_exprs != NIL)
-			return bs_plan_direct(parse, &a, cursorOptions);
+			return bs_plan_direct(parse, &a, cursorOptions, 0);
 		return NULL;
 	}
 	if (a.prune_exprs != NIL)
-		return bs_plan_direct(parse, &a, cursorOptions);
+		return bs_plan_direct(parse, &a, cursorOptions, 0);
 	*reason = "a DISTINCT or window not keyed by building over several fragments";
 	return NULL;
 }

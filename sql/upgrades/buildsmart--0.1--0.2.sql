@@ -5,6 +5,10 @@
 -- latest-wins trigger of fragments in C. Fragments made by 0.1 keep their PL/pgSQL trigger until
 -- the orchestrator swaps it (`buildsmart up` / `init` plan that step).
 -- #include udfs/replace_existing/0.2.sql
+-- #include catalog/twophase.sql
+-- #include catalog/checks.sql
+-- #include catalog/balancer.sql
+-- #include udfs/time_split_mirror_trigger/0.2.sql
 --
 -- Cluster restore points (orchestrator/backup/points.py).
 -- #include catalog/restore_points.sql
