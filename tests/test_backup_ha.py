@@ -1,6 +1,7 @@
-"""Backups of Patroni groups (its own cluster: coordinator + 2 workers, one synchronous replica
-each): a switchover between the base backup and the restore point does not break the WAL chain,
-and the restored cluster is a Patroni cluster of its own (new namespace, replicas recreated)."""
+"""Backups of Patroni groups (the session's Patroni-shaped cluster: coordinator + 2 workers, one
+synchronous replica each): a switchover between the base backup and the restore point does not
+break the WAL chain, and the restored cluster is a Patroni cluster of its own (new namespace,
+replicas recreated)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,33 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import cluster
 from orchestrator.backup import archive, check, ops, points, repo
+from orchestrator.osuser import service_user
 from orchestrator.runtime import ha, hasettings
-from tests.harness import ClusterHandle, make_tmp_dir, start_cluster, stop_cluster
+from tests import ha_tools
+from tests.harness import ClusterHandle, make_tmp_dir, stop_cluster
 
 pytestmark = pytest.mark.slow
 BUILDSMART = str(Path(sys.executable).parent / "buildsmart")
 
 
-@pytest.fixture(scope="module")
-def ha_cluster() -> Iterator[ClusterHandle]:
-    handle = start_cluster("bs-bkha-", workers=2, split_points=["b3"], replicas=1)
+@pytest.fixture
+def ha_cluster(ha_dir: Path) -> Iterator[ClusterHandle]:
+    """The shared Patroni cluster, healthy; afterwards its members archive nowhere again, it has no
+    repository and the test's rows are gone."""
+    ha_tools.wait_healthy(ha_dir)
+    handle = ClusterHandle(ha_dir)
     try:
         yield handle
     finally:
-        stop_cluster(handle)
+        topo = handle.topology
+        for _group, lm in cluster.local_members(ha_dir, topo, service_user(topo.service_user)):
+            archive.remove_conf(lm.data_dir.parent)
+        (ha_dir / repo.SETTINGS_FILE).unlink(missing_ok=True)
+        ha_tools.wait_healthy(ha_dir)
+        with handle.coordinator() as conn:
+            conn.execute("DELETE FROM readings WHERE building IN ('a1', 'c1')")
 
 
 def _count(handle: ClusterHandle) -> int:
