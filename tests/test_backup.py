@@ -18,10 +18,12 @@ import pytest
 
 from orchestrator import cluster
 from orchestrator.backup import archive, check, decide, ops, points, repo
+from orchestrator.backup.task import BackupTask
 from orchestrator.elastic.context import open_cluster
 from orchestrator.metadata.mirror import run_once
 from orchestrator.osuser import service_user
 from orchestrator.runtime import mongo
+from orchestrator.tasks.registry import TaskContext
 from tests.elastic_load import Load
 from tests.harness import ClusterHandle, make_tmp_dir, stop_cluster, write_csv
 
@@ -40,7 +42,8 @@ def backed_up(main_cluster: ClusterHandle) -> Iterator[repo.Repository]:
     """A repository for the main cluster and a base backup of every group. Afterwards the
     members stop archiving (other modules do not pay for it) and the repository is deleted."""
     location = make_tmp_dir("bs-repo-") / "repo"
-    main_cluster.run_cli("backup", "init", "--repo", str(location))
+    # no scheduled work from the task runner while the tests run (test_scheduled_point runs it)
+    main_cluster.run_cli("backup", "init", "--repo", str(location), "--points-every", "0", "--base-every", "0")
     created = main_cluster.run_cli("backup", "create")
     assert "base backups done: coordinator" in created.stdout + created.stderr
     try:
@@ -79,15 +82,27 @@ def _slots(handle: ClusterHandle) -> dict[str, list[str]]:
 
 
 def _repo_state(r: repo.Repository) -> dict[str, str]:
-    """Every file that holds backups, WAL or points, with its content hash (Barman's log and
-    lock files are not backup content)."""
+    """Every file that holds backups, WAL or points, with its content hash (Barman's log, lock
+    and WAL catalogue files are not backup content)."""
     out = {}
     for path in sorted(r.root.rglob("*")):
         rel = str(path.relative_to(r.root))
-        if not path.is_file() or path.name.startswith(".") or path.name.endswith((".log", ".lock")) or "/errors/" in rel:
-            continue
-        out[rel] = hashlib.sha1(path.read_bytes()).hexdigest()
+        skip = path.name.startswith(".") or path.name.endswith((".log", ".lock", "-xlog.db")) or "/errors/" in rel
+        if path.is_file() and not skip:
+            out[rel] = hashlib.sha1(path.read_bytes()).hexdigest()
     return out
+
+
+def _assert_repo_untouched(before: dict[str, str], after: dict[str, str], timelines: dict[str, int]) -> None:
+    """Every file is still there with the same bytes; new files may only be WAL the ORIGINAL
+    archived meanwhile (its own timelines): a restored cluster promotes to a new timeline, so WAL
+    or a history file from it would show up here."""
+    assert {k: after.get(k) for k in before} == before
+    for rel in set(after) - set(before):
+        name = Path(rel).name
+        assert "/wals/" in f"/{rel}" or "/incoming/" in f"/{rel}", f"restore wrote {rel} into the repository"
+        group = Path(rel).parts[2]
+        assert int(name[:8], 16) <= timelines[group], f"WAL of a new timeline in the repository: {rel}"
 
 
 def _csv_rows(buildings: list[str], months: list[int], tag: str) -> list[tuple[str, str, str, float]]:
@@ -140,6 +155,11 @@ def test_restore_to_point_undoes_delete_and_dropped_partition_and_leaves_origina
         assert "b2" not in after and after[other][0] == 12 - 4 + 8
         main_cluster.run_cli("backup", "list")  # files the archived WAL, so the repository is quiet now
         slots_before, repo_before = _slots(main_cluster), _repo_state(backed_up)
+        timelines = {}
+        for g in main_cluster.topology.groups:
+            with main_cluster.worker(g.name) as conn:
+                row = conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()
+                timelines[g.name] = int(row[0]) if row else 0
         assert repo_before
 
         new = make_tmp_dir("bs-restored-") / "cluster"
@@ -162,7 +182,7 @@ def test_restore_to_point_undoes_delete_and_dropped_partition_and_leaves_origina
         # the original: same rows, same slots, repository content unchanged
         assert _totals(main_cluster, buildings) == after
         assert _slots(main_cluster) == slots_before
-        assert _repo_state(backed_up) == repo_before
+        _assert_repo_untouched(repo_before, _repo_state(backed_up), timelines)
     finally:
         with main_cluster.coordinator() as conn:
             conn.execute("DELETE FROM readings WHERE building = 'b2'")
@@ -254,6 +274,15 @@ def test_point_names_are_checked_and_unique(main_cluster: ClusterHandle, backed_
             "SELECT catalog_version, lsns FROM buildsmart.restore_points WHERE name = %s", (f"u{token}",)
         ).fetchone()
     assert row is not None and set(row[1]) == {g.name for g in main_cluster.topology.groups}
+    # the task runner's backup task, as the runner calls it: a point is due, base backups are off
+    main_cluster.run_cli("backup", "init", "--points-every", "0.001")
+    try:
+        with open_cluster(main_cluster.directory, "test:task") as el:
+            outcome = BackupTask().run(TaskContext(main_cluster.directory, el, lambda: False))
+    finally:
+        main_cluster.run_cli("backup", "init", "--points-every", "0")
+    assert outcome.acted and "restore point schedule-" in outcome.summary and "base backups" not in outcome.summary
+    assert any(p.reason == "schedule" for p in points.load_points(backed_up))
     status = main_cluster.run_cli("backup", "status", "--json")
     assert '"configured": true' in status.stdout and '"failing_archivers": []' in status.stdout
     assert datetime.now(UTC) - points.load_point(backed_up, f"u{token}").created_at < timedelta(minutes=1)

@@ -147,3 +147,22 @@ def test_restored_topology_keeps_names_and_roles_with_new_ports_and_name() -> No
     assert len(set(ports)) == len(ports)
     plain = new_topology(p, user, replicas=0)
     assert [len(g.members) for g in plain.groups] == [1, 1]
+
+
+def test_scheduled_work_base_backups_when_stale_points_only_when_restorable() -> None:
+    groups = ["coordinator", "w1"]
+    fresh = [_backup(g, "b", "0/1", T0 - timedelta(hours=1)) for g in groups]
+    stale = [_backup("coordinator", "b", "0/1", T0 - timedelta(hours=1)), _backup("w1", "b", "0/1", T0 - timedelta(hours=30))]
+    recent = [_point("p", T0 - timedelta(minutes=10))]
+    old = [_point("p", T0 - timedelta(minutes=90))]
+    work = decide.scheduled_work(groups, fresh, recent, 60, 24, T0)
+    assert (work.base_backups, work.point, work.why) == (False, False, "nothing due")
+    assert decide.scheduled_work(groups, fresh, old, 60, 24, T0).point
+    stale_work = decide.scheduled_work(groups, stale, recent, 60, 24, T0)
+    assert stale_work.base_backups and not stale_work.point and "w1" in stale_work.why
+    # no base backup of w1 yet: a point alone would not be restorable, so it comes with the backups
+    missing = decide.scheduled_work(groups, fresh[:1], [], 60, 0, T0)
+    assert (missing.base_backups, missing.point) == (False, False)
+    assert decide.scheduled_work(groups, fresh[:1], [], 60, 24, T0).point
+    off = decide.scheduled_work(groups, [], [], 0, 0, T0)
+    assert (off.base_backups, off.point) == (False, False)

@@ -60,7 +60,7 @@ def test_switchover_between_base_backup_and_point_restores_with_replicas(ha_clus
     location = make_tmp_dir("bs-harepo-") / "repo"
     new = make_tmp_dir("bs-harestored-") / "cluster"
     try:
-        ha_cluster.run_cli("backup", "init", "--repo", str(location))
+        ha_cluster.run_cli("backup", "init", "--repo", str(location), "--points-every", "0", "--base-every", "0")
         _insert(ha_cluster, "electricity")
         ha_cluster.run_cli("backup", "create")
         r = repo.Repository(location)

@@ -188,6 +188,42 @@ def expired_backups(backups: Sequence[BaseBackup], keep_count: int, keep_days: f
 
 
 @dataclass(frozen=True)
+class ScheduledWork:
+    base_backups: bool
+    point: bool
+    why: str
+
+
+def scheduled_work(
+    groups: Sequence[str],
+    backups: Sequence[BaseBackup],
+    points: Sequence[RestorePoint],
+    points_every_min: float,
+    base_every_h: float,
+    now: datetime,
+) -> ScheduledWork:
+    """What the periodic backup task does now: base backups when a group's newest good one is
+    older than ``base_every_h`` (or missing), a restore point when the newest is older than
+    ``points_every_min`` and every group has a base backup (a point before any is not restorable)."""
+    newest: dict[str, datetime] = {}
+    for b in backups:
+        if b.done and b.end_time is not None and (b.group not in newest or b.end_time > newest[b.group]):
+            newest[b.group] = b.end_time
+    stale = [g for g in groups if g not in newest or now - newest[g] >= timedelta(hours=base_every_h)]
+    base = base_every_h > 0 and bool(stale)
+    covered = all(g in newest for g in groups)
+    last = max((p.created_at for p in points), default=None)
+    point_due = points_every_min > 0 and (last is None or now - last >= timedelta(minutes=points_every_min))
+    point = point_due and (covered or base)
+    why = []
+    if base:
+        why.append(f"base backups ({', '.join(stale)} {'have none' if not covered else 'are due'})")
+    if point:
+        why.append("a restore point (" + ("none yet" if last is None else f"last {now - last} ago") + ")")
+    return ScheduledWork(base, point, "; ".join(why) or "nothing due")
+
+
+@dataclass(frozen=True)
 class ArchiverState:
     """One member's pg_stat_archiver row (None values: never)."""
 

@@ -86,7 +86,11 @@ def configure(directory: Path, settings: repo.BackupSettings, report: Report = _
 
 
 def init(
-    directory: Path, repository: Path | None = None, retention: repo.Retention | None = None, report: Report = _quiet
+    directory: Path,
+    repository: Path | None = None,
+    retention: repo.Retention | None = None,
+    report: Report = _quiet,
+    schedule: repo.Schedule | None = None,
 ) -> repo.BackupSettings:
     """Set (or change the retention of) the cluster's backup repository."""
     directory = directory.resolve()
@@ -99,11 +103,17 @@ def init(
         location = repository.resolve()
     if current is not None and Path(current.repository) != location:
         log.info("backup repository of %s changes from %s to %s", directory, current.repository, location)
-    settings = repo.BackupSettings(str(location), retention or (current.retention if current else repo.Retention()))
+    settings = repo.BackupSettings(
+        str(location),
+        retention or (current.retention if current else repo.Retention()),
+        schedule or (current.schedule if current else repo.Schedule()),
+    )
     configure(directory, settings, report)
     repo.save(directory, settings)
+    sched = settings.schedule
     report(f"backup repository: {location} (keep {settings.retention.keep_count} base backups per node and all younger than "
-           f"{settings.retention.keep_days:g} days)")  # fmt: skip
+           f"{settings.retention.keep_days:g} days; the task runner makes a restore point every {sched.points_every_min:g} min "
+           f"and base backups every {sched.base_every_h:g} h, 0 = never)")  # fmt: skip
     return settings
 
 

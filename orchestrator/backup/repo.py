@@ -41,9 +41,19 @@ class Retention:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """What the task runner's "backup" task does on its own (0 turns a kind off): a cluster
+    restore point every ``points_every_min`` minutes, base backups every ``base_every_h`` hours."""
+
+    points_every_min: float = 60.0
+    base_every_h: float = 24.0
+
+
+@dataclass(frozen=True)
 class BackupSettings:
     repository: str
     retention: Retention = Retention()
+    schedule: Schedule = Schedule()
 
     @property
     def repo(self) -> Repository:
@@ -104,7 +114,9 @@ def load(directory: Path) -> BackupSettings:
     path = directory / SETTINGS_FILE
     try:
         data = json.loads(path.read_text())
-        return BackupSettings(data["repository"], Retention(**data.get("retention", {})))
+        return BackupSettings(
+            data["repository"], Retention(**data.get("retention", {})), Schedule(**data.get("schedule", {}))
+        )
     except FileNotFoundError as exc:
         raise ConfigError(f"no backup repository configured for {directory}: run `buildsmart backup init` first") from exc
     except (ValueError, KeyError, TypeError) as exc:

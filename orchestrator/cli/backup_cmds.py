@@ -38,16 +38,25 @@ def _age(seconds: float | None) -> str:
 @backup_app.command("init")
 def init_cmd(
     repo_path: Annotated[Path | None, typer.Option("--repo", help="Repository directory [default: DIR/backups].")] = None,
-    keep: Annotated[int, typer.Option("--keep", help="Base backups kept per node group (at least).")] = 3,
-    keep_days: Annotated[float, typer.Option("--keep-days", help="Every base backup younger than this is kept.")] = 7.0,
+    keep: Annotated[int | None, typer.Option("--keep", help="Base backups kept per node group, at least [3].")] = None,
+    keep_days: Annotated[float | None, typer.Option("--keep-days", help="Base backups younger than this are kept [7].")] = None,
+    points_every: Annotated[float | None, typer.Option("--points-every", help="Minutes between points (0: none) [60]")] = None,
+    base_every: Annotated[float | None, typer.Option("--base-every", help="Hours between base backups (0: none) [24]")] = None,
     directory: DirOpt = DEFAULT_DIR,
     verbose: Verbose = False,
 ) -> None:
-    """Set the backup repository: WAL of every member is archived there from now on."""
+    """Set the backup repository (WAL of every member is archived there from now on), retention and
+    the task runner's schedule. Rerun to change any of them; what is not given stays."""
     setup_logging(directory, verbose)
-    if keep < 1:
-        raise ConfigError("--keep must be at least 1")
-    ops.init(directory, repo_path, repo.Retention(keep, keep_days), report)
+    current = repo.load(directory.resolve()) if repo.exists(directory.resolve()) else None
+    ret, sched = (current.retention, current.schedule) if current else (repo.Retention(), repo.Schedule())
+    ret = repo.Retention(ret.keep_count if keep is None else keep, ret.keep_days if keep_days is None else keep_days)
+    sched = repo.Schedule(
+        sched.points_every_min if points_every is None else points_every, sched.base_every_h if base_every is None else base_every
+    )
+    if ret.keep_count < 1 or min(ret.keep_days, sched.points_every_min, sched.base_every_h) < 0:
+        raise ConfigError("--keep must be at least 1; --keep-days, --points-every and --base-every at least 0")
+    ops.init(directory, repo_path, ret, report, sched)
     report("next: `buildsmart backup create` (base backups), then `buildsmart backup point NAME`")
 
 
