@@ -21,6 +21,7 @@ import psycopg
 from psycopg import sql
 
 from orchestrator import catalog, topology
+from orchestrator.backup.decide import BackupStatus
 from orchestrator.connections import connect, superuser_target
 from orchestrator.elastic import observe
 from orchestrator.elastic.policy import policy_from
@@ -103,6 +104,8 @@ class ClusterStatus:
     tasks: tuple[catalog.TaskRun, ...]
     mirror: Mapping[str, Any] | None
     mirror_error: str | None = None
+    backup: BackupStatus | None = None  # None: the backup state could not be read (backup_error)
+    backup_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,7 +237,19 @@ def collect(directory: Path, exact: bool = False, decisions: int = 10) -> Cluste
         fragments = _fragments(topo, creds, frags, up, exact)
         workers = worker_shares(active, fragments)
     mirror, mirror_error = _mirror(directory)
-    return ClusterStatus(topo.cluster_name, nodes, fragments, workers, balancer, tasks, mirror, mirror_error)
+    backup, backup_error = _backup(directory)
+    return ClusterStatus(
+        topo.cluster_name, nodes, fragments, workers, balancer, tasks, mirror, mirror_error, backup, backup_error
+    )
+
+
+def _backup(directory: Path) -> tuple[BackupStatus | None, str | None]:
+    from orchestrator.backup import ops  # late: pulls in the backup engine
+
+    try:
+        return ops.status(directory), None
+    except BuildSmartError as exc:
+        return None, str(exc)
 
 
 def _mirror(directory: Path) -> tuple[Mapping[str, Any] | None, str | None]:

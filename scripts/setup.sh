@@ -16,6 +16,8 @@ command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || apt_missing+=(etcd-se
 command -v gcc >/dev/null 2>&1 || apt_missing+=(gcc)
 command -v make >/dev/null 2>&1 || apt_missing+=(make)
 [ -e /usr/include/stdio.h ] || apt_missing+=(libc6-dev)
+# Barman copies base backups with rsync, also for a local restore
+command -v rsync >/dev/null 2>&1 || apt_missing+=(rsync)
 if ((${#apt_missing[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install ${apt_missing[*]} (apt-get)" >&2

@@ -295,6 +295,20 @@ RETURNS void
 LANGUAGE sql
 AS $$ SELECT pg_catalog.pg_advisory_xact_lock(1112755524, fragment_id) $$;
 
+-- udfs/fragment_try_switch_lock/latest.sql
+-- The non-blocking form of fragment_switch_lock, for all given fragments at once (restore points,
+-- orchestrator/backup/points.py): takes every lock that is free and returns the fragments whose
+-- lock a loader holds (empty: all taken). The caller then waits for those few with a short
+-- lock_timeout, or rolls back, which releases the ones taken. Waiting on every lock in turn
+-- would queue each new loader batch behind a batch in flight, a pause as long as that batch.
+CREATE FUNCTION buildsmart.fragment_try_switch_lock(fragment_ids integer[])
+RETURNS integer[]
+LANGUAGE sql
+AS $$
+    SELECT coalesce(array_agg(f ORDER BY f) FILTER (WHERE NOT pg_catalog.pg_try_advisory_xact_lock(1112755524, f)), '{}')
+      FROM (SELECT DISTINCT u AS f FROM unnest(fragment_ids) u ORDER BY 1) s
+$$;
+
 -- udfs/bump_catalog_version/latest.sql
 -- Bump the routing version in the switching transaction (loaders re-read placements on change).
 CREATE FUNCTION buildsmart.bump_catalog_version()
@@ -570,3 +584,22 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+-- catalog/restore_points.sql
+-- Cluster-consistent restore points (`buildsmart backup point`, orchestrator/backup/points.py).
+-- One row per point: the name given to pg_create_restore_point on every node's primary, the
+-- catalog version and topology it belongs to, the LSN per node group, and the per-fragment
+-- checksums computed from snapshots exported inside the point's write pause. The backup
+-- repository holds the same record (points/<name>.json); a restored cluster does not contain the
+-- row of the point it was restored to (the row commits after the point).
+CREATE TABLE buildsmart.restore_points (
+    name            text PRIMARY KEY,
+    reason          text NOT NULL DEFAULT 'manual',
+    created_at      timestamptz NOT NULL,
+    catalog_version bigint NOT NULL,
+    pause_ms        double precision NOT NULL,
+    lsns            jsonb NOT NULL,
+    topology        jsonb NOT NULL,
+    checksums       jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+SELECT pg_catalog.pg_extension_config_dump('buildsmart.restore_points', '');

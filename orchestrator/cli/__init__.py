@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orchestrator.cli import backup_cmds as _backup_cmds  # noqa: F401
 from orchestrator.cli import check_cmds as _check_cmds  # noqa: F401  (registers commands)
 from orchestrator.cli import cluster_cmds as _cluster_cmds  # noqa: F401
 from orchestrator.cli import demo_cmds as _demo_cmds  # noqa: F401

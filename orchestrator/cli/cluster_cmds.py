@@ -140,6 +140,21 @@ def render_status(data: status.ClusterStatus) -> None:
         out.print(f"metadata mirror: {data.mirror_error}")
     elif data.mirror:
         out.print(f"metadata mirror: {data.mirror.get('events', 0)} event(s), {data.mirror.get('seconds') or 0:.1f} s behind")
+    render_backup(data)
+
+
+def render_backup(data: status.ClusterStatus) -> None:
+    """One line about backups, and every backup problem in red (a failing archive is said loudly)."""
+    b = data.backup
+    if data.backup_error:
+        out.print(f"[bold red]backups: {data.backup_error}[/]")
+    if b is None or not b.configured:
+        return
+    age = "none" if b.last_good_backup_age_s is None else f"{b.last_good_backup_age_s / 3600:.1f} h ago"
+    out.print(f"backups: {b.repository}, {b.space_used_bytes / 1e6:,.0f} MB, last good base backup {age}, "
+              f"last point {b.last_point or '-'}")  # fmt: skip
+    for problem in b.problems:
+        out.print(f"[bold red]{problem}[/]")
 
 
 def render_balancer(b: status.BalancerStatus, tasks: tuple[catalog.TaskRun, ...]) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import pgbin
+from orchestrator.backup import archive
 from orchestrator.exceptions import NodeError
 from orchestrator.osuser import ServiceUser, run_as
 from orchestrator.topology import Credentials, Member
@@ -122,7 +123,8 @@ def initdb(lm: LocalMember, user: ServiceUser, creds: Credentials) -> None:
 
 
 def _write_config(lm: LocalMember, user: ServiceUser) -> None:
-    settings = dict(SERVER_SETTINGS, port=str(lm.member.port))
+    settings = dict(SERVER_SETTINGS, **archive.ARCHIVE_SETTINGS, port=str(lm.member.port))
+    archive.write_script(lm.data_dir.parent, user.uid, user.gid)
     conf = "\n".join(f"{k} = {v}" for k, v in sorted(settings.items()))
     (lm.data_dir / "postgresql.buildsmart.conf").write_text("# written by buildsmart\n" + conf + "\n")
     with (lm.data_dir / "postgresql.conf").open("a") as fh:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import pgbin
+from orchestrator.backup import archive
 from orchestrator.exceptions import ClusterStateError, ConfigError, NodeError
 from orchestrator.osuser import ServiceUser, run_as
 from orchestrator.runtime import procs
@@ -129,7 +130,8 @@ def render_config(topo: Topology, pm: PatroniMember, creds: Credentials, ha: HaS
         "pgpass": str(pm.base / "pgpass"),
         "superuser": creds.superuser,
         "superuser_password": creds.superuser_password,
-        "local_parameters": {"unix_socket_directories": ""},
+        # archiving is local (rendered on every `up`), so clusters made before it get it on restart
+        "local_parameters": {"unix_socket_directories": "", **{k: _pg_value(v) for k, v in archive.ARCHIVE_SETTINGS.items()}},
         "pg_hba": PG_HBA,
     }
     # JSON is valid YAML: every value is quoted and escaped correctly whatever it contains.
@@ -141,6 +143,7 @@ def write_config(topo: Topology, pm: PatroniMember, creds: Credentials, ha: HaSe
     fd = os.open(pm.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(render_config(topo, pm, creds, ha))
+    archive.write_script(pm.base, user.uid, user.gid)
     if not user.is_current:
         os.chown(pm.config_file, user.uid, user.gid)
         os.chown(pm.base, user.uid, user.gid)

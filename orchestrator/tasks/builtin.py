@@ -49,3 +49,6 @@ class PartitionUpkeepTask:
 
 register("balancer")(BalancerTask)
 register("partition-upkeep")(PartitionUpkeepTask)
+
+# Scheduled backups and restore points (a no-op without a repository): orchestrator/backup/task.py.
+from orchestrator.backup import task as _backup_task  # noqa: E402,F401

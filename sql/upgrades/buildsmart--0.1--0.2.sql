@@ -10,3 +10,7 @@
 -- #include catalog/balancer.sql
 -- #include udfs/time_split_mirror_trigger/0.2.sql
 -- #include udfs/ensure_time_partitions/0.2.sql
+--
+-- Cluster restore points (orchestrator/backup/points.py).
+-- #include catalog/restore_points.sql
+-- #include udfs/fragment_try_switch_lock/0.2.sql
