@@ -319,16 +319,7 @@ def _same_state(
 
 def _table_sums(tables: tuple[str, ...]) -> Callable[[psycopg.Connection], dict[str, verify.Sums]]:
     def measure(conn: psycopg.Connection) -> dict[str, verify.Sums]:
-        out: dict[str, verify.Sums] = {}
-        for t in tables:
-            schema, name = t.split(".")
-            row = conn.execute(
-                sql.SQL(
-                    "SELECT count(*), coalesce(sum(pg_catalog.hashtextextended(r::text, 0)::numeric), 0)::text FROM {} r"
-                ).format(sql.Identifier(schema, name))
-            ).fetchone()
-            out[t] = (int(row[0]), int(row[1])) if row else (0, 0)
-        return out
+        return {t: verify.table_sums(conn, sql.Identifier(*t.split("."))) for t in tables}
 
     return measure
 
