@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
 from tests import ha_tools
@@ -139,6 +140,32 @@ def test_unreachable_broker_and_refused_credentials_are_one_line(main_cluster: C
         right.chmod(0o600)
         loader = Loader(main_cluster.directory, broker, tmp_path / "ok", "--username", "gateway", "--password-file", str(right))
         loader.wait_for("subscribed to")
+        assert loader.stop() == 0, loader.text()
+    finally:
+        broker.stop()
+
+
+def test_tls_broker_needs_its_ca(main_cluster: ClusterHandle, token: str, tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "tls", tls=True)
+    broker.start()
+    try:
+        loader = Loader(main_cluster.directory, broker, tmp_path / "no-ca")  # the system's CAs do not know it
+        assert loader.proc.wait(60) == 3
+        err = loader.err_path.read_text()
+        assert "TLS with the MQTT broker" in err and "--ca-file" in err and "Traceback" not in err, err
+        loader = Loader(main_cluster.directory, broker, tmp_path / "ca", "--ca-file", str(broker.ca), client_id=f"tls-{token}")
+        loader.wait_for("subscribed to")
+        pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"tls-pub-{token}")
+        pub.tls_set(ca_certs=str(broker.ca))
+        pub.connect("localhost", broker.port)
+        pub.loop_start()
+        info = pub.publish(f"buildings/t{token}/meters/m0", json.dumps({"ts": stamp(1), "kwh": 2.5}), qos=1)
+        info.wait_for_publish(10)
+        pub.disconnect()
+        pub.loop_stop()
+        assert wait_stored(main_cluster, f"%{token}", {(f"t{token}", "m0", stamp(1)): 2.5}) == {
+            (f"t{token}", "m0", stamp(1)): 2.5
+        }
         assert loader.stop() == 0, loader.text()
     finally:
         broker.stop()
