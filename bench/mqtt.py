@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -53,20 +55,28 @@ class Visibility:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with connect(self.target, "bench-mqtt", autocommit=True) as conn:
-            while not self.stop.is_set():
-                got = conn.execute(
-                    "SELECT building, meter, to_char(max(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
-                    "count(*) FROM readings WHERE building LIKE %s GROUP BY 1, 2",
-                    (self.like,),
-                ).fetchall()
-                now = time.time()
-                self.rows = sum(int(n) for *_, n in got)
-                for b, m, ts, _ in got:
-                    marks = self.seen.setdefault((b, m), [])
-                    if not marks or marks[-1][1] != ts:
-                        marks.append((now, ts))
+        while not self.stop.is_set():
+            try:
+                with connect(self.target, "bench-mqtt", autocommit=True) as conn:
+                    while not self.stop.is_set():
+                        self._poll(conn)
+                        time.sleep(self.poll_s)
+            except psycopg.Error as exc:  # e.g. terminated by an administrator command: poll again
+                print(f"poller: {str(exc).strip()}; reconnecting", file=sys.stderr)
                 time.sleep(self.poll_s)
+
+    def _poll(self, conn: psycopg.Connection) -> None:
+        got = conn.execute(
+            "SELECT building, meter, to_char(max(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+            "count(*) FROM readings WHERE building LIKE %s GROUP BY 1, 2",
+            (self.like,),
+        ).fetchall()
+        now = time.time()
+        self.rows = sum(int(n) for *_, n in got)
+        for b, m, ts, _ in got:
+            marks = self.seen.setdefault((b, m), [])
+            if not marks or marks[-1][1] != ts:
+                marks.append((now, ts))
 
     def visible_at(self, key: Key) -> float | None:
         for when, ts in self.seen.get((key[0], key[1]), []):
@@ -111,7 +121,9 @@ def wait_visible(vis: Visibility, total: int, timeout_s: float) -> float:
     deadline = time.monotonic() + timeout_s
     while vis.rows < total:
         if time.monotonic() > deadline:
-            raise SystemExit(f"only {vis.rows:,} of {total:,} readings visible after {timeout_s:.0f} s")
+            raise SystemExit(
+                f"only {vis.rows:,} of {total:,} readings visible after {timeout_s:.0f} s (poller alive: {vis.thread.is_alive()})"
+            )
         time.sleep(0.01)
     return time.time()
 
@@ -123,6 +135,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=100, help="messages waiting for a PUBACK per publisher (sustained run)")
     ap.add_argument("--poll-ms", type=float, default=20.0)
     ap.add_argument("--keep", action="store_true", help="leave the cluster's directory")
+    ap.add_argument("--profile", type=Path, help="run the loader under cProfile, writing its stats here")
     args = ap.parse_args()
 
     work = make_tmp_dir("bs-bench-mqtt-")
@@ -131,7 +144,8 @@ def main() -> None:
     cluster.up(directory, workers=2, split_points=SPLIT_POINTS, replicas=0, balancer_paused=True)
     broker = Broker(work / "broker")
     broker.start()
-    loader = Loader(directory, broker, work / "loader", client_id="bench")
+    python = ("-m", "cProfile", "-o", str(args.profile.resolve())) if args.profile else ()
+    loader = Loader(directory, broker, work / "loader", client_id="bench", python=python)
     results: dict[str, object] = {"publishers": len(PREFIXES)}
     try:
         loader.wait_for("subscribed to")
@@ -183,6 +197,9 @@ def main() -> None:
             )
         code = loader.stop(120)
         print(f"loader exit {code}: {loader.out_path.read_text().strip()}")
+    except BaseException:
+        print(f"loader output (last lines):\n{''.join(loader.text().splitlines(keepends=True)[-20:])}", file=sys.stderr)
+        raise
     finally:
         if loader.proc.poll() is None:
             loader.kill9()

@@ -189,11 +189,19 @@ class Loader:
     """``buildsmart ingest --mqtt`` as a user runs it, in its own process (to kill -9 or SIGTERM);
     its standard output and error go to files in ``workdir``."""
 
-    def __init__(self, directory: Path, broker: Broker, workdir: Path, *extra: str, client_id: str = "bsdb-test") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        broker: Broker,
+        workdir: Path,
+        *extra: str,
+        client_id: str = "bsdb-test",
+        python: tuple[str, ...] = (),
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.out_path, self.err_path = workdir / "stdout", workdir / "stderr"
         cmd = [
-            sys.executable, "-m", "orchestrator", "ingest", "--mqtt", broker.url, "--topic", "buildings/+/meters/+",
+            sys.executable, *python, "-m", "orchestrator", "ingest", "--mqtt", broker.url, "--topic", "buildings/+/meters/+",
             "--client-id", client_id, "--commit-interval", "0.2", "--dir", str(directory), "-v", *extra,
         ]  # fmt: skip
         with self.out_path.open("w") as out, self.err_path.open("w") as err:

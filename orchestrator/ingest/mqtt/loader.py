@@ -45,6 +45,7 @@ DRAIN_MAX = 2_000  # messages taken before looking at commits again
 IDLE_WAIT_S = 0.2
 REJECT_LOG_LIMIT = 5  # rejects logged one by one per stats interval; the rest are counted
 PAYLOAD_KEEP = 64 << 10  # bytes of a rejected payload kept in its record
+CACHE_LIMIT = 100_000  # topics and timestamps remembered (a gateway repeats both): cleared when full
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,8 @@ class MqttLoader:
         self.readings = self.rejected_messages = self.rejected_readings = 0
         self.committed = self.acknowledged = self.redelivery = 0
         self.started = time.monotonic()
+        self._fields: dict[str, dict[str, str]] = {}  # topic -> its building and meter
+        self._instants: dict[str, int] = {}  # ts text (already checked) -> microseconds
         extra = {} if streams is None else {"streams": streams}
         self.session = IngestSession.open(directory, on_commit=self._committed, **extra)
         self.rejects = RejectsSink(options.rejects_path, options.rejects_topic, self.link)
@@ -271,7 +274,12 @@ class MqttLoader:
         self.seq += 1
         seq = self.seq
         self.book.received(Delivery(seq, item.epoch, item.mid, item.qos))
-        decoded = decode(self.options.route.fields_of(item.topic), item.payload)
+        fields = self._fields.get(item.topic)
+        if fields is None:
+            if len(self._fields) >= CACHE_LIMIT:
+                self._fields.clear()
+            fields = self._fields[item.topic] = self.options.route.fields_of(item.topic)
+        decoded = decode(fields, item.payload)
         bad = len(decoded.rejects)
         for reject in decoded.rejects:
             self.rejects.add(item, seq, reject)
@@ -284,7 +292,12 @@ class MqttLoader:
                 self.rejects.add(item, seq, PayloadReject(number, 0, row.reason))
             else:
                 p.rows.append(row)
-                p.instants.append(ts_micros(row[3], 2))
+                instant = self._instants.get(row[3])
+                if instant is None:
+                    if len(self._instants) >= CACHE_LIMIT:
+                        self._instants.clear()
+                    instant = self._instants[row[3]] = ts_micros(row[3], 2)
+                p.instants.append(instant)
                 self.readings += 1
         if bad:
             self.rejected_messages += 1
