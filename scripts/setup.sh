@@ -18,6 +18,8 @@ command -v make >/dev/null 2>&1 || apt_missing+=(make)
 [ -e /usr/include/stdio.h ] || apt_missing+=(libc6-dev)
 # Barman copies base backups with rsync, also for a local restore
 command -v rsync >/dev/null 2>&1 || apt_missing+=(rsync)
+# the MQTT ingest tests and bench/mqtt.py start a real broker
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_missing+=(mosquitto)
 if ((${#apt_missing[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install ${apt_missing[*]} (apt-get)" >&2

@@ -1,0 +1,214 @@
+"""MQTT ingest benchmark: `buildsmart ingest --mqtt` fed by 8 publishing gateways through a real
+mosquitto (persistence on), into a local plain cluster (2 workers).
+
+  (a) sustained rate: each publisher sends as fast as the broker acknowledges (at most ``--window``
+      messages waiting for a PUBACK each) for ``--seconds``; rate = messages / (first PUBLISH ->
+      the last reading visible on the coordinator), so a backlog in the broker counts against it;
+  (b) end-to-end latency at 20%, 50% and 80% of that rate (paced publishers): PUBLISH -> the reading
+      is visible to a query on the coordinator. A poller asks the coordinator every ``--poll-ms``
+      for each (building, meter)'s latest ts; a reading is visible once that reaches its ts (a
+      meter's readings commit in order). The poll time is taken after the query returns, so the
+      figures include up to one poll interval plus the query. Target: p99 <= 1 s at 80%.
+
+Usage (always under the shared bench lock):
+  flock /tmp/bsdb-bench.lock /opt/venv-mqtt/bin/python bench/mqtt.py
+  flock /tmp/bsdb-bench.lock /opt/venv-mqtt/bin/python bench/mqtt.py --seconds 10 --phase-seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from orchestrator import cluster, topology  # noqa: E402
+from orchestrator.connections import connect, superuser_target  # noqa: E402
+from tests.harness import make_tmp_dir  # noqa: E402
+from tests.mqtt_tools import Broker, Key, Loader, Publisher, stamp  # noqa: E402
+
+SPLIT_POINTS = ["b3", "b6", "t", "u"]
+PREFIXES = ("a", "b1", "b4", "b7", "c", "t", "u", "z")  # 8 publishers over the 5 fragments
+
+
+class Visibility:
+    """Polls the coordinator for each (building, meter)'s latest ts; remembers when each ts was
+    first seen."""
+
+    def __init__(self, directory: Path, like: str, poll_s: float) -> None:
+        topo = topology.load(directory)
+        self.target = superuser_target(topo.coordinator, topology.load_credentials(directory))
+        self.like = like
+        self.poll_s = poll_s
+        self.seen: dict[tuple[str, str], list[tuple[float, str]]] = {}  # (b, m) -> [(time, max ts)]
+        self.stop = threading.Event()
+        self.rows = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with connect(self.target, "bench-mqtt", autocommit=True) as conn:
+                    while not self.stop.is_set():
+                        self._poll(conn)
+                        time.sleep(self.poll_s)
+            except psycopg.Error as exc:  # e.g. terminated by an administrator command: poll again
+                print(f"poller: {str(exc).strip()}; reconnecting", file=sys.stderr)
+                time.sleep(self.poll_s)
+
+    def _poll(self, conn: psycopg.Connection) -> None:
+        got = conn.execute(
+            "SELECT building, meter, to_char(max(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+            "count(*) FROM readings WHERE building LIKE %s GROUP BY 1, 2",
+            (self.like,),
+        ).fetchall()
+        now = time.time()
+        self.rows = sum(int(n) for *_, n in got)
+        for b, m, ts, _ in got:
+            marks = self.seen.setdefault((b, m), [])
+            if not marks or marks[-1][1] != ts:
+                marks.append((now, ts))
+
+    def visible_at(self, key: Key) -> float | None:
+        for when, ts in self.seen.get((key[0], key[1]), []):
+            if ts >= key[2]:  # ISO stamps of one format sort as their instants
+                return when
+        return None
+
+
+def publishers(broker: Broker, tag: str) -> list[Publisher]:
+    return [Publisher(broker.port, f"{p}{tag}", f"bench-{tag}-{i}") for i, p in enumerate(PREFIXES)]
+
+
+def run_phase(pubs: list[Publisher], per_publisher_s: float | None, seconds: float, window: int) -> int:
+    """Publish for ``seconds``: paced at ``per_publisher_s`` each, or as fast as PUBACKs come back."""
+    sent = [0] * len(pubs)
+
+    def run(k: int, pub: Publisher) -> None:
+        t0 = time.monotonic()
+        n = 0
+        while (now := time.monotonic()) - t0 < seconds:
+            if per_publisher_s is None:
+                if len(pub._out) >= window and pub.collect() >= window:
+                    time.sleep(0.001)
+                    continue
+            else:
+                due = t0 + n / per_publisher_s
+                if due > now:
+                    time.sleep(due - now)
+            pub.publish([stamp(n)], meter=n % 2, value=float(n))
+            n += 1
+        sent[k] = n
+
+    threads = [threading.Thread(target=run, args=(k, p)) for k, p in enumerate(pubs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(sent)
+
+
+def wait_visible(vis: Visibility, total: int, timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while vis.rows < total:
+        if time.monotonic() > deadline:
+            raise SystemExit(
+                f"only {vis.rows:,} of {total:,} readings visible after {timeout_s:.0f} s (poller alive: {vis.thread.is_alive()})"
+            )
+        time.sleep(0.01)
+    return time.time()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=20.0, help="length of the sustained-rate run")
+    ap.add_argument("--phase-seconds", type=float, default=15.0, help="length of each latency run")
+    ap.add_argument("--window", type=int, default=100, help="messages waiting for a PUBACK per publisher (sustained run)")
+    ap.add_argument("--poll-ms", type=float, default=20.0)
+    ap.add_argument("--keep", action="store_true", help="leave the cluster's directory")
+    ap.add_argument("--profile", type=Path, help="run the loader under cProfile, writing its stats here")
+    args = ap.parse_args()
+
+    work = make_tmp_dir("bs-bench-mqtt-")
+    directory = work / "cluster"
+    print(f"cluster in {directory}")
+    cluster.up(directory, workers=2, split_points=SPLIT_POINTS, replicas=0, balancer_paused=True)
+    broker = Broker(work / "broker")
+    broker.start()
+    python = ("-m", "cProfile", "-o", str(args.profile.resolve())) if args.profile else ()
+    loader = Loader(directory, broker, work / "loader", client_id="bench", python=python)
+    results: dict[str, object] = {"publishers": len(PREFIXES)}
+    try:
+        loader.wait_for("subscribed to")
+        # (a) sustained
+        pubs = publishers(broker, "s")
+        vis = Visibility(directory, "%s", args.poll_ms / 1000)
+        vis.thread.start()
+        t0 = time.time()
+        total = run_phase(pubs, None, args.seconds, args.window)
+        for p in pubs:
+            p.wait_acked(120)
+        t_end = wait_visible(vis, total, 300)
+        vis.stop.set()
+        vis.thread.join()
+        for p in pubs:
+            p.close()
+        rate = total / (t_end - t0)
+        results["sustained_msgs_per_s"] = round(rate)
+        results["sustained_messages"] = total
+        print(f"(a) sustained: {total:,} messages in {t_end - t0:.1f} s = {rate:,.0f} messages/s end to end")
+        # (b) latency at 20/50/80 %
+        for share in (0.2, 0.5, 0.8):
+            tag = f"l{int(share * 100)}"
+            pubs = publishers(broker, tag)
+            vis = Visibility(directory, f"%{tag}", args.poll_ms / 1000)
+            vis.thread.start()
+            target = rate * share
+            sent = run_phase(pubs, target / len(pubs), args.phase_seconds, args.window)
+            for p in pubs:
+                p.wait_acked(120)
+            wait_visible(vis, sent, 120)
+            time.sleep(2 * args.poll_ms / 1000)
+            vis.stop.set()
+            vis.thread.join()
+            lat = []
+            for p in pubs:
+                for key, sent_at in p.sent_at.items():
+                    seen = vis.visible_at(key)
+                    assert seen is not None, f"{key} never seen"
+                    lat.append(seen - sent_at)
+                p.close()
+            lat.sort()
+            p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+            results[f"latency_{tag}"] = {"target_msgs_per_s": round(target), "sent": sent, "p50_s": round(p50, 3),
+                                         "p99_s": round(p99, 3), "max_s": round(lat[-1], 3)}  # fmt: skip
+            print(
+                f"(b) {share:.0%} of the rate ({target:,.0f}/s, {sent:,} messages): p50 {p50 * 1000:.0f} ms, "
+                f"p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms"
+            )
+        code = loader.stop(120)
+        print(f"loader exit {code}: {loader.out_path.read_text().strip()}")
+    except BaseException:
+        print(f"loader output (last lines):\n{''.join(loader.text().splitlines(keepends=True)[-20:])}", file=sys.stderr)
+        raise
+    finally:
+        if loader.proc.poll() is None:
+            loader.kill9()
+        broker.stop()
+        if not args.keep:
+            cluster.down(directory, purge=True)
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
