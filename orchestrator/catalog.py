@@ -119,11 +119,18 @@ def observe(nodes: NodeConnections) -> ObservedCluster:
             "FROM pg_catalog.pg_foreign_server s"
         )
         servers = {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
+        # What each PUBLIC mapping does, in MappingSpec.describe() form (never its password).
         cur.execute(
-            "SELECT s.srvname FROM pg_catalog.pg_user_mapping um "
+            "SELECT s.srvname, "
+            " (SELECT substr(o, 6) FROM unnest(um.umoptions) o WHERE o LIKE 'user=%%'), "
+            " (SELECT substr(o, 10) FROM unnest(s.srvoptions) o WHERE o LIKE 'passfile=%%'), "
+            " EXISTS (SELECT 1 FROM unnest(um.umoptions) o WHERE o LIKE 'password=%%') "
+            "FROM pg_catalog.pg_user_mapping um "
             "JOIN pg_catalog.pg_foreign_server s ON s.oid = um.umserver WHERE um.umuser = 0"
         )
-        mappings = {r[0] for r in cur.fetchall()}
+        mappings = {
+            r[0]: f"user={r[1]} password" if r[3] or not r[2] else f"user={r[1]} passfile={r[2]}" for r in cur.fetchall()
+        }
         cur.execute(
             "SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = %s AND c.relkind = 'f' AND c.relispartition",
@@ -141,7 +148,7 @@ def observe(nodes: NodeConnections) -> ObservedCluster:
         app_schema=True,
         nodes=catalog_nodes,
         servers=servers,
-        user_mappings=frozenset(mappings),
+        user_mappings=mappings,
         fragments=load_fragments(coord),
         worker_tables=frozenset(worker_tables),
         old_triggers=frozenset(old_triggers),

@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator import catalog
+from orchestrator import catalog, roles
 from orchestrator.elastic import jobs, observe, shardops, verify, watch
 from orchestrator.elastic.context import Elastic
 from orchestrator.elastic.move import PAUSE_LOCK_TIMEOUT, SWITCH_ATTEMPTS
@@ -207,11 +207,8 @@ def _create_upper(el: Elastic, frag: Fragment, upper: Fragment, key: SplitKey) -
             shardops.table(_lower_view(frag.shard_name)), shardops.table(frag.shard_name), key.lower()
         )
     )
-    conn.execute(
-        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
-            shardops.table(_lower_view(frag.shard_name)), sql.Identifier(el.creds.app_user)
-        )
-    )
+    # the coordinator reads the lower half through this view until the cleanup
+    roles.grant_fragment(conn, roles.NodeKind.WORKER, el.creds, shardops.table(_lower_view(frag.shard_name)))
 
 
 def _install_mirror(el: Elastic, frag: Fragment, upper: Fragment, key: SplitKey) -> None:
@@ -424,13 +421,12 @@ def _make_time_group(el: Elastic, frag: Fragment, lower: Fragment, upper: Fragme
     coord.execute(sql.SQL("DROP FOREIGN TABLE {}").format(shardops.table(frag.shard_name)))
     for stmt in time_group_sql(lower.time_group, frag.range_from, frag.range_to):
         coord.execute(stmt)
-    app = sql.Identifier(el.creds.app_user)
-    coord.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(shardops.table(lower.time_group), app))
+    roles.grant_fragment(coord, roles.NodeKind.COORDINATOR, el.creds, shardops.table(lower.time_group))
     for half in (lower, upper):
         coord.execute(attach_partition_sql(half, shardops.server_of(coord, half.node)))
         if half.shard_name in views:
             shardops.set_remote_name(coord, half.shard_name, views[half.shard_name])
-        coord.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(shardops.table(half.shard_name), app))
+        roles.grant_fragment(coord, roles.NodeKind.COORDINATOR, el.creds, shardops.table(half.shard_name))
     log.info("building range %s of fragment %d is now time group %s", frag.describe_range(), frag.fragment_id, lower.time_group)
 
 

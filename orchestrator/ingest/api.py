@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from orchestrator import topology
-from orchestrator.connections import Target, superuser_target
+from orchestrator.connections import Target, ingest_target
 from orchestrator.elastic import autosplit
 from orchestrator.elastic.gate import RoutingChanged, WriteGate
 from orchestrator.exceptions import BuildSmartError, ClusterStateError, NodeError
@@ -198,8 +198,9 @@ class IngestSession:
         """A session on the cluster whose topology and credentials live in ``directory``."""
         directory = directory.resolve()
         topo, creds = topology.load(directory), topology.load_credentials(directory)
-        workers = {g.name: superuser_target(g, creds) for g in topo.workers}
-        return cls(superuser_target(topo.coordinator, creds), workers, directory=directory, **options)  # type: ignore[arg-type]
+        # The data path runs as the ingest role, not as the superuser (orchestrator/roles.py).
+        workers = {g.name: ingest_target(g, creds) for g in topo.workers}
+        return cls(ingest_target(topo.coordinator, creds), workers, directory=directory, **options)  # type: ignore[arg-type]
 
     @property
     def fragments(self) -> int:
