@@ -240,6 +240,15 @@ AS $$
       FROM (SELECT DISTINCT u AS f FROM unnest(fragment_ids) u ORDER BY 1) s
 $$;
 --
+-- Fragment ids from a sequence (concurrent splits).
+-- catalog/fragment_ids.sql
+-- Ids of new fragments (splits, the first load's layout): a sequence, so two splits running at
+-- once never take the same id, as max(fragment_id) + 1 did. Ids set without it (the initial
+-- layout, clusters of 0.1) are caught up by the orchestrator (catalog.next_fragment_id).
+CREATE SEQUENCE buildsmart.fragment_id_seq AS integer;
+SELECT pg_catalog.setval('buildsmart.fragment_id_seq',
+       greatest((SELECT pg_catalog.max(fragment_id) FROM buildsmart.fragments), 1));
+--
 -- Every function of 0.1 gets a pinned search_path, so none resolves a name through a schema a
 -- client could write (time_bucket and month_bucket call only schema-qualified functions and stay
 -- inlinable and cheap per row). ensure_time_partitions (above) is SECURITY DEFINER for the

@@ -254,6 +254,14 @@ CREATE TABLE buildsmart.fragment_stats (
     observed_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- catalog/fragment_ids.sql
+-- Ids of new fragments (splits, the first load's layout): a sequence, so two splits running at
+-- once never take the same id, as max(fragment_id) + 1 did. Ids set without it (the initial
+-- layout, clusters of 0.1) are caught up by the orchestrator (catalog.next_fragment_id).
+CREATE SEQUENCE buildsmart.fragment_id_seq AS integer;
+SELECT pg_catalog.setval('buildsmart.fragment_id_seq',
+       greatest((SELECT pg_catalog.max(fragment_id) FROM buildsmart.fragments), 1));
+
 -- catalog/twophase.sql
 -- Commit decisions of cluster-wide two-phase commits (migrations). A transaction prepared on
 -- every node commits only once its decision row is committed here, on the coordinator; recovery

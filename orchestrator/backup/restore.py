@@ -318,7 +318,7 @@ def _close_open_jobs(new_dir: Path, point: RestorePoint) -> list[str]:
                     split.run_split_job(el, claimed)
                     out.append(f"job {job.job_id} (split of fragment {fid}): switched at the point; cleanup finished")
                 else:
-                    jobs.abandon(el.coord, job.job_id, why, partial(split._rollback, el, fid, new_id, node))
+                    jobs.abandon(el.coord, job.job_id, why, partial(split._rollback, el, fid, new_id, node, job.job_id))
                     out.append(f"job {job.job_id} (split of fragment {fid}): not switched at the point; rolled back")
             else:
                 jobs.finish(el.coord, job.job_id, "cancelled", why)

@@ -28,3 +28,4 @@ ALTER FUNCTION pg_catalog.citus_rebalance_status(boolean) RESET search_path;
 ALTER FUNCTION pg_catalog.citus_move_shard_placement(bigint, text, integer, text, integer, text) RESET search_path;
 ALTER FUNCTION pg_catalog.create_time_partitions(regclass, interval, timestamptz, timestamptz) RESET search_path;
 ALTER PROCEDURE pg_catalog.drop_old_time_partitions(regclass, timestamptz) RESET search_path;
+DROP SEQUENCE buildsmart.fragment_id_seq;

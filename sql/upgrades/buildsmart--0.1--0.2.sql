@@ -15,6 +15,9 @@
 -- #include catalog/restore_points.sql
 -- #include udfs/fragment_try_switch_lock/0.2.sql
 --
+-- Fragment ids from a sequence (concurrent splits).
+-- #include catalog/fragment_ids.sql
+--
 -- Every function of 0.1 gets a pinned search_path, so none resolves a name through a schema a
 -- client could write (time_bucket and month_bucket call only schema-qualified functions and stay
 -- inlinable and cheap per row). ensure_time_partitions (above) is SECURITY DEFINER for the
