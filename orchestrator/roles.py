@@ -188,6 +188,24 @@ def grant_fragment(conn: psycopg.Connection, kind: NodeKind, creds: Credentials,
         conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(DML, table, grantees))
 
 
+def fence_writes(conn: psycopg.Connection, creds: Credentials, shard: str) -> int:
+    """A moved fragment's source on its old node, in the switch transaction: nobody but the
+    superuser may write it any more (root and every time partition, which loaders COPY into).
+    A loader whose gate session died or a client on the worker then gets an error instead of
+    writing rows into a table about to be dropped. Returns the number of tables fenced."""
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_catalog.pg_partition_tree(%s::regclass) t "
+        "JOIN pg_catalog.pg_class c ON c.oid = t.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace",
+        (f"{SHARD_SCHEMA}.{shard}",),
+    ).fetchall()
+    tables = sql.SQL(", ").join(sql.Identifier(nsp, rel) for nsp, rel in rows)
+    roles = [r for r in (creds.ingest_user, creds.fdw_user, creds.app_user) if _exists(conn, r)]
+    grantees = sql.SQL(", ").join([sql.SQL("PUBLIC"), *(sql.Identifier(r) for r in roles)])
+    conn.execute(sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {} FROM {}").format(tables, grantees))
+    log.info("fenced %s (%d tables): writes now fail there", shard, len(rows))
+    return len(rows)
+
+
 # ---------------------------------------------------------------- the passfile
 
 

@@ -10,10 +10,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 from psycopg import sql
 
+from orchestrator.connections import connect, ingest_target
 from orchestrator.elastic import balancer, jobs, move, split, verify
 from orchestrator.elastic.context import Elastic, open_cluster
 from orchestrator.exceptions import BuildSmartError
@@ -493,3 +496,56 @@ def test_failed_split_never_drops_another_fragment(ecluster: ClusterHandle) -> N
     with ecluster.worker(target.node) as w:
         assert w.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'bs_split_mirror'").fetchone() == (0,)
     ecluster.run_cli("check")
+
+
+def test_direct_writes_to_the_source_during_a_move_are_not_lost(ecluster: ClusterHandle) -> None:
+    """A writer on the source worker itself (a loader whose gate session died, a client there),
+    writing all through a move: every write it was told committed is in the cluster afterwards;
+    after the switch its writes fail instead of landing in the old table."""
+    with open_cluster(ecluster.directory) as el:
+        frag = next(f for f in el.fragments() if _inside(f) is not None)
+        key = (frag.range_from or "") + "7direct"
+        src, dst = frag.node, ("w2" if frag.node == "w1" else "w1")
+        target = ingest_target(el.topo.group(src), el.creds)
+    acked: list[int] = []
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        conn: psycopg.Connection | None = None
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                if conn is None or conn.closed:
+                    conn = connect(target, "test-direct-writer", autocommit=True)
+                conn.execute(
+                    sql.SQL("INSERT INTO {} (building, meter, ts, kwh) VALUES (%s, 'direct', %s, %s)").format(
+                        sql.Identifier("bsdata", frag.shard_name)
+                    ),
+                    (key, datetime(2025, 3, 1, tzinfo=UTC) + timedelta(seconds=i), i),
+                )
+                acked.append(i)
+            except (psycopg.Error, BuildSmartError) as exc:
+                refused.append(str(exc).splitlines()[0])
+                time.sleep(0.01)
+        if conn is not None:
+            conn.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        time.sleep(0.3)
+        with open_cluster(ecluster.directory) as el:
+            move.move_fragment(el, frag.fragment_id, dst)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        writer.join(30)
+    with ecluster.coordinator() as conn:
+        stored = {int(r[0]) for r in conn.execute("SELECT kwh FROM readings WHERE building = %s AND meter = 'direct'", (key,))}
+    lost = sorted(set(acked) - stored)
+    print(f"direct writer: {len(acked)} acknowledged, {len(refused)} refused ({set(refused)}), lost {len(lost)}")
+    assert len(acked) > 20 and refused, "the writer must have written before and been refused after the switch"
+    assert not lost, f"{len(lost)} acknowledged writes to the source were lost: {lost[:10]}"
+    assert _node_of(ecluster, frag.fragment_id) == dst
