@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 
-from orchestrator.exceptions import InputError, RejectsUnwritable
+from orchestrator.catalog import load_fragments
+from orchestrator.exceptions import InputError, NodeError, RejectsUnwritable
+from orchestrator.fragments import Router
 from orchestrator.ingest import source
 from orchestrator.ingest.loader import ingest
 from orchestrator.ingest.parse import CsvParser, JsonParser, Parsed, Reject, count_lines
@@ -309,3 +312,45 @@ def test_names_that_need_escaping_are_stored_exactly(main_cluster: ClusterHandle
     expected = sorted(rows + [(n + "j", m, t, k) for n, m, t, k in rows])
     got = _rows(main_cluster, f"%{b}%")
     assert sorted(got) == expected
+
+
+def test_database_error_cancels_what_has_not_started_and_reports_what_committed(
+    main_cluster: ClusterHandle, token: str, tmp_path: Path
+) -> None:
+    """A row the worker refuses (a CHECK constraint) in the middle of a load with many batches in
+    flight: later batches that had not started are cancelled, and the error names exactly what
+    is committed (every row in the cluster is accounted for by the message)."""
+    b = f"t{token}"
+    with main_cluster.coordinator() as conn:
+        frag = Router(load_fragments(conn)).route(b)
+    start = datetime(2024, 2, 1, tzinfo=UTC)
+    lines = [
+        f"{b},m,{(start + timedelta(minutes=i)).strftime('%Y-%m-%d %H:%M:%S+00')},{666.125 if i == 3000 else i % 97 + 0.5}\n"
+        for i in range(40_000)
+    ]
+    path = tmp_path / "poison.csv"
+    path.write_text("building,meter,ts,kwh\n" + "".join(lines))
+    table = sql.Identifier("bsdata", frag.shard_name)
+    with main_cluster.worker(frag.node) as w:
+        # refuses the poisoned row, and takes ~0.2 ms per row so later batches queue up behind it
+        w.execute(
+            "CREATE FUNCTION public.test_poison(v double precision) RETURNS boolean LANGUAGE sql IMMUTABLE "
+            "AS $$ SELECT pg_catalog.pg_sleep(0.0002) IS NOT NULL AND v <> 666.125 $$"
+        )
+        w.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT test_poison CHECK (public.test_poison(kwh))").format(table))
+    try:
+        with pytest.raises(NodeError) as info:
+            ingest(main_cluster.directory, str(path), batch_rows=250)
+    finally:
+        with main_cluster.worker(frag.node) as w:
+            w.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT test_poison").format(table))
+            w.execute("DROP FUNCTION public.test_poison(double precision)")
+    message = str(info.value)
+    assert "test_poison" in message and "cancelled before they started" in message, message
+    assert " 0 later batch part(s)" not in message, f"nothing was queued to cancel: {message}"
+    committed = int(message.split("lines 2-")[1].split(" (")[0]) - 1
+    after = int(message.split("of the lines after it, ")[1].split(" rows")[0]) if "of the lines after it" in message else 0
+    stored = len(_rows(main_cluster, b))
+    assert committed < 3001 and stored == committed + after, message
+    # at most the batches running on the fragment's streams when it failed went in after it
+    assert stored - committed <= 4 * 250, f"{stored - committed} rows after line {committed + 1} went in: {message}"

@@ -213,9 +213,15 @@ def ingest(
         ) from exc
     except BatchFailed as exc:
         result.take(session.totals)
+        after = (
+            f"; of the lines after it, {exc.committed_after} rows of batches already running were committed too"
+            if exc.committed_after
+            else ""
+        )
         raise NodeError(
-            f"a batch before line {exc.label} failed ({'; '.join(exc.reasons)}); lines 2-{result.committed_through_line} are "
-            "committed. Run the same ingest again to finish: rows already loaded are not duplicated"
+            f"a batch before line {exc.label} failed ({'; '.join(exc.reasons)}); lines 2-{result.committed_through_line} "
+            f"({result.loaded} rows) are committed{after}; {exc.cancelled} later batch part(s) were cancelled before they "
+            "started. Run the same ingest again to finish: rows already loaded are not duplicated"
         ) from exc
     except KeyboardInterrupt as exc:
         if follow:
