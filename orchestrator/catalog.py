@@ -119,11 +119,18 @@ def observe(nodes: NodeConnections) -> ObservedCluster:
             "FROM pg_catalog.pg_foreign_server s"
         )
         servers = {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
+        # What each PUBLIC mapping does, in MappingSpec.describe() form (never its password).
         cur.execute(
-            "SELECT s.srvname FROM pg_catalog.pg_user_mapping um "
+            "SELECT s.srvname, "
+            " (SELECT substr(o, 6) FROM unnest(um.umoptions) o WHERE o LIKE 'user=%%'), "
+            " (SELECT substr(o, 10) FROM unnest(s.srvoptions) o WHERE o LIKE 'passfile=%%'), "
+            " EXISTS (SELECT 1 FROM unnest(um.umoptions) o WHERE o LIKE 'password=%%') "
+            "FROM pg_catalog.pg_user_mapping um "
             "JOIN pg_catalog.pg_foreign_server s ON s.oid = um.umserver WHERE um.umuser = 0"
         )
-        mappings = {r[0] for r in cur.fetchall()}
+        mappings = {
+            r[0]: f"user={r[1]} password" if r[3] or not r[2] else f"user={r[1]} passfile={r[2]}" for r in cur.fetchall()
+        }
         cur.execute(
             "SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = %s AND c.relkind = 'f' AND c.relispartition",
@@ -141,7 +148,7 @@ def observe(nodes: NodeConnections) -> ObservedCluster:
         app_schema=True,
         nodes=catalog_nodes,
         servers=servers,
-        user_mappings=frozenset(mappings),
+        user_mappings=mappings,
         fragments=load_fragments(coord),
         worker_tables=frozenset(worker_tables),
         old_triggers=frozenset(old_triggers),
@@ -163,10 +170,40 @@ def bump_version(conn: psycopg.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+FRAGMENT_ID_LOCK = 1112755528  # advisory lock (with jobs' 1112755525, the runner's ...526, layout ...527)
+
+
 def next_fragment_id(conn: psycopg.Connection) -> int:
-    row = conn.execute("SELECT coalesce(max(fragment_id), 0) + 1 FROM buildsmart.fragments").fetchone()
+    """A fragment id nobody else holds: from buildsmart.fragment_id_seq, first moved past ids set
+    without it (the initial layout, an older release's fragments, ids reserved by open split
+    jobs). The catch-up runs under an advisory lock so two callers never both reset it."""
+    with conn.transaction():
+        conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s, 0)", (FRAGMENT_ID_LOCK,))
+        conn.execute(
+            "SELECT pg_catalog.setval('buildsmart.fragment_id_seq', m) FROM ("
+            " SELECT greatest("
+            "  (SELECT pg_catalog.max(fragment_id) FROM buildsmart.fragments),"
+            "  (SELECT pg_catalog.max((args ->> 'new_fragment_id')::integer) FROM buildsmart.jobs"
+            "    WHERE kind = 'split' AND state IN ('scheduled', 'running'))) AS m) s "
+            "WHERE m >= (SELECT last_value FROM buildsmart.fragment_id_seq)"
+        )
+        row = conn.execute("SELECT pg_catalog.nextval('buildsmart.fragment_id_seq')").fetchone()
     assert row is not None
-    return int(row[0])
+    fid = int(row[0])
+    log.info("reserved fragment id %d", fid)
+    return fid
+
+
+def claimed_fragment_ids(conn: psycopg.Connection, except_job: int | None = None) -> frozenset[int]:
+    """Ids whose fragment tables someone else owns: live fragments, and the new fragments of open
+    split jobs other than ``except_job``. A rollback never drops the table of one of them."""
+    rows = conn.execute(
+        "SELECT fragment_id FROM buildsmart.fragments UNION "
+        "SELECT (args ->> 'new_fragment_id')::integer FROM buildsmart.jobs "
+        "WHERE kind = 'split' AND state IN ('scheduled', 'running') AND job_id IS DISTINCT FROM %s",
+        (except_job,),
+    ).fetchall()
+    return frozenset(int(r[0]) for r in rows if r[0] is not None)
 
 
 def insert_fragment(conn: psycopg.Connection, frag: Fragment) -> None:

@@ -19,13 +19,13 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from orchestrator import catalog, executor, extension, metadata_store, topology
+from orchestrator import catalog, executor, extension, metadata_store, roles, topology
 from orchestrator.connections import connect, superuser_target
 from orchestrator.exceptions import ClusterStateError, ConfigError, NodeError
 from orchestrator.fragments import initial_fragments, validate_split_points
 from orchestrator.nodeconn import NodeConnections
 from orchestrator.osuser import ServiceUser, service_user
-from orchestrator.planner import DesiredCluster, NodeSpec, Step, plan
+from orchestrator.planner import DesiredCluster, MappingSpec, NodeSpec, Step, plan
 from orchestrator.runtime import etcd, ha, hasettings, local, supervisor
 from orchestrator.runtime.patroni import PatroniMember
 from orchestrator.runtime.ports import free_port, is_listening
@@ -127,14 +127,14 @@ def _start_member(lm: local.LocalMember, user: ServiceUser, creds: Credentials) 
 
 
 def _bootstrap_group(group: Group, creds: Credentials) -> None:
-    """Database and application role on a group we started (idempotent)."""
+    """Database and roles on a group we started (idempotent)."""
     with connect(superuser_target(group, creds, dbname="postgres"), "bootstrap", autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (group.dbname,)).fetchone()
         if not exists:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(group.dbname)))
             log.info("created database %s on %s", group.dbname, group.name)
     with connect(superuser_target(group, creds), "bootstrap", autocommit=True) as conn:
-        executor.ensure_app_role(conn, creds.app_user, creds.app_password, group.dbname)
+        roles.ensure_roles(conn, roles.kind_of(group.role), creds, group.dbname)
 
 
 def up(
@@ -214,7 +214,8 @@ def _up_plain(directory: Path, topo: Topology, creds: Credentials, user: Service
     for group in topo.groups:
         if group.managed:
             _bootstrap_group(group, creds)
-    applied = setup(topo, creds)
+    write_passfile(directory, creds, user)
+    applied = setup(topo, creds, directory)
     report(f"setup: {len(applied)} change(s) applied" if applied else "setup: catalog and fragments up to date")
     return topo
 
@@ -229,7 +230,8 @@ def _up_patroni(directory: Path, topo: Topology, creds: Credentials, user: Servi
     for group in topo.groups:
         if group.managed:
             _bootstrap_group(group, creds)
-    applied = setup(topo, creds)
+    write_passfile(directory, creds, user)
+    applied = setup(topo, creds, directory)
     report(f"setup: {len(applied)} change(s) applied" if applied else "setup: catalog and fragments up to date")
     supervisor.start_daemon(directory)
     report("failover supervisor running")
@@ -309,7 +311,7 @@ def init_remote(directory: Path, spec: ClusterSpec, report: Report = _quiet) -> 
     topology.save_credentials(directory, spec.credentials)
     topology.save(directory, topo)
     _copy_extension_files_if_possible()
-    applied = setup(topo, spec.credentials)
+    applied = setup(topo, spec.credentials, directory)
     report(f"setup: {len(applied)} change(s) applied" if applied else "setup: catalog and fragments up to date")
     return topo
 
@@ -326,7 +328,7 @@ def _copy_extension_files_if_possible() -> None:
 def _prepare_remote_group(group: Group, creds: Credentials) -> None:
     try:
         with connect(superuser_target(group, creds), "init", autocommit=True) as conn:
-            executor.ensure_app_role(conn, creds.app_user, creds.app_password, group.dbname)
+            roles.ensure_roles(conn, roles.kind_of(group.role), creds, group.dbname)
             return
     except NodeError as exc:
         if "does not exist" not in str(exc):
@@ -337,22 +339,39 @@ def _prepare_remote_group(group: Group, creds: Credentials) -> None:
 # ---------------------------------------------------------------- shared setup
 
 
-def desired_state(topo: Topology) -> DesiredCluster:
+def desired_state(topo: Topology, mapping: MappingSpec | None = None) -> DesiredCluster:
     def spec(g: Group) -> NodeSpec:
         return NodeSpec(g.name, g.role, g.hosts, g.ports, g.dbname)
 
     workers = tuple(spec(w) for w in topo.workers)
     fragments = initial_fragments(topo.layout.split_points, [w.name for w in workers], topo.layout.time_interval)
-    return DesiredCluster(spec(topo.coordinator), workers, fragments, auto_layout=not topo.layout.split_points)
+    desired = DesiredCluster(spec(topo.coordinator), workers, fragments, auto_layout=not topo.layout.split_points)
+    return desired if mapping is None else replace(desired, mapping=mapping)
 
 
-def setup(topo: Topology, creds: Credentials) -> list[Step]:
-    """Plan from a fresh snapshot and apply: extension, catalog, servers, fragments."""
+def setup(topo: Topology, creds: Credentials, directory: Path | None = None) -> list[Step]:
+    """Plan from a fresh snapshot and apply: extension, catalog, servers, fragments; then the
+    roles' privileges on every node (idempotent, so an older cluster gets them on its next up).
+    ``directory``: a local cluster, whose servers read the fdw password from its passfile."""
+    passfile = roles.passfile_of(directory) if directory is not None and topo.coordinator.managed else None
+    mapping = MappingSpec(creds.fdw_user, str(passfile.path) if passfile else None)
     with NodeConnections(topo, creds, "setup") as nodes:
         try:
             observed = catalog.observe(nodes)
         except psycopg.Error as exc:
             raise NodeError(f"cannot read the cluster state: {exc}") from exc
-        steps = plan(desired_state(topo), observed)
+        steps = plan(desired_state(topo, mapping), observed)
         executor.apply(nodes, steps)
+        for group in topo.groups:
+            try:
+                roles.grant_schema_objects(nodes.get(group.name), roles.kind_of(group.role), creds, creds.superuser)
+            except psycopg.Error as exc:
+                raise NodeError(f"could not grant the roles' privileges on {group.name}: {exc}") from exc
     return steps
+
+
+def write_passfile(directory: Path, creds: Credentials, user: ServiceUser) -> None:
+    """The servers' password file of a local cluster (before setup points mappings at it)."""
+    passfile = roles.passfile_of(directory)
+    if passfile is not None:
+        passfile.write(creds, user.uid, user.gid)

@@ -2,6 +2,11 @@
 
 Every connection says who it is (``application_name = buildsmart:<purpose>``), has a connect
 timeout and a statement timeout, and lists all members of a group so it lands on the primary.
+
+The orchestrator's own sessions pin ``search_path`` to ``pg_catalog, pg_temp``: they run as the
+superuser or the ingest role, and an unqualified name resolved through a schema someone else can
+write (``public.to_timestamp(bigint)`` is an exact match and beats pg_catalog's with a cast) would
+run their code with those privileges. Clients (``search_path=None``) keep the server's default.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from orchestrator.topology import Credentials, Group
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10
+PINNED_SEARCH_PATH = "pg_catalog,pg_temp"
 
 
 @dataclass(frozen=True)
@@ -31,17 +37,35 @@ class Target:
     user: str
     password: str
 
-    def conninfo(self, purpose: str, *, primary: bool = True, statement_timeout_ms: int | None = None) -> str:
-        options = f"-c statement_timeout={statement_timeout_ms}" if statement_timeout_ms is not None else None
+    def conninfo(
+        self,
+        purpose: str,
+        *,
+        primary: bool = True,
+        statement_timeout_ms: int | None = None,
+        search_path: str | None = PINNED_SEARCH_PATH,
+        passfile: str | None = None,
+    ) -> str:
+        """libpq key/value string; with ``passfile`` the password is left out (libpq reads it
+        from that file), for strings a server stores (subscriptions)."""
+        settings = []
+        if statement_timeout_ms is not None:
+            settings.append(f"-c statement_timeout={statement_timeout_ms}")
+        if search_path is not None:
+            settings.append(f"-c search_path={search_path}")
+        options = " ".join(settings) or None
         params: dict[str, str | int] = {
             "host": self.hosts,
             "port": self.ports,
             "dbname": self.dbname,
             "user": self.user,
-            "password": self.password,
             "connect_timeout": CONNECT_TIMEOUT_S,
             "application_name": f"buildsmart:{purpose}",
         }
+        if passfile is not None:
+            params["passfile"] = passfile
+        else:
+            params["password"] = self.password
         if primary:
             params["target_session_attrs"] = "read-write"
         if options:
@@ -65,6 +89,11 @@ def app_target(group: Group, creds: Credentials) -> Target:
     return Target(group.name, group.hosts, group.ports, group.dbname, creds.app_user, creds.app_password)
 
 
+def ingest_target(group: Group, creds: Credentials) -> Target:
+    """The data path's role (orchestrator/roles.py): writes fragments, reads the catalog."""
+    return Target(group.name, group.hosts, group.ports, group.dbname, creds.ingest_user, creds.ingest_password)
+
+
 def connect(
     target: Target,
     purpose: str,
@@ -72,11 +101,13 @@ def connect(
     autocommit: bool = False,
     statement_timeout_ms: int | None = None,
     primary: bool = True,
+    search_path: str | None = PINNED_SEARCH_PATH,
 ) -> psycopg.Connection:
-    """Open a named connection; converts connection failures to NodeError naming the node."""
+    """Open a named connection; converts connection failures to NodeError naming the node.
+    ``search_path=None``: a client's session, with the server's default search_path."""
     try:
         return psycopg.connect(
-            target.conninfo(purpose, primary=primary, statement_timeout_ms=statement_timeout_ms),
+            target.conninfo(purpose, primary=primary, statement_timeout_ms=statement_timeout_ms, search_path=search_path),
             autocommit=autocommit,
         )
     except psycopg.OperationalError as exc:

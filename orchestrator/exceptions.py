@@ -57,3 +57,11 @@ class InputError(BuildSmartError):
         super().__init__(f"{location}: {reason}")
         self.location = location
         self.reason = reason
+
+
+class UnreadableInput(InputError):
+    """The input stopped being readable after some lines (corrupt gzip data, an I/O error)."""
+
+
+class RejectsUnwritable(ConfigError):
+    """The --rejects file cannot be created or written."""

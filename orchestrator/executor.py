@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from orchestrator import catalog, extension
+from orchestrator import catalog, extension, roles
 from orchestrator.exceptions import NodeError
 from orchestrator.fragments import DISTRIBUTED_TABLE, SHARD_SCHEMA, Fragment
 from orchestrator.nodeconn import NodeConnections
@@ -71,28 +71,12 @@ def apply(nodes: NodeConnections, steps: Iterable[Step], on_step: Callable[[Step
     return done
 
 
-def _app_role(nodes: NodeConnections) -> sql.Identifier:
-    return sql.Identifier(nodes.creds.app_user)
-
-
-def ensure_app_role(conn: psycopg.Connection, role: str, password: str, dbname: str) -> None:
-    """Create or refresh the application login role (SCRAM password) and let it use the database."""
-    with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (role,))
-        verb = "ALTER" if cur.fetchone() else "CREATE"
-        cur.execute(sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(sql.SQL(verb), sql.Identifier(role), sql.Literal(password)))
-        cur.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(sql.Identifier(dbname), sql.Identifier(role)))
-        cur.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(sql.Identifier(role)))
-
-
 @implements(EnsureExtension)
 def _ensure_extension(nodes: NodeConnections, step: EnsureExtension) -> None:
     conn = nodes.get(step.node)
     with conn.transaction():
         extension.ensure_extension(conn, step.node)
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SHARD_SCHEMA)))
-        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA buildsmart, {} TO {}").format(sql.Identifier(SHARD_SCHEMA), _app_role(nodes)))
-        conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA buildsmart TO {}").format(_app_role(nodes)))
         dbname = nodes.topology.group(step.node).dbname
         if step.node == nodes.topology.coordinator.name:
             extension.preload_in_database(conn, dbname)
@@ -106,7 +90,7 @@ def _create_app_schema(nodes: NodeConnections, step: CreateAppSchema) -> None:
     ddl = (SQL_DIR / "app" / "coordinator.sql").read_text()
     with conn.transaction():
         conn.execute(ddl.encode())
-        role = _app_role(nodes)
+        role = sql.Identifier(nodes.creds.app_user)
         conn.execute(
             sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON public.readings, public.buildings, public.devices TO {}").format(
                 role
@@ -155,15 +139,38 @@ def _ensure_foreign_server(nodes: NodeConnections, step: EnsureForeignServer) ->
 
 @implements(EnsureUserMapping)
 def _ensure_user_mapping(nodes: NodeConnections, step: EnsureUserMapping) -> None:
-    creds = nodes.creds
-    nodes.coordinator.execute(
-        sql.SQL("CREATE USER MAPPING IF NOT EXISTS FOR PUBLIC SERVER {} OPTIONS (user {}, password {})").format(
-            sql.Identifier(step.node.server_name), sql.Literal(creds.app_user), sql.Literal(creds.app_password)
-        )
-    )
-    nodes.coordinator.execute(
-        sql.SQL("GRANT USAGE ON FOREIGN SERVER {} TO {}").format(sql.Identifier(step.node.server_name), _app_role(nodes))
-    )
+    """Every coordinator role reaches the worker as the fdw role. Locally its password comes from
+    the servers' passfile, so no catalog holds it; ``password_required 'false'`` (settable by a
+    superuser only) lets non-superusers use a mapping without a password, and the distributed
+    planner still refuses a worker that does not ask for one (remote.c)."""
+    creds, server = nodes.creds, sql.Identifier(step.node.server_name)
+    coord = nodes.coordinator
+    with roles.unlogged(coord):
+        coord.execute(sql.SQL("DROP USER MAPPING IF EXISTS FOR PUBLIC SERVER {}").format(server))
+        has_passfile = coord.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_foreign_server s, unnest(s.srvoptions) o "
+            "WHERE s.srvname = %s AND o LIKE 'passfile=%%')",
+            (step.node.server_name,),
+        ).fetchone() == (True,)
+        if step.mapping.passfile is not None:
+            verb = sql.SQL("SET" if has_passfile else "ADD")
+            coord.execute(
+                sql.SQL("ALTER SERVER {} OPTIONS ({} passfile {})").format(server, verb, sql.Literal(step.mapping.passfile))
+            )
+            coord.execute(
+                sql.SQL("CREATE USER MAPPING FOR PUBLIC SERVER {} OPTIONS (user {}, password_required 'false')").format(
+                    server, sql.Literal(step.mapping.user)
+                )
+            )
+        else:
+            if has_passfile:
+                coord.execute(sql.SQL("ALTER SERVER {} OPTIONS (DROP passfile)").format(server))
+            coord.execute(
+                sql.SQL("CREATE USER MAPPING FOR PUBLIC SERVER {} OPTIONS (user {}, password {})").format(
+                    server, sql.Literal(step.mapping.user), sql.Literal(creds.fdw_password)
+                )
+            )
+        coord.execute(sql.SQL("GRANT USAGE ON FOREIGN SERVER {} TO {}").format(server, sql.Identifier(creds.app_user)))
 
 
 def coordinator_columns(conn: psycopg.Connection, relation: str = f"public.{DISTRIBUTED_TABLE}") -> list[tuple[str, str, bool]]:
@@ -272,11 +279,7 @@ def _create_worker_fragment(nodes: NodeConnections, step: CreateWorkerFragment) 
     with worker.transaction():
         for stmt in fragment_table_ddl(step.fragment, columns):
             worker.execute(stmt)
-        worker.execute(
-            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
-                sql.Identifier(SHARD_SCHEMA, step.fragment.shard_name), _app_role(nodes)
-            )
-        )
+        roles.grant_fragment(worker, roles.NodeKind.WORKER, nodes.creds, sql.Identifier(SHARD_SCHEMA, step.fragment.shard_name))
 
 
 @implements(UpgradeFragmentTrigger)
@@ -349,11 +352,8 @@ def _attach_partition(nodes: NodeConnections, step: AttachCoordinatorPartition) 
         if server is None or server[0] is None:
             raise NodeError(f"node {step.fragment.node} has no foreign server")
         coord.execute(attach_partition_sql(step.fragment, server[0]))
-        coord.execute(
-            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
-                sql.Identifier(SHARD_SCHEMA, step.fragment.shard_name), _app_role(nodes)
-            )
-        )
+        table = sql.Identifier(SHARD_SCHEMA, step.fragment.shard_name)
+        roles.grant_fragment(coord, roles.NodeKind.COORDINATOR, nodes.creds, table)
 
 
 @implements(RecordLayoutSource)

@@ -32,6 +32,19 @@ class DesiredCluster:
     workers: tuple[NodeSpec, ...]
     fragments: tuple[Fragment, ...]  # used only when the catalog holds none yet
     auto_layout: bool = True  # no split points given: the first load may lay the fragments out (orchestrator.elastic.autosplit)
+    mapping: MappingSpec = field(default_factory=lambda: MappingSpec("buildsmart_fdw", None))
+
+
+@dataclass(frozen=True)
+class MappingSpec:
+    """The coordinator's PUBLIC user mapping to each worker: the role it logs in as, and the
+    passfile that holds its password (None: the password sits in the mapping, remote servers)."""
+
+    user: str
+    passfile: str | None
+
+    def describe(self) -> str:
+        return f"user={self.user} passfile={self.passfile}" if self.passfile else f"user={self.user} password"
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,7 @@ class ObservedCluster:
     app_schema: bool = False  # readings/buildings/devices on the coordinator
     nodes: Mapping[str, NodeSpec] = field(default_factory=dict)  # buildsmart.nodes
     servers: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)  # fdw server -> (hosts, ports, dbname)
-    user_mappings: frozenset[str] = frozenset()  # servers with a PUBLIC user mapping
+    user_mappings: Mapping[str, str] = field(default_factory=dict)  # server -> MappingSpec.describe() of its PUBLIC mapping
     fragments: tuple[Fragment, ...] = ()  # catalog fragments with their active placement
     worker_tables: frozenset[tuple[str, str]] = frozenset()  # (node, shard_name) existing on workers
     old_triggers: frozenset[tuple[str, str]] = frozenset()  # (node, shard_name) with a 0.1 replace trigger
@@ -90,9 +103,11 @@ class EnsureForeignServer(Step):
 @dataclass(frozen=True)
 class EnsureUserMapping(Step):
     node: NodeSpec
+    mapping: MappingSpec
 
     def describe(self) -> str:
-        return f"map coordinator roles to the application role on {self.node.name}"
+        where = f"password file {self.mapping.passfile}" if self.mapping.passfile else "password in the mapping"
+        return f"map coordinator roles to {self.mapping.user} on {self.node.name} ({where})"
 
 
 @dataclass(frozen=True)
@@ -152,8 +167,8 @@ def plan(desired: DesiredCluster, observed: ObservedCluster) -> list[Step]:
         current = observed.servers.get(worker.server_name)
         if current != (worker.hosts, worker.ports, worker.dbname):
             steps.append(EnsureForeignServer(worker, create=current is None))
-        if worker.server_name not in observed.user_mappings:
-            steps.append(EnsureUserMapping(worker))
+        if observed.user_mappings.get(worker.server_name) != desired.mapping.describe():
+            steps.append(EnsureUserMapping(worker, desired.mapping))
     fragments = _fragments_to_keep(desired, observed)
     known = {f.fragment_id for f in observed.fragments}
     for frag in fragments:

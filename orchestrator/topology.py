@@ -60,16 +60,26 @@ class Group:
         return ",".join(f"{m.host}:{m.port}" for m in self.members)
 
 
+def _token() -> str:
+    return secrets.token_urlsafe(24)
+
+
 @dataclass(frozen=True)
 class Credentials:
+    """Roles and passwords of a cluster (what each role may do: orchestrator/roles.py)."""
+
     superuser: str
     superuser_password: str
     app_user: str
     app_password: str
+    ingest_user: str = "buildsmart_ingest"  # the data path (IngestSession)
+    ingest_password: str = field(default_factory=_token)
+    fdw_user: str = "buildsmart_fdw"  # what the coordinator logs in to workers as
+    fdw_password: str = field(default_factory=_token)
 
     @staticmethod
     def generate(superuser: str = "buildsmart_admin", app_user: str = "buildsmart_app") -> Credentials:
-        return Credentials(superuser, secrets.token_urlsafe(24), app_user, secrets.token_urlsafe(24))
+        return Credentials(superuser, _token(), app_user, _token())
 
 
 @dataclass(frozen=True)
@@ -149,11 +159,17 @@ def save(directory: Path, topology: Topology) -> None:
 def load_credentials(directory: Path) -> Credentials:
     path = directory / CREDENTIALS_FILE
     try:
-        return Credentials(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        creds = Credentials(**data)
     except FileNotFoundError as exc:
         raise ConfigError(f"no credentials in {directory} ({CREDENTIALS_FILE} missing)") from exc
     except (json.JSONDecodeError, TypeError) as exc:
         raise ConfigError(f"{path} is not a valid credentials file: {exc}") from exc
+    if set(asdict(creds)) - set(data):
+        # A cluster of an older release: its new roles' passwords are made once and kept.
+        save_credentials(directory, creds)
+        log.info("added the ingest and fdw roles' passwords to %s", path)
+    return creds
 
 
 def save_credentials(directory: Path, creds: Credentials) -> None:

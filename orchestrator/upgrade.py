@@ -110,7 +110,7 @@ def upgrade(directory: Path, report: Report = lambda _: None) -> list[NodeVersio
         report(f"every node runs {EXTENSION_NAME} {EXTENSION_VERSION}")
     else:
         _update_all(targets, coord_name, [v.node for v in stale], report)
-    applied = cluster.setup(topo, creds)
+    applied = cluster.setup(topo, creds, directory)
     for step in applied:
         report(step.describe())
     after = versions(topo, creds)

@@ -102,6 +102,7 @@ SELECT pg_catalog.pg_extension_config_dump('buildsmart.task_runs', '');
 CREATE FUNCTION buildsmart.time_split_mirror_trigger()
 RETURNS trigger
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     target text := TG_ARGV[0];
@@ -127,9 +128,13 @@ $$;
 -- DEFAULT are re-inserted through the new partition (logical replication of a move sees them), and
 -- readers wait while they move.
 -- Serialised per parent with an advisory lock so concurrent loaders do not race on DDL.
+-- SECURITY DEFINER (owned by the superuser that installs the extension): the ingest role makes
+-- the time partitions its rows need without owning the fragment, and only for fragment tables
+-- (partitioned tables in bsdata); EXECUTE is granted to that role alone (orchestrator/roles.py).
 CREATE OR REPLACE FUNCTION buildsmart.ensure_time_partitions(parent regclass, part_interval interval, lo timestamptz, hi timestamptz)
 RETURNS integer
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -147,7 +152,10 @@ BEGIN
     END IF;
     SELECT n.nspname, c.relname INTO nsp, rel
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.oid = parent;
+     WHERE c.oid = parent AND c.relkind = 'p';
+    IF nsp IS DISTINCT FROM 'bsdata' THEN
+        RAISE EXCEPTION '% is not a fragment table', parent USING ERRCODE = 'insufficient_privilege';
+    END IF;
     PERFORM pg_catalog.pg_advisory_xact_lock(parent::oid::bigint);
     dflt := rel || '_default';
     s := buildsmart.partition_start(part_interval, lo);
@@ -196,6 +204,7 @@ BEGIN
     RETURN created;
 END;
 $$;
+REVOKE ALL ON FUNCTION buildsmart.ensure_time_partitions(regclass, interval, timestamptz, timestamptz) FROM PUBLIC;
 --
 -- Cluster restore points (orchestrator/backup/points.py).
 -- catalog/restore_points.sql
@@ -225,7 +234,38 @@ SELECT pg_catalog.pg_extension_config_dump('buildsmart.restore_points', '');
 CREATE FUNCTION buildsmart.fragment_try_switch_lock(fragment_ids integer[])
 RETURNS integer[]
 LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT coalesce(array_agg(f ORDER BY f) FILTER (WHERE NOT pg_catalog.pg_try_advisory_xact_lock(1112755524, f)), '{}')
       FROM (SELECT DISTINCT u AS f FROM unnest(fragment_ids) u ORDER BY 1) s
 $$;
+--
+-- Fragment ids from a sequence (concurrent splits).
+-- catalog/fragment_ids.sql
+-- Ids of new fragments (splits, the first load's layout): a sequence, so two splits running at
+-- once never take the same id, as max(fragment_id) + 1 did. Ids set without it (the initial
+-- layout, clusters of 0.1) are caught up by the orchestrator (catalog.next_fragment_id).
+CREATE SEQUENCE buildsmart.fragment_id_seq AS integer;
+SELECT pg_catalog.setval('buildsmart.fragment_id_seq',
+       greatest((SELECT pg_catalog.max(fragment_id) FROM buildsmart.fragments), 1));
+--
+-- Every function of 0.1 gets a pinned search_path, so none resolves a name through a schema a
+-- client could write (time_bucket and month_bucket call only schema-qualified functions and stay
+-- inlinable and cheap per row). ensure_time_partitions (above) is SECURITY DEFINER for the
+-- ingest role, restricted to fragment tables.
+ALTER FUNCTION buildsmart.partition_start(interval, timestamptz) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.fragment_for_building(regclass, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.fragment_write_lock(integer[]) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.fragment_switch_lock(integer) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.bump_catalog_version() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.split_mirror_trigger() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.submit_job(text, jsonb) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.latest_readings(text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_add_node(text, integer, integer, text, name) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_remove_node(text, integer) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_drain_node(text, integer, text, name) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_rebalance_start(name, boolean, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_rebalance_status(boolean) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_move_shard_placement(bigint, text, integer, text, integer, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.create_time_partitions(regclass, interval, timestamptz, timestamptz) SET search_path = pg_catalog, pg_temp;
+ALTER PROCEDURE pg_catalog.drop_old_time_partitions(regclass, timestamptz) SET search_path = pg_catalog, pg_temp;

@@ -90,6 +90,7 @@ $$;
 CREATE FUNCTION buildsmart.partition_start(part_interval interval, ts timestamptz)
 RETURNS timestamptz
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     months int := extract(year FROM part_interval)::int * 12 + extract(month FROM part_interval)::int;
@@ -121,9 +122,13 @@ $$;
 -- DEFAULT are re-inserted through the new partition (logical replication of a move sees them), and
 -- readers wait while they move.
 -- Serialised per parent with an advisory lock so concurrent loaders do not race on DDL.
+-- SECURITY DEFINER (owned by the superuser that installs the extension): the ingest role makes
+-- the time partitions its rows need without owning the fragment, and only for fragment tables
+-- (partitioned tables in bsdata); EXECUTE is granted to that role alone (orchestrator/roles.py).
 CREATE OR REPLACE FUNCTION buildsmart.ensure_time_partitions(parent regclass, part_interval interval, lo timestamptz, hi timestamptz)
 RETURNS integer
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -141,7 +146,10 @@ BEGIN
     END IF;
     SELECT n.nspname, c.relname INTO nsp, rel
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.oid = parent;
+     WHERE c.oid = parent AND c.relkind = 'p';
+    IF nsp IS DISTINCT FROM 'bsdata' THEN
+        RAISE EXCEPTION '% is not a fragment table', parent USING ERRCODE = 'insufficient_privilege';
+    END IF;
     PERFORM pg_catalog.pg_advisory_xact_lock(parent::oid::bigint);
     dflt := rel || '_default';
     s := buildsmart.partition_start(part_interval, lo);
@@ -190,12 +198,14 @@ BEGIN
     RETURN created;
 END;
 $$;
+REVOKE ALL ON FUNCTION buildsmart.ensure_time_partitions(regclass, interval, timestamptz, timestamptz) FROM PUBLIC;
 
 -- udfs/fragment_for_building/latest.sql
 -- The fragment whose building range holds a building (coordinator catalog lookup).
 CREATE FUNCTION buildsmart.fragment_for_building(rel regclass, building text)
 RETURNS integer
 LANGUAGE sql STABLE STRICT
+SET search_path = pg_catalog, pg_temp
 RETURN (SELECT f.fragment_id FROM buildsmart.fragments f
          WHERE f.logicalrelid = rel
            AND (f.range_from IS NULL OR building COLLATE "C" >= f.range_from)
@@ -244,6 +254,14 @@ CREATE TABLE buildsmart.fragment_stats (
     observed_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- catalog/fragment_ids.sql
+-- Ids of new fragments (splits, the first load's layout): a sequence, so two splits running at
+-- once never take the same id, as max(fragment_id) + 1 did. Ids set without it (the initial
+-- layout, clusters of 0.1) are caught up by the orchestrator (catalog.next_fragment_id).
+CREATE SEQUENCE buildsmart.fragment_id_seq AS integer;
+SELECT pg_catalog.setval('buildsmart.fragment_id_seq',
+       greatest((SELECT pg_catalog.max(fragment_id) FROM buildsmart.fragments), 1));
+
 -- catalog/twophase.sql
 -- Commit decisions of cluster-wide two-phase commits (migrations). A transaction prepared on
 -- every node commits only once its decision row is committed here, on the coordinator; recovery
@@ -277,6 +295,7 @@ SELECT pg_catalog.pg_extension_config_dump('buildsmart.check_runs', '');
 CREATE FUNCTION buildsmart.fragment_write_lock(fragment_ids integer[])
 RETURNS bigint
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     fid integer;
@@ -293,6 +312,7 @@ $$;
 CREATE FUNCTION buildsmart.fragment_switch_lock(fragment_id integer)
 RETURNS void
 LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT pg_catalog.pg_advisory_xact_lock(1112755524, fragment_id) $$;
 
 -- udfs/fragment_try_switch_lock/latest.sql
@@ -304,6 +324,7 @@ AS $$ SELECT pg_catalog.pg_advisory_xact_lock(1112755524, fragment_id) $$;
 CREATE FUNCTION buildsmart.fragment_try_switch_lock(fragment_ids integer[])
 RETURNS integer[]
 LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT coalesce(array_agg(f ORDER BY f) FILTER (WHERE NOT pg_catalog.pg_try_advisory_xact_lock(1112755524, f)), '{}')
       FROM (SELECT DISTINCT u AS f FROM unnest(fragment_ids) u ORDER BY 1) s
@@ -314,6 +335,7 @@ $$;
 CREATE FUNCTION buildsmart.bump_catalog_version()
 RETURNS bigint
 LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ UPDATE buildsmart.catalog_version SET version = version + 1, changed_at = now() RETURNING version $$;
 
 -- udfs/split_mirror_trigger/latest.sql
@@ -326,6 +348,7 @@ AS $$ UPDATE buildsmart.catalog_version SET version = version + 1, changed_at = 
 CREATE FUNCTION buildsmart.split_mirror_trigger()
 RETURNS trigger
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     target text := TG_ARGV[0];
@@ -349,6 +372,7 @@ $$;
 CREATE FUNCTION buildsmart.submit_job(kind text, args jsonb DEFAULT '{}'::jsonb)
 RETURNS bigint
 LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ INSERT INTO buildsmart.jobs (kind, args) VALUES (kind, args) RETURNING job_id $$;
 
 -- udfs/citus_functions/latest.sql
@@ -361,26 +385,31 @@ AS $$ INSERT INTO buildsmart.jobs (kind, args) VALUES (kind, args) RETURNING job
 CREATE FUNCTION pg_catalog.citus_add_node(nodename text, nodeport integer, groupid integer DEFAULT -1,
                                           noderole text DEFAULT 'primary', nodecluster name DEFAULT 'default')
 RETURNS bigint LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT buildsmart.submit_job('add_node', jsonb_build_object('host', nodename, 'port', nodeport)) $$;
 
 CREATE FUNCTION pg_catalog.citus_remove_node(nodename text, nodeport integer)
 RETURNS bigint LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT buildsmart.submit_job('remove_node', jsonb_build_object('host', nodename, 'port', nodeport)) $$;
 
 CREATE FUNCTION pg_catalog.citus_drain_node(nodename text, nodeport integer, shard_transfer_mode text DEFAULT 'auto',
                                             rebalance_strategy name DEFAULT NULL)
 RETURNS bigint LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT buildsmart.submit_job('drain_node', jsonb_build_object('host', nodename, 'port', nodeport)) $$;
 
 CREATE FUNCTION pg_catalog.citus_rebalance_start(rebalance_strategy name DEFAULT NULL, drain_only boolean DEFAULT false,
                                                  shard_transfer_mode text DEFAULT 'auto')
 RETURNS bigint LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT buildsmart.submit_job('rebalance', jsonb_build_object('tolerance', 0.1, 'drain_only', drain_only)) $$;
 
 CREATE FUNCTION pg_catalog.citus_rebalance_status(raw boolean DEFAULT false)
 RETURNS TABLE (job_id bigint, state text, job_type text, description text, started_at timestamptz,
                finished_at timestamptz, details jsonb)
 LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT j.job_id, j.state, j.kind, j.kind || ' ' || j.args::text, j.started_at, j.finished_at,
            j.detail || jsonb_build_object('step', j.step, 'error', j.error,
@@ -397,6 +426,7 @@ CREATE FUNCTION pg_catalog.citus_move_shard_placement(shard_id bigint, source_no
                                                       target_node_name text, target_node_port integer,
                                                       shard_transfer_mode text DEFAULT 'auto')
 RETURNS bigint LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT buildsmart.submit_job('citus_move', jsonb_build_object('shard_id', shard_id,
         'source_host', source_node_name, 'source_port', source_node_port,
         'target_host', target_node_name, 'target_port', target_node_port)) $$;
@@ -405,6 +435,7 @@ AS $$ SELECT buildsmart.submit_job('citus_move', jsonb_build_object('shard_id', 
 CREATE FUNCTION pg_catalog.create_time_partitions(table_name regclass, partition_interval interval, end_at timestamptz,
                                                   start_from timestamptz DEFAULT now())
 RETURNS boolean LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     job bigint;
@@ -421,6 +452,7 @@ $$;
 
 CREATE PROCEDURE pg_catalog.drop_old_time_partitions(table_name regclass, older_than timestamptz)
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     job bigint;
@@ -464,6 +496,7 @@ SELECT f.logicalrelid::regclass AS table_name, 'distributed'::text AS citus_tabl
 CREATE FUNCTION buildsmart.latest_readings(only_building text DEFAULT NULL)
 RETURNS TABLE (building text, meter text, ts timestamptz, kwh double precision)
 LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     bs text[];
@@ -567,6 +600,7 @@ SELECT pg_catalog.pg_extension_config_dump('buildsmart.task_runs', '');
 CREATE FUNCTION buildsmart.time_split_mirror_trigger()
 RETURNS trigger
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     target text := TG_ARGV[0];

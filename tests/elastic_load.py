@@ -59,7 +59,7 @@ class Load:
 
     def _coordinator_writer(self) -> None:
         topo, creds = self.handle.topology, self.handle.creds
-        conn = connect(app_target(topo.coordinator, creds), "test-writer", autocommit=True)
+        conn = connect(app_target(topo.coordinator, creds), "test-writer", autocommit=True, search_path=None)
         try:
             while not self._stop.is_set():
                 rows = self._batch("mc")
@@ -100,7 +100,9 @@ class Load:
                         with gate.batch([fid]):
                             self.max_gate_wait = max(self.max_gate_wait, time.monotonic() - t)
                             if frag.node not in workers:
-                                workers[frag.node] = connect(superuser_target(topo.group(frag.node), creds), "test-gate-w")
+                                workers[frag.node] = connect(
+                                    superuser_target(topo.group(frag.node), creds), "test-gate-w", search_path=None
+                                )
                             w = workers[frag.node]
                             with w.transaction(), w.cursor() as cur:
                                 cur.executemany(
@@ -125,7 +127,7 @@ class Load:
 
     def _reader(self) -> None:
         topo, creds = self.handle.topology, self.handle.creds
-        conn = connect(app_target(topo.coordinator, creds), "test-reader", autocommit=True)
+        conn = connect(app_target(topo.coordinator, creds), "test-reader", autocommit=True, search_path=None)
         last = 0
         try:
             while not self._stop.is_set():

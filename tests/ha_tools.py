@@ -183,7 +183,9 @@ def worker_of(directory: Path, building: str) -> str:
     from orchestrator.fragments import Router
 
     topo = topology.load(directory)
-    with connect(superuser_target(topo.coordinator, topology.load_credentials(directory)), "ha-test", autocommit=True) as conn:
+    with connect(
+        superuser_target(topo.coordinator, topology.load_credentials(directory)), "ha-test", autocommit=True, search_path=None
+    ) as conn:
         frags = catalog.load_fragments(conn)
     return Router(frags).route(building).node
 

@@ -58,13 +58,13 @@ class ClusterHandle:
     def coordinator(self, admin: bool = True) -> Iterator[psycopg.Connection]:
         topo, creds = self.topology, self.creds
         target = superuser_target(topo.coordinator, creds) if admin else app_target(topo.coordinator, creds)
-        with connect(target, "test", autocommit=True) as conn:
+        with connect(target, "test", autocommit=True, search_path=None) as conn:  # a client: default search_path
             yield conn
 
     @contextmanager
     def worker(self, name: str) -> Iterator[psycopg.Connection]:
         topo, creds = self.topology, self.creds
-        with connect(superuser_target(topo.group(name), creds), "test", autocommit=True) as conn:
+        with connect(superuser_target(topo.group(name), creds), "test", autocommit=True, search_path=None) as conn:
             yield conn
 
     def run_cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -44,14 +44,14 @@ def loaded(ha_dir: Path) -> Iterator[Path]:
 @contextmanager
 def _coordinator(directory: Path) -> Iterator[psycopg.Connection]:
     topo, creds = topology.load(directory), topology.load_credentials(directory)
-    with connect(superuser_target(topo.coordinator, creds), "test", autocommit=True) as conn:
+    with connect(superuser_target(topo.coordinator, creds), "test", autocommit=True, search_path=None) as conn:
         yield conn
 
 
 @contextmanager
 def _worker(directory: Path, node: str) -> Iterator[psycopg.Connection]:
     topo, creds = topology.load(directory), topology.load_credentials(directory)
-    with connect(superuser_target(topo.group(node), creds), "test", autocommit=True) as conn:
+    with connect(superuser_target(topo.group(node), creds), "test", autocommit=True, search_path=None) as conn:
         yield conn
 
 

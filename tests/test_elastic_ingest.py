@@ -113,7 +113,7 @@ class Reader:
         topo, creds = self.handle.topology, self.handle.creds
         stable = sorted(self.work.stable)
         last = 0
-        with connect(app_target(topo.coordinator, creds), "test-reader", autocommit=True) as conn:
+        with connect(app_target(topo.coordinator, creds), "test-reader", autocommit=True, search_path=None) as conn:
             while not self._stop.is_set():
                 try:
                     got = {

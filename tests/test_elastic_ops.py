@@ -7,13 +7,20 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
+from psycopg import sql
 
+from orchestrator.connections import connect, ingest_target
 from orchestrator.elastic import balancer, jobs, move, split, verify
-from orchestrator.elastic.context import open_cluster
+from orchestrator.elastic.context import Elastic, open_cluster
+from orchestrator.exceptions import BuildSmartError
+from orchestrator.fragments import Fragment, c_order
 from tests.elastic_load import Load
 from tests.harness import ClusterHandle, start_cluster, stop_cluster
 
@@ -385,3 +392,160 @@ def test_retention_dry_run_then_apply(ecluster: ClusterHandle) -> None:
         assert maintenance.apply_retention(el, [p for p in expired if p.upper_bound.year == 2024]) >= 1
     with ecluster.coordinator() as conn:
         assert conn.execute("SELECT count(*) FROM public.readings WHERE ts < '2024-07-01'").fetchone() == (0,)
+
+
+def _inside(f: Fragment) -> str | None:
+    """A split point strictly inside a building-range fragment (None for a time range)."""
+    if f.time_group is not None:
+        return None
+    key = (f.range_from or "") + "5"
+    if f.range_to is not None and c_order(key) >= c_order(f.range_to):
+        return None
+    return key
+
+
+def _table_rows(handle: ClusterHandle, node: str, shard: str) -> int | None:
+    with handle.worker(node) as w:
+        if w.execute("SELECT to_regclass(%s)", (f"bsdata.{shard}",)).fetchone() == (None,):
+            return None
+        row = w.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("bsdata", shard))).fetchone()
+        return None if row is None else int(row[0])
+
+
+def test_concurrent_splits_and_a_move_on_one_node(ecluster: ClusterHandle) -> None:
+    """Two splits on one node and a move onto it at once: distinct new ids (a sequence, not
+    max + 1), every row kept, every fragment's table where the catalog says."""
+    with open_cluster(ecluster.directory) as el:
+        splittable = [f for f in el.fragments() if _inside(f) is not None]
+        assert len(splittable) >= 2, "the cluster needs two building-range fragments"
+        node = "w1"
+        for f in splittable[:2]:
+            if f.node != node:
+                move.move_fragment(el, f.fragment_id, node)
+        a, b = (el.fragment(f.fragment_id) for f in splittable[:2])
+        others = [f for f in el.fragments() if f.fragment_id not in (a.fragment_id, b.fragment_id)]
+        if not any(f.node != node for f in others):
+            move.move_fragment(el, others[0].fragment_id, "w2")
+        c = next(el.fragment(f.fragment_id) for f in others if el.fragment(f.fragment_id).node != node)
+        known = {f.fragment_id for f in el.fragments()}
+    buildings = []
+    for f in (a, b):
+        key = _inside(f)
+        assert key is not None
+        buildings += [(f.range_from or "") + "1", key, key + "z"]
+    with ecluster.coordinator() as conn:
+        conn.execute(
+            "INSERT INTO public.readings SELECT b, 'conc', timestamptz '2025-02-01' + i * interval '1 hour', i "
+            "FROM unnest(%s::text[]) b, generate_series(1, 200) i",
+            (buildings,),
+        )
+        before = conn.execute("SELECT count(*), sum(kwh) FROM public.readings").fetchone()
+
+    barrier = threading.Barrier(3)
+    results: dict[str, object] = {}
+
+    def run(name: str, op: Callable[[Elastic], object]) -> None:
+        try:
+            with open_cluster(ecluster.directory) as el:
+                barrier.wait(30)
+                results[name] = op(el)
+        except Exception as exc:
+            results[name] = exc
+
+    threads = [
+        threading.Thread(target=run, args=("split-a", lambda el: split.split_fragment(el, a.fragment_id, _inside(a)))),
+        threading.Thread(target=run, args=("split-b", lambda el: split.split_fragment(el, b.fragment_id, _inside(b)))),
+        threading.Thread(target=run, args=("move-c", lambda el: move.move_fragment(el, c.fragment_id, node))),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    failed = {k: v for k, v in results.items() if isinstance(v, Exception)}
+    assert not failed and len(results) == 3, f"concurrent operations failed: {failed or results}"
+    new_ids = [r.new_fragment_id for k, r in results.items() if k.startswith("split")]  # type: ignore[attr-defined]
+    assert len(set(new_ids)) == 2 and not set(new_ids) & known, f"new fragment ids {new_ids} (existing {sorted(known)})"
+    with ecluster.coordinator() as conn:
+        assert conn.execute("SELECT count(*), sum(kwh) FROM public.readings").fetchone() == before
+    with open_cluster(ecluster.directory) as el:
+        for f in el.fragments():
+            if f.time_group is None:
+                assert _table_rows(ecluster, f.node, f.shard_name) is not None, f"{f.shard_name} missing on {f.node}"
+    ecluster.run_cli("check")
+
+
+def test_failed_split_never_drops_another_fragment(ecluster: ClusterHandle) -> None:
+    """A split whose new id names a live fragment of its node (what two splits taking max + 1 at
+    once made) fails, and its rollback leaves that fragment and its rows alone."""
+    with open_cluster(ecluster.directory) as el:
+        frags = el.fragments()
+        victim, target = next(
+            (v, t)
+            for v in frags
+            for t in frags
+            if v.time_group is None and v.fragment_id != t.fragment_id and v.node == t.node and _inside(t) is not None
+        )
+        rows = _table_rows(ecluster, victim.node, victim.shard_name)
+        assert rows is not None
+        args = {"fragment_id": target.fragment_id, "at": _inside(target), "node": target.node}
+        job = jobs.create(el.coord, "split", {**args, "new_fragment_id": victim.fragment_id})
+        with pytest.raises(BuildSmartError):
+            split.run_split_job(el, job)
+        assert jobs.get(el.coord, job.job_id).state == "failed"
+    assert _table_rows(ecluster, victim.node, victim.shard_name) == rows, "the failed split dropped a live fragment"
+    with ecluster.worker(target.node) as w:
+        assert w.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'bs_split_mirror'").fetchone() == (0,)
+    ecluster.run_cli("check")
+
+
+def test_direct_writes_to_the_source_during_a_move_are_not_lost(ecluster: ClusterHandle) -> None:
+    """A writer on the source worker itself (a loader whose gate session died, a client there),
+    writing all through a move: every write it was told committed is in the cluster afterwards;
+    after the switch its writes fail instead of landing in the old table."""
+    with open_cluster(ecluster.directory) as el:
+        frag = next(f for f in el.fragments() if _inside(f) is not None)
+        key = (frag.range_from or "") + "7direct"
+        src, dst = frag.node, ("w2" if frag.node == "w1" else "w1")
+        target = ingest_target(el.topo.group(src), el.creds)
+    acked: list[int] = []
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        conn: psycopg.Connection | None = None
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                if conn is None or conn.closed:
+                    conn = connect(target, "test-direct-writer", autocommit=True)
+                conn.execute(
+                    sql.SQL("INSERT INTO {} (building, meter, ts, kwh) VALUES (%s, 'direct', %s, %s)").format(
+                        sql.Identifier("bsdata", frag.shard_name)
+                    ),
+                    (key, datetime(2025, 3, 1, tzinfo=UTC) + timedelta(seconds=i), i),
+                )
+                acked.append(i)
+            except (psycopg.Error, BuildSmartError) as exc:
+                refused.append(str(exc).splitlines()[0])
+                time.sleep(0.01)
+        if conn is not None:
+            conn.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        time.sleep(0.3)
+        with open_cluster(ecluster.directory) as el:
+            move.move_fragment(el, frag.fragment_id, dst)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        writer.join(30)
+    with ecluster.coordinator() as conn:
+        stored = {int(r[0]) for r in conn.execute("SELECT kwh FROM readings WHERE building = %s AND meter = 'direct'", (key,))}
+    lost = sorted(set(acked) - stored)
+    print(f"direct writer: {len(acked)} acknowledged, {len(refused)} refused ({set(refused)}), lost {len(lost)}")
+    assert len(acked) > 20 and refused, "the writer must have written before and been refused after the switch"
+    assert not lost, f"{len(lost)} acknowledged writes to the source were lost: {lost[:10]}"
+    assert _node_of(ecluster, frag.fragment_id) == dst

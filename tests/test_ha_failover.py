@@ -43,7 +43,7 @@ def _count(directory: Path, prefix: str, timeout_s: float = 30.0) -> tuple[int, 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with connect(superuser_target(topo.coordinator, creds), "ha-test", autocommit=True) as conn:
+            with connect(superuser_target(topo.coordinator, creds), "ha-test", autocommit=True, search_path=None) as conn:
                 return ha_tools.count_rows(conn, prefix)
         except (psycopg.Error, Exception) as exc:
             if time.monotonic() > deadline:
@@ -59,7 +59,7 @@ def _runner_elected(directory: Path, timeout_s: float = 30.0) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with connect(superuser_target(topo.coordinator, creds), "ha-test", autocommit=True) as conn:
+            with connect(superuser_target(topo.coordinator, creds), "ha-test", autocommit=True, search_path=None) as conn:
                 row = conn.execute(
                     "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                     "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.granted",
@@ -107,7 +107,7 @@ def test_patroni_killed_alone_no_split_brain(healthy: Path) -> None:
     directory = healthy
     group = ha_tools.worker_of(directory, "t")
     topo, creds = topology.load(directory), topology.load_credentials(directory)
-    with connect(superuser_target(topo.group(group), creds), "ha-test", autocommit=True) as conn:
+    with connect(superuser_target(topo.group(group), creds), "ha-test", autocommit=True, search_path=None) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS public.ha_probe (id bigint PRIMARY KEY)")
         conn.execute("TRUNCATE public.ha_probe")
     old = ha_tools.leader(directory, group)
@@ -142,7 +142,7 @@ def test_patroni_killed_alone_no_split_brain(healthy: Path) -> None:
     thread.join(10)
     assert acked, "the probe never committed on the old primary"
     assert not procs.alive(postmaster), "the orphaned postmaster still runs"
-    with connect(superuser_target(topo.group(group), creds), "ha-test", autocommit=True) as conn:
+    with connect(superuser_target(topo.group(group), creds), "ha-test", autocommit=True, search_path=None) as conn:
         present = {r[0] for r in conn.execute("SELECT id FROM public.ha_probe").fetchall()}
     lost = sorted(set(acked) - present)
     print(f"{group}: Patroni of {old} killed; {new} promoted; {len(acked)} commits acknowledged by {old}, lost {len(lost)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from orchestrator.exceptions import ClusterStateError, ConfigError
@@ -14,6 +16,7 @@ from orchestrator.planner import (
     EnsureExtension,
     EnsureForeignServer,
     EnsureUserMapping,
+    MappingSpec,
     NodeSpec,
     ObservedCluster,
     RegisterFragment,
@@ -36,7 +39,7 @@ def complete_observation(d: DesiredCluster) -> ObservedCluster:
         app_schema=True,
         nodes={n.name: n for n in (COORD, W1, W2)},
         servers={w.server_name: (w.hosts, w.ports, w.dbname) for w in (W1, W2)},
-        user_mappings=frozenset({W1.server_name, W2.server_name}),
+        user_mappings={w.server_name: d.mapping.describe() for w in (W1, W2)},
         fragments=d.fragments,
         worker_tables=frozenset((f.node, f.shard_name) for f in d.fragments),
         coordinator_partitions=frozenset(f.shard_name for f in d.fragments),
@@ -127,3 +130,14 @@ def test_weighted_split_points_with_equal_weights_cut_equal_ranges() -> None:
         fid = router.route(c).fragment_id
         counts[fid] = counts.get(fid, 0) + 1
     assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_a_mapping_with_a_password_or_an_old_passfile_is_made_again() -> None:
+    """An older cluster's mapping (password in the catalog) and a restored cluster's (the passfile
+    of the original directory) are replaced by one that reads this cluster's passfile."""
+    d = replace(desired(), mapping=MappingSpec("buildsmart_fdw", "/srv/c/nodes/pgpass"))
+    observed = complete_observation(d)
+    assert plan(d, observed) == []
+    for stale in ("user=buildsmart_app password", "user=buildsmart_fdw passfile=/old/nodes/pgpass"):
+        steps = plan(d, replace(observed, user_mappings={**observed.user_mappings, W2.server_name: stale}))
+        assert steps == [EnsureUserMapping(W2, d.mapping)]

@@ -41,7 +41,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from orchestrator import catalog, cluster, executor, pgbin, topology
+from orchestrator import catalog, cluster, pgbin, roles, topology
 from orchestrator.backup import archive, barman, decide, ops, repo
 from orchestrator.backup.decide import RestorePoint
 from orchestrator.elastic import jobs, move, split
@@ -161,10 +161,8 @@ def _wait_promoted(lm: local.LocalMember, socket_dir: Path, superuser: str, dbna
 def _rewrite_node(conn: psycopg.Connection, group: Group, topo: Topology, creds: Credentials, point_name: str) -> list[str]:
     """Inside the sealed start: everything that points at the original cluster."""
     done = []
-    conn.execute(
-        sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(creds.superuser), sql.Literal(creds.superuser_password))
-    )
-    executor.ensure_app_role(conn, creds.app_user, creds.app_password, group.dbname)
+    roles.set_superuser_password(conn, creds.superuser, creds.superuser_password)
+    roles.ensure_roles(conn, roles.kind_of(group.role), creds, group.dbname)
     done.append(f"{group.name}: new passwords for {creds.superuser} and {creds.app_user}")
     subs = conn.execute(
         "SELECT s.subname FROM pg_catalog.pg_subscription s JOIN pg_catalog.pg_database d ON d.oid = s.subdbid "
@@ -190,11 +188,8 @@ def _rewrite_node(conn: psycopg.Connection, group: Group, topo: Topology, creds:
                         server, sql.Literal(worker.hosts), sql.Literal(worker.ports)
                     )
                 )
-                conn.execute(
-                    sql.SQL("ALTER USER MAPPING FOR PUBLIC SERVER {} OPTIONS (SET user {}, SET password {})").format(
-                        server, sql.Literal(creds.app_user), sql.Literal(creds.app_password)
-                    )
-                )
+                # the user mapping is made again by setup when `up` starts the cluster (new passfile)
+                conn.execute(sql.SQL("DROP USER MAPPING IF EXISTS FOR PUBLIC SERVER {}").format(server))
             conn.execute(
                 "UPDATE buildsmart.nodes SET hosts = %s, ports = %s WHERE name = %s", (worker.hosts, worker.ports, worker.name)
             )
@@ -323,7 +318,7 @@ def _close_open_jobs(new_dir: Path, point: RestorePoint) -> list[str]:
                     split.run_split_job(el, claimed)
                     out.append(f"job {job.job_id} (split of fragment {fid}): switched at the point; cleanup finished")
                 else:
-                    jobs.abandon(el.coord, job.job_id, why, partial(split._rollback, el, fid, new_id, node))
+                    jobs.abandon(el.coord, job.job_id, why, partial(split._rollback, el, fid, new_id, node, job.job_id))
                     out.append(f"job {job.job_id} (split of fragment {fid}): not switched at the point; rolled back")
             else:
                 jobs.finish(el.coord, job.job_id, "cancelled", why)

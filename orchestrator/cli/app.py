@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from orchestrator import logfiles
 from orchestrator.exceptions import BuildSmartError, NodeError
 
 app = typer.Typer(
@@ -45,7 +46,7 @@ def setup_logging(directory: Path | None, verbose: bool = False) -> None:
     if directory is not None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(directory / LOG_FILE)
+            fh = logfiles.private_handler(directory / LOG_FILE)
         except OSError:
             return
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

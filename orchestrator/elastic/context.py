@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-from orchestrator import catalog, topology
+from orchestrator import catalog, roles, topology
 from orchestrator.connections import superuser_target
 from orchestrator.exceptions import ClusterStateError
 from orchestrator.fragments import Fragment
@@ -42,8 +42,12 @@ class Elastic:
         raise ClusterStateError(f"no fragment {fragment_id} with an active placement")
 
     def conninfo(self, node: str) -> str:
-        """libpq string a worker uses to reach another node (logical replication)."""
-        return superuser_target(self.topo.group(node), self.creds).conninfo("move", primary=True)
+        """libpq string a worker uses to reach another node (logical replication). It is stored in
+        pg_subscription, so on a local cluster it names the servers' passfile instead of holding
+        the password; remote servers have no passfile of ours (README: Security model)."""
+        passfile = roles.passfile_of(self.directory)
+        target = superuser_target(self.topo.group(node), self.creds)
+        return target.conninfo("move", primary=True, search_path=None, passfile=str(passfile.path) if passfile else None)
 
     def reload_topology(self) -> None:
         self.topo = topology.load(self.directory)

@@ -185,7 +185,7 @@ def run_in_env(context: Any) -> None:
                 fl = Fleet(workers, frags)
                 token_var = _current.set(fl)
                 try:
-                    context.configure(connection=sa_conn, target_metadata=None)
+                    context.configure(connection=sa_conn, target_metadata=None, version_table_schema="public")
                     with context.begin_transaction():
                         context.run_migrations()
                 finally:

@@ -24,11 +24,13 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
 import psycopg
 from psycopg import sql
 
+from orchestrator import roles
 from orchestrator.elastic import jobs, shardops, verify, watch
 from orchestrator.elastic.context import Elastic
 from orchestrator.exceptions import ClusterStateError, NodeError
@@ -41,6 +43,7 @@ PRE_SWITCH = ("new", "target_created", "subscribed")
 SYNC_TIMEOUT_S = 600.0
 PAUSE_LOCK_TIMEOUT = "2s"
 CATCHUP_IN_PAUSE_S = 5.0
+CONFIRM_TIMEOUT_S = 30.0
 SWITCH_ATTEMPTS = 5
 
 
@@ -263,22 +266,35 @@ def _verify_in_pause(
 def _switch_once(
     el: Elastic, frag: Fragment, target: str, job_id: int, changes: watch.ChangeWatch, pre: verify.PreCheck
 ) -> tuple[int, float]:
+    """Lock, then verify, then switch. The coordinator's locks stop writers that go through it;
+    the source table's own lock (taken after them, the order loaders use) stops writers that reach
+    the worker directly, so the verified source is the final one. The source transaction commits
+    after the coordinator's and fences the source first: writers that waited on it fail."""
     coord, src, dst = el.coord, el.nodes.get(frag.node), el.nodes.get(target)
     moved = replace(frag, node=target)
-    with coord.transaction():
-        coord.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(PAUSE_LOCK_TIMEOUT)))
-        coord.execute("SELECT buildsmart.fragment_switch_lock(%s)", (frag.fragment_id,))
-        coord.execute("LOCK TABLE public.readings IN EXCLUSIVE MODE")
-        paused = time.monotonic()
-        log.info("write pause for fragment %d started", frag.fragment_id)
-        src_sum = _verify_in_pause(src, dst, frag.shard_name, changes, pre)
-        shardops.replace_coordinator_partitions(el.nodes, [frag.shard_name], [moved])
-        coord.execute(
-            "UPDATE buildsmart.placements SET node_name = %s, state = 'active' WHERE fragment_id = %s AND node_name = %s",
-            (target, frag.fragment_id, frag.node),
-        )
-        coord.execute("SELECT buildsmart.bump_catalog_version()")
-        jobs.record_step(coord, job_id, "switched", rows=src_sum[0], verified_checksum=str(src_sum[1]))
+    with ExitStack() as source_tx:
+        source_tx.enter_context(src.transaction())  # left last: commits after the coordinator
+        with coord.transaction():
+            coord.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(PAUSE_LOCK_TIMEOUT)))
+            coord.execute("SELECT buildsmart.fragment_switch_lock(%s)", (frag.fragment_id,))
+            coord.execute("LOCK TABLE public.readings IN EXCLUSIVE MODE")
+            src.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(PAUSE_LOCK_TIMEOUT)))
+            src.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(shardops.table(frag.shard_name)))
+            paused = time.monotonic()
+            log.info("write pause for fragment %d started", frag.fragment_id)
+            src_sum = _verify_in_pause(src, dst, frag.shard_name, changes, pre)
+            shardops.replace_coordinator_partitions(el.nodes, [frag.shard_name], [moved])
+            coord.execute(
+                "UPDATE buildsmart.placements SET node_name = %s, state = 'active' WHERE fragment_id = %s AND node_name = %s",
+                (target, frag.fragment_id, frag.node),
+            )
+            coord.execute("SELECT buildsmart.bump_catalog_version()")
+            jobs.record_step(coord, job_id, "switched", rows=src_sum[0], verified_checksum=str(src_sum[1]))
+        try:
+            with src.transaction():  # a savepoint: the switch is committed whatever happens here
+                roles.fence_writes(src, el.creds, frag.shard_name)
+        except psycopg.Error as exc:
+            log.warning("could not fence the source of fragment %d (%s); the cleanup drops it", frag.fragment_id, exc)
     pause = time.monotonic() - paused
     log.info(
         "switched fragment %d to %s after verifying %d rows; write pause %.3f s", frag.fragment_id, target, src_sum[0], pause
@@ -298,10 +314,28 @@ def _drop_subscription(el: Elastic, node: str, name: str) -> None:
     log.info("dropped subscription %s on %s", name, node)
 
 
+def _confirm_applied(el: Elastic, source: str, target: str, slot: str) -> None:
+    """Before the subscription goes: the target has applied everything the source wrote up to now
+    (its slot's confirmed position), so nothing written there before the fence is left behind."""
+    src = el.nodes.get(source)
+    if src.execute("SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone() is None:
+        return  # a rerun after the subscription was dropped
+    row = src.execute("SELECT pg_catalog.pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    if not _wait_flushed(src, slot, str(row[0]), CONFIRM_TIMEOUT_S):
+        raise ClusterStateError(
+            f"{target} has not confirmed the changes of {source} up to {row[0]} in {CONFIRM_TIMEOUT_S:.0f} s; the move is "
+            "switched and its source kept: rerun the same command to finish it"
+        )
+    log.info("%s confirmed every change of %s up to %s", target, source, row[0])
+
+
 def _cleanup(el: Elastic, fid: int, source: str, target: str) -> None:
-    """After the switch (idempotent): stop replication, drop the publication and the source table."""
+    """After the switch (idempotent): stop replication once the target confirmed everything, drop
+    the publication and the source table."""
     name = _pubsub_name(fid)
     shard = el.fragment(fid).shard_name
+    _confirm_applied(el, source, target, name)
     _drop_subscription(el, target, name)
     src = el.nodes.get(source)
     src.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))

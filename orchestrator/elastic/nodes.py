@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from psycopg import sql
 
-from orchestrator import cluster, executor, topology
+from orchestrator import cluster, roles, topology
 from orchestrator.connections import connect, superuser_target
 from orchestrator.elastic import balancer
 from orchestrator.elastic.context import Elastic
@@ -43,7 +43,7 @@ def _bootstrap(group: Group, el: Elastic) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(group.dbname)))
             log.info("created database %s on %s", group.dbname, group.name)
     with connect(superuser_target(group, creds), "node-add", autocommit=True) as conn:
-        executor.ensure_app_role(conn, creds.app_user, creds.app_password, group.dbname)
+        roles.ensure_roles(conn, roles.kind_of(group.role), creds, group.dbname)
 
 
 def add_node(
@@ -77,7 +77,7 @@ def add_node(
     topo = el.topo.with_group(group)
     topology.save(el.directory, topo)
     el.reload_topology()
-    applied = cluster.setup(topo, el.creds)
+    applied = cluster.setup(topo, el.creds, el.directory)
     log.info("added worker %s at %s (%d setup steps)", name, group.address, len(applied))
     if group.managed and groups.confirm_supervised(el.directory, group):
         report(f"{name}: watched by the failover supervisor")

@@ -8,6 +8,7 @@ import logging
 import psycopg
 from psycopg import sql
 
+from orchestrator import roles
 from orchestrator.executor import attach_partition_sql, coordinator_columns, fragment_table_ddl
 from orchestrator.fragments import SHARD_SCHEMA, Fragment
 from orchestrator.nodeconn import NodeConnections
@@ -34,11 +35,7 @@ def create_fragment_table(nodes: NodeConnections, frag: Fragment, conn: psycopg.
     with conn.transaction():
         for stmt in fragment_table_ddl(frag, columns):
             conn.execute(stmt)
-        conn.execute(
-            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
-                table(frag.shard_name), sql.Identifier(nodes.creds.app_user)
-            )
-        )
+        roles.grant_fragment(conn, roles.NodeKind.WORKER, nodes.creds, table(frag.shard_name))
     log.info("created fragment table %s %s on %s", frag.shard_name, frag.describe_range(), frag.node)
 
 
@@ -121,11 +118,7 @@ def replace_coordinator_partitions(
         remote = (remote_names or {}).get(frag.shard_name)
         if remote is not None:
             set_remote_name(coord, frag.shard_name, remote)
-        coord.execute(
-            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
-                table(frag.shard_name), sql.Identifier(nodes.creds.app_user)
-            )
-        )
+        roles.grant_fragment(coord, roles.NodeKind.COORDINATOR, nodes.creds, table(frag.shard_name))
 
 
 def parent_of(coord: psycopg.Connection, shard: str) -> sql.Identifier:

@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator import catalog
+from orchestrator import catalog, roles
 from orchestrator.elastic import jobs, observe, shardops, verify, watch
 from orchestrator.elastic.context import Elastic
 from orchestrator.elastic.move import PAUSE_LOCK_TIMEOUT, SWITCH_ATTEMPTS
@@ -170,7 +170,7 @@ def run_split_job(el: Elastic, job: jobs.Job) -> SplitResult:
     try:
         if job.step not in ("new", "switched"):
             log.info("job %d stopped at %s before the switch: rolling back and starting again", job.job_id, job.step)
-            _rollback(el, fid, new_id, node)
+            _rollback(el, fid, new_id, node, job.job_id)
             jobs.record_step(el.coord, job.job_id, "new")
         rows, pause = int(job.detail.get("rows", 0)), 0.0
         if job.step != "switched":
@@ -187,7 +187,7 @@ def run_split_job(el: Elastic, job: jobs.Job) -> SplitResult:
         _cleanup(el, fid, key, new_id, node)
         jobs.finish(el.coord, job.job_id, pause_seconds=pause, rows=rows)
     except (psycopg.Error, ClusterStateError, NodeError) as exc:
-        jobs.abandon(el.coord, job.job_id, str(exc).splitlines()[0], lambda: _rollback(el, fid, new_id, node))
+        jobs.abandon(el.coord, job.job_id, str(exc).splitlines()[0], lambda: _rollback(el, fid, new_id, node, job.job_id))
         if isinstance(exc, psycopg.Error):
             raise NodeError(f"split of fragment {fid} {key.describe()} failed (job {job.job_id}): {exc}") from exc
         raise
@@ -207,11 +207,8 @@ def _create_upper(el: Elastic, frag: Fragment, upper: Fragment, key: SplitKey) -
             shardops.table(_lower_view(frag.shard_name)), shardops.table(frag.shard_name), key.lower()
         )
     )
-    conn.execute(
-        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
-            shardops.table(_lower_view(frag.shard_name)), sql.Identifier(el.creds.app_user)
-        )
-    )
+    # the coordinator reads the lower half through this view until the cleanup
+    roles.grant_fragment(conn, roles.NodeKind.WORKER, el.creds, shardops.table(_lower_view(frag.shard_name)))
 
 
 def _install_mirror(el: Elastic, frag: Fragment, upper: Fragment, key: SplitKey) -> None:
@@ -424,13 +421,12 @@ def _make_time_group(el: Elastic, frag: Fragment, lower: Fragment, upper: Fragme
     coord.execute(sql.SQL("DROP FOREIGN TABLE {}").format(shardops.table(frag.shard_name)))
     for stmt in time_group_sql(lower.time_group, frag.range_from, frag.range_to):
         coord.execute(stmt)
-    app = sql.Identifier(el.creds.app_user)
-    coord.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(shardops.table(lower.time_group), app))
+    roles.grant_fragment(coord, roles.NodeKind.COORDINATOR, el.creds, shardops.table(lower.time_group))
     for half in (lower, upper):
         coord.execute(attach_partition_sql(half, shardops.server_of(coord, half.node)))
         if half.shard_name in views:
             shardops.set_remote_name(coord, half.shard_name, views[half.shard_name])
-        coord.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(shardops.table(half.shard_name), app))
+        roles.grant_fragment(coord, roles.NodeKind.COORDINATOR, el.creds, shardops.table(half.shard_name))
     log.info("building range %s of fragment %d is now time group %s", frag.describe_range(), frag.fragment_id, lower.time_group)
 
 
@@ -482,17 +478,23 @@ def _lock_root(conn: psycopg.Connection, tbl: sql.Identifier) -> None:
     conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(tbl))
 
 
-def _rollback(el: Elastic, fid: int, new_id: int, node: str) -> None:
+def _rollback(el: Elastic, fid: int, new_id: int, node: str, job_id: int | None = None) -> None:
     """One short transaction under the source's root lock: writers go through the root and the
-    mirror trigger into the new table, so dropping either without it can deadlock with them."""
+    mirror trigger into the new table, so dropping either without it can deadlock with them.
+    Guarded as a move's rollback is: the new table is dropped only when no live fragment and no
+    other open split owns its id (a failed split must never drop another operation's fragment)."""
     conn = el.nodes.get(node)
     source = shardops.table(shard_name(fid))
+    ours = new_id not in catalog.claimed_fragment_ids(el.coord, except_job=job_id)
     watch.drop(conn, watch.watch_name(fid))
     with conn.transaction():
         if shardops.table_exists(conn, shard_name(fid)):
             _lock_root(conn, source)
             conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), source))
         conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(shardops.table(_lower_view(shard_name(fid)))))
-        for stmt in drop_fragment_sql(shard_name(new_id), if_exists=True):
-            conn.execute(stmt)
+        if ours:
+            for stmt in drop_fragment_sql(shard_name(new_id), if_exists=True):
+                conn.execute(stmt)
+    if not ours:
+        log.warning("split of fragment %d: %s belongs to another operation; left in place", fid, shard_name(new_id))
     log.info("rolled back the unswitched split of fragment %d", fid)

@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from orchestrator import topology
-from orchestrator.connections import Target, superuser_target
+from orchestrator.connections import Target, ingest_target
 from orchestrator.elastic import autosplit
 from orchestrator.elastic.gate import RoutingChanged, WriteGate
 from orchestrator.exceptions import BuildSmartError, ClusterStateError, NodeError
@@ -76,13 +76,17 @@ _CSV_QUOTED = pacsv.WriteOptions(include_header=False, quoting_style="needed")
 
 
 class BatchFailed(NodeError):
-    """A part of a batch failed for good (after retries); what was committed before it stays."""
+    """A part of a batch failed for good (after retries); what was committed before it stays.
+    ``committed_after``: rows of this batch's other parts and of later batches that were already
+    running and committed anyway; ``cancelled``: parts of later batches that never started."""
 
-    def __init__(self, token: int, label: int, reasons: list[str]) -> None:
+    def __init__(self, token: int, label: int, reasons: list[str], committed_after: int = 0, cancelled: int = 0) -> None:
         super().__init__("; ".join(reasons))
         self.token = token
         self.label = label
         self.reasons = reasons
+        self.committed_after = committed_after
+        self.cancelled = cancelled
 
 
 @dataclass(frozen=True)
@@ -198,8 +202,9 @@ class IngestSession:
         """A session on the cluster whose topology and credentials live in ``directory``."""
         directory = directory.resolve()
         topo, creds = topology.load(directory), topology.load_credentials(directory)
-        workers = {g.name: superuser_target(g, creds) for g in topo.workers}
-        return cls(superuser_target(topo.coordinator, creds), workers, directory=directory, **options)  # type: ignore[arg-type]
+        # The data path runs as the ingest role, not as the superuser (orchestrator/roles.py).
+        workers = {g.name: ingest_target(g, creds) for g in topo.workers}
+        return cls(ingest_target(topo.coordinator, creds), workers, directory=directory, **options)  # type: ignore[arg-type]
 
     @property
     def fragments(self) -> int:
@@ -370,6 +375,7 @@ class IngestSession:
         re-route."""
         errors: list[str] = []
         reroute: list[Part] = []
+        ok_rows = 0
         for where, part, fut in commit.parts:
             try:
                 counts = fut.result()
@@ -383,9 +389,11 @@ class IngestSession:
                 errors.append(f"{type(exc).__name__}: {str(exc).strip()}")
                 continue
             self._account(owner, where, counts)
+            ok_rows += counts.staged
         if errors:
-            self._drain()
-            raise BatchFailed(commit.token, commit.label, errors)
+            later_rows, cancelled = self._drain()
+            log.info("batch %d failed: %d part(s) of later batches cancelled before they started", commit.token, cancelled)
+            raise BatchFailed(commit.token, commit.label, errors, ok_rows + later_rows, cancelled)
         return reroute
 
     def _account(self, commit: Commit, where: Stream, counts: BatchCounts) -> None:
@@ -436,12 +444,18 @@ class IngestSession:
             batches.append(ReadingBatch(b, m, t, k, instants, np.zeros(len(instants), dtype=np.int64), plain))
         return ReadingBatch.concat(batches)
 
-    def _drain(self) -> None:
-        for c in self.in_flight:
-            for _, _, fut in c.parts:
-                fut.exception()
+    def _drain(self) -> tuple[int, int]:
+        """After a failure: cancel every later part that has not started, wait for those already
+        running. Returns (rows those committed, parts cancelled)."""
+        futures = [fut for c in self.in_flight for _, _, fut in c.parts]
+        cancelled = sum(1 for fut in futures if fut.cancel())
+        committed = 0
+        for fut in futures:
+            if not fut.cancelled() and fut.exception() is None:
+                committed += fut.result().staged
         self.in_flight.clear()
         self._bytes_in_flight = 0
+        return committed, cancelled
 
     def close(self) -> None:
         """Stop the writers (batches not yet settled are waited for, not reported)."""

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from orchestrator.exceptions import BuildSmartError, ClusterStateError, InputError, InputLocation, NodeError
+from orchestrator.exceptions import (
+    BuildSmartError,
+    ClusterStateError,
+    InputError,
+    InputLocation,
+    NodeError,
+    RejectsUnwritable,
+    UnreadableInput,
+)
 from orchestrator.ingest.api import (
     DEFAULT_STREAMS,
     BatchFailed,
@@ -25,7 +33,7 @@ from orchestrator.ingest.api import (
     IngestSession,
     SessionTotals,
 )
-from orchestrator.ingest.parse import CsvParser, Parsed, ReadingBatch, Reject, format_of, parser_for
+from orchestrator.ingest.parse import EMPTY, CsvParser, Parsed, ReadingBatch, Reject, format_of, parser_for
 from orchestrator.ingest.source import Source
 
 log = logging.getLogger(__name__)
@@ -67,17 +75,25 @@ class IngestResult:
 
 
 class RejectsFile:
-    """Bad lines, verbatim, with line number and reason: ``line<TAB>column<TAB>reason<TAB>raw``."""
+    """Bad lines, verbatim, with line number and reason: ``line<TAB>column<TAB>reason<TAB>raw``.
+    A record whose quoted field spans lines is one entry; its inner line breaks are written as
+    ``\\n`` so every entry stays one line of this file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._fh.write(b"# line\tcolumn\treason\traw line\n")
+        try:
+            self._fh: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+            self._fh.write(b"# line\tcolumn\treason\traw line\n")
+        except OSError as exc:
+            raise RejectsUnwritable(f"cannot write the rejects file {path}: {exc.strerror or exc}; nothing was loaded") from exc
 
     def write(self, reject: Reject) -> None:
-        raw = reject.raw.rstrip(b"\r\n")
-        self._fh.write(f"{reject.line}\t{reject.column}\t{reject.reason}\t".encode() + raw + b"\n")
-        self._fh.flush()
+        raw = reject.raw.rstrip(b"\r\n").replace(b"\n", b"\\n")
+        try:
+            self._fh.write(f"{reject.line}\t{reject.column}\t{reject.reason}\t".encode() + raw + b"\n")
+            self._fh.flush()
+        except OSError as exc:
+            raise RejectsUnwritable(f"cannot write the rejects file {self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
         self._fh.close()
@@ -129,15 +145,22 @@ def ingest(
     def committed(outcome: CommitOutcome) -> None:
         result.committed_through_line = outcome.label - 1
 
-    session = IngestSession.open(directory, streams=streams, on_commit=committed)
+    rejects_file = RejectsFile(rejects) if rejects else None  # an unwritable path fails before any load
+    try:
+        session = IngestSession.open(directory, streams=streams, on_commit=committed)
+    except BaseException:
+        if rejects_file:
+            rejects_file.close()
+        raise
     try:
         source = Source(path, follow=follow)
     except BaseException:
         session.close()
+        if rejects_file:
+            rejects_file.close()
         raise
     parser = parser_for(fmt_, source.name)
     batcher = _Batcher(session, result)
-    rejects_file = RejectsFile(rejects) if rejects else None
     first_chunk = True
     started = time.monotonic()
     line = 1  # the last line read
@@ -169,12 +192,36 @@ def ingest(
                     progress(result.rows, source.position(), source.size)
         if not follow and isinstance(parser, CsvParser) and parser.order is None:
             raise InputError(InputLocation(source.name, 1), "empty input: missing header building,meter,ts,kwh")
+        if isinstance(parser, CsvParser) and (unclosed := parser.finish()):
+            _rejects(Parsed(EMPTY, unclosed, unclosed[0].line, line + 1, True), rejects_file, batcher, result)
         batcher.finish(line + 1)
+    except UnreadableInput as exc:
+        # Every line read before the damage is good: commit it, then say where the input broke.
+        batcher.finish(line + 1)
+        result.take(session.totals)
+        raise InputError(
+            InputLocation(result.source, line + 1),
+            f"{exc.reason}; stopped here: lines 2-{result.committed_through_line} ({result.loaded} rows) are committed, "
+            f"nothing from line {line + 1} on. Repair or replace the file and run the same ingest again (nothing is duplicated)",
+        ) from exc
+    except RejectsUnwritable as exc:
+        _settle_quietly(session)
+        result.take(session.totals)
+        raise RejectsUnwritable(
+            f"{exc}; lines 2-{result.committed_through_line} ({result.loaded} rows) are committed. "
+            "Run the same ingest again with a writable --rejects path (nothing is duplicated)"
+        ) from exc
     except BatchFailed as exc:
         result.take(session.totals)
+        after = (
+            f"; of the lines after it, {exc.committed_after} rows of batches already running were committed too"
+            if exc.committed_after
+            else ""
+        )
         raise NodeError(
-            f"a batch before line {exc.label} failed ({'; '.join(exc.reasons)}); lines 2-{result.committed_through_line} are "
-            "committed. Run the same ingest again to finish: rows already loaded are not duplicated"
+            f"a batch before line {exc.label} failed ({'; '.join(exc.reasons)}); lines 2-{result.committed_through_line} "
+            f"({result.loaded} rows) are committed{after}; {exc.cancelled} later batch part(s) were cancelled before they "
+            "started. Run the same ingest again to finish: rows already loaded are not duplicated"
         ) from exc
     except KeyboardInterrupt as exc:
         if follow:
@@ -207,7 +254,7 @@ def _rejects(parsed: Parsed, rejects_file: RejectsFile | None, batcher: _Batcher
     """Bad lines of a chunk: recorded (with --rejects), or the load stops before the first one."""
     if rejects_file is None:
         bad = parsed.rejects[0]
-        result.rows += bad.line - parsed.first_line + 1
+        result.rows += max(0, bad.line - parsed.first_line + 1)  # a spanning record starts in an earlier chunk
         batcher.add(parsed.batch.before_line(bad.line))
         batcher.finish(bad.line)
         result.take(batcher.session.totals)

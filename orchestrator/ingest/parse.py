@@ -300,6 +300,9 @@ class CsvParser:
         self.threads = threads
         self.order: tuple[int, int, int, int] | None = None
         self._checks = ValueChecks()
+        # A quoted field still open at the end of a line: its record's first line and raw lines.
+        # Such a record is one reject (at its first line); its later lines are never records.
+        self._span: tuple[int, list[bytes]] | None = None
 
     # -- header ------------------------------------------------------------------------------
 
@@ -323,11 +326,20 @@ class CsvParser:
         if self.order is None:
             raise InputError(InputLocation(self.source, 1), "empty input: missing header building,meter,ts,kwh")
         n = count_lines(chunk) if lines is None else lines
-        fast = self._fast(chunk, first_line, n)
+        fast = self._fast(chunk, first_line, n) if self._span is None else None
         if fast is not None:
             return Parsed(fast, (), first_line, first_line + n, False)
         batch, rejects = self._careful(chunk, first_line)
         return Parsed(batch, rejects, first_line, first_line + n, True)
+
+    def finish(self) -> tuple[Reject, ...]:
+        """At the end of the input: a quoted field never closed is one reject at its first line."""
+        if self._span is None:
+            return ()
+        first, raws = self._span
+        self._span = None
+        last = first + len(raws) - 1
+        return (Reject(first, 0, f"quoted field opened on line {first} is never closed (lines {first}-{last})", b"".join(raws)),)
 
     # -- vectorised --------------------------------------------------------------------------
 
@@ -367,6 +379,18 @@ class CsvParser:
         instants: list[int] = []
         rejects: list[Reject] = []
         for number, raw in enumerate(split_lines(chunk), first_line):
+            if self._span is not None:  # inside a record whose quoted field spans lines
+                first, raws = self._span
+                raws.append(raw)
+                if _ends_in_quote(raw, inside=True):
+                    continue
+                self._span = None
+                reason = f"a quoted field spans lines {first}-{number}: a field cannot contain a line break"
+                rejects.append(Reject(first, 0, reason, b"".join(raws)))
+                continue
+            if b'"' in raw and raw.endswith(b"\n") and _ends_in_quote(raw, inside=False):
+                self._span = (number, [raw])
+                continue
             row = self.check_line(number, raw)
             if isinstance(row, Reject):
                 rejects.append(row)
@@ -382,7 +406,10 @@ class CsvParser:
         except InputError as exc:
             return Reject(number, exc.location.column, exc.reason, raw)
         quoted = '"' in text
-        fields = next(csv.reader([text])) if quoted else text.split(",")
+        try:
+            fields = next(csv.reader([text], strict=True)) if quoted else text.split(",")
+        except csv.Error as exc:  # e.g. a field beyond the csv module's size limit, a stray quote
+            return Reject(number, 0, f"malformed CSV: {exc}", raw)
         if len(fields) != 4:
             what = "missing" if len(fields) < 4 else "extra"
             return Reject(number, 0, f"{what} fields: expected 4 (building,meter,ts,kwh), got {len(fields)}", raw)
@@ -396,6 +423,27 @@ class CsvParser:
         except FieldError as exc:
             return Reject(number, 0 if quoted else _column_of(fields, exc.field), exc.reason, raw)
         return number, building, meter, fields[o[2]], fields[o[3]]
+
+
+def _ends_in_quote(raw: bytes, inside: bool) -> bool:
+    """Whether a CSV line ends inside a quoted field, given whether it starts inside one. A quote
+    opens a field only at its start; inside, ``""`` is a quote and a lone ``"`` closes it."""
+    at_start = not inside
+    i, n = 0, len(raw)
+    while i < n:
+        c = raw[i]
+        if inside:
+            if c == 34:  # "
+                if i + 1 < n and raw[i + 1] == 34:
+                    i += 1
+                else:
+                    inside = False
+        else:
+            if c == 34 and at_start:
+                inside = True
+            at_start = c == 44  # ,
+        i += 1
+    return inside
 
 
 def _crs_end_lines(chunk: bytes) -> bool:
@@ -497,6 +545,8 @@ class JsonParser:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             return Reject(number, exc.colno, f"invalid JSON: {exc.msg}", raw)
+        except RecursionError:
+            return Reject(number, 0, "invalid JSON: nested too deeply (a reading is one flat object)", raw)
         return check_object(obj, number, raw)
 
 

@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from orchestrator.exceptions import InputError, InputLocation
+from orchestrator.exceptions import InputError, InputLocation, UnreadableInput
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Source:
                     yield flush()
                 return
             if isinstance(item, BaseException):
-                raise InputError(InputLocation(self.name, number + len(pending)), f"cannot read: {item}") from item
+                raise UnreadableInput(InputLocation(self.name, number + len(pending)), f"cannot read: {item}") from item
             assert isinstance(item, bytes)
             pending.append(item)
             size += len(item)
@@ -186,7 +186,7 @@ def _blocks_of(blocks: queue.Queue[object], name: str) -> Iterator[bytes]:
         if item is _EOF:
             return
         if isinstance(item, BaseException):
-            raise InputError(InputLocation(name, 0), f"cannot read: {item}") from item
+            raise UnreadableInput(InputLocation(name, 0), f"cannot read: {item}") from item
         assert isinstance(item, bytes)
         yield item
 

@@ -44,6 +44,9 @@ def check_text(value: str, name: str, field: int) -> str:
         raise FieldError(field, f"{name} longer than {MAX_TEXT} characters")
     if "\x00" in value:
         raise FieldError(field, f"{name} contains a NUL character")
+    if "\r" in value or "\n" in value:
+        # a line break inside a code: CSV rows, logs and the rejects file would be cut there
+        raise FieldError(field, f"{name} contains a line break (CR or LF)")
     return value
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator import logfiles
 from orchestrator.exceptions import ConfigError, NodeError
 from orchestrator.osuser import ServiceUser
 from orchestrator.runtime import procs
@@ -82,7 +83,7 @@ def start(e: LocalEtcd, user: ServiceUser) -> bool:
         "--logger", "zap",
     ]  # fmt: skip
     extra: dict[str, Any] = {} if user.is_current else {"user": user.uid, "group": user.gid, "extra_groups": []}
-    with e.log_file.open("ab") as logfh:
+    with logfiles.open_private(e.log_file) as logfh:
         proc = subprocess.Popen(
             cmd, stdout=logfh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, **extra
         )

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psutil
 
+from orchestrator import logfiles
 from orchestrator.exceptions import ConfigError, NodeError
 from orchestrator.osuser import service_user
 from orchestrator.runtime.ports import free_port, is_listening
@@ -182,7 +183,7 @@ def ensure_started(directory: Path) -> str:
         "--sync-on-commit",
     ]  # fmt: skip
     extra: dict[str, object] = {} if user.is_current else {"user": user.uid, "group": user.gid, "extra_groups": []}
-    with open(log_path, "ab") as log_fh:
+    with logfiles.open_private(log_path) as log_fh:
         try:
             proc = subprocess.Popen(  # type: ignore[call-overload]
                 cmd, cwd=server_dir, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=log_fh, start_new_session=True, **extra

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import pgbin
+from orchestrator import logfiles, pgbin
 from orchestrator.backup import archive
 from orchestrator.exceptions import ClusterStateError, ConfigError, NodeError
 from orchestrator.osuser import ServiceUser, run_as
@@ -156,7 +156,7 @@ def start(pm: PatroniMember, user: ServiceUser) -> bool:
     cmd = [patroni_python(), "-m", "patroni", str(pm.config_file)]
     extra: dict[str, Any] = {} if user.is_current else {"user": user.uid, "group": user.gid, "extra_groups": []}
     env = dict(os.environ, PATH=f"{pgbin.bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}")
-    with pm.log_file.open("ab") as logfh:
+    with logfiles.open_private(pm.log_file) as logfh:
         # own session: a Ctrl-C of the CLI must not reach the servers it leaves running
         proc = subprocess.Popen(
             cmd, stdout=logfh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env, **extra

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from orchestrator import topology
+from orchestrator import logfiles, topology
 from orchestrator.exceptions import BuildSmartError
 from orchestrator.osuser import ServiceUser, service_user
 from orchestrator.runtime import etcd, hasettings, patroni, procs
@@ -232,7 +232,7 @@ def start_daemon(directory: Path) -> int:
     if procs.alive(pid, MARKER):
         assert pid is not None
         return pid
-    with (directory / LOG_FILE).open("ab") as logfh:
+    with logfiles.open_private(directory / LOG_FILE) as logfh:
         proc = subprocess.Popen(
             [sys.executable, "-m", MARKER, str(directory)],
             stdout=logfh,

@@ -30,7 +30,7 @@ from types import FrameType
 
 import psycopg
 
-from orchestrator import catalog, topology
+from orchestrator import catalog, logfiles, topology
 from orchestrator.connections import connect, superuser_target
 from orchestrator.elastic.context import Elastic
 from orchestrator.exceptions import BuildSmartError
@@ -232,7 +232,7 @@ def start_daemon(directory: Path) -> int:
     pid = daemon_pid(directory)
     if pid is not None:
         return pid
-    with (directory / LOG_FILE).open("ab") as logfh:
+    with logfiles.open_private(directory / LOG_FILE) as logfh:
         proc = subprocess.Popen(
             [sys.executable, "-m", MARKER, str(directory)],
             stdout=logfh,

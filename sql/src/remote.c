@@ -175,6 +175,7 @@ bs_connect(BsConn *c, ForeignServer *server, UserMapping *um)
 	int			i = 0;
 	ListCell   *lc;
 	bool		has_password = false;
+	bool		passfile_ok = false;
 	PGresult   *res;
 
 	foreach(lc, server->options)
@@ -192,6 +193,9 @@ bs_connect(BsConn *c, ForeignServer *server, UserMapping *um)
 	{
 		DefElem    *d = lfirst(lc);
 
+		/* set by a superuser only: the password comes from the server's passfile */
+		if (strcmp(d->defname, "password_required") == 0 && !defGetBoolean(d))
+			passfile_ok = true;
 		if (bs_is_libpq_option(d->defname))
 		{
 			keywords[i] = d->defname;
@@ -207,9 +211,11 @@ bs_connect(BsConn *c, ForeignServer *server, UserMapping *um)
 
 	/*
 	 * As postgres_fdw: a non-superuser may only connect with a password, so a client cannot use
-	 * the server's own OS identity (peer or trust authentication) on a worker.
+	 * the server's own OS identity (peer or trust authentication) on a worker. A mapping a
+	 * superuser made with password_required 'false' takes it from the server's passfile; the
+	 * check after connecting still refuses a worker that did not ask for a password.
 	 */
-	if (!superuser_arg(um->userid) && !has_password)
+	if (!superuser_arg(um->userid) && !has_password && !passfile_ok)
 		ereport(ERROR,
 				(errcode(ERRCODE_S_R_E_PROHIBITED_SQL_STATEMENT_ATTEMPTED),
 				 errmsg("password is required to reach node %s", c->name),

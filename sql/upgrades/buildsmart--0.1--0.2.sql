@@ -14,3 +14,27 @@
 -- Cluster restore points (orchestrator/backup/points.py).
 -- #include catalog/restore_points.sql
 -- #include udfs/fragment_try_switch_lock/0.2.sql
+--
+-- Fragment ids from a sequence (concurrent splits).
+-- #include catalog/fragment_ids.sql
+--
+-- Every function of 0.1 gets a pinned search_path, so none resolves a name through a schema a
+-- client could write (time_bucket and month_bucket call only schema-qualified functions and stay
+-- inlinable and cheap per row). ensure_time_partitions (above) is SECURITY DEFINER for the
+-- ingest role, restricted to fragment tables.
+ALTER FUNCTION buildsmart.partition_start(interval, timestamptz) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.fragment_for_building(regclass, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.fragment_write_lock(integer[]) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.fragment_switch_lock(integer) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.bump_catalog_version() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.split_mirror_trigger() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.submit_job(text, jsonb) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION buildsmart.latest_readings(text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_add_node(text, integer, integer, text, name) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_remove_node(text, integer) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_drain_node(text, integer, text, name) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_rebalance_start(name, boolean, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_rebalance_status(boolean) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.citus_move_shard_placement(bigint, text, integer, text, integer, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION pg_catalog.create_time_partitions(regclass, interval, timestamptz, timestamptz) SET search_path = pg_catalog, pg_temp;
+ALTER PROCEDURE pg_catalog.drop_old_time_partitions(regclass, timestamptz) SET search_path = pg_catalog, pg_temp;

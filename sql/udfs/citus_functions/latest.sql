@@ -7,26 +7,31 @@
 CREATE FUNCTION pg_catalog.citus_add_node(nodename text, nodeport integer, groupid integer DEFAULT -1,
                                           noderole text DEFAULT 'primary', nodecluster name DEFAULT 'default')
 RETURNS bigint LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT buildsmart.submit_job('add_node', jsonb_build_object('host', nodename, 'port', nodeport)) $$;
 
 CREATE FUNCTION pg_catalog.citus_remove_node(nodename text, nodeport integer)
 RETURNS bigint LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT buildsmart.submit_job('remove_node', jsonb_build_object('host', nodename, 'port', nodeport)) $$;
 
 CREATE FUNCTION pg_catalog.citus_drain_node(nodename text, nodeport integer, shard_transfer_mode text DEFAULT 'auto',
                                             rebalance_strategy name DEFAULT NULL)
 RETURNS bigint LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT buildsmart.submit_job('drain_node', jsonb_build_object('host', nodename, 'port', nodeport)) $$;
 
 CREATE FUNCTION pg_catalog.citus_rebalance_start(rebalance_strategy name DEFAULT NULL, drain_only boolean DEFAULT false,
                                                  shard_transfer_mode text DEFAULT 'auto')
 RETURNS bigint LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT buildsmart.submit_job('rebalance', jsonb_build_object('tolerance', 0.1, 'drain_only', drain_only)) $$;
 
 CREATE FUNCTION pg_catalog.citus_rebalance_status(raw boolean DEFAULT false)
 RETURNS TABLE (job_id bigint, state text, job_type text, description text, started_at timestamptz,
                finished_at timestamptz, details jsonb)
 LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT j.job_id, j.state, j.kind, j.kind || ' ' || j.args::text, j.started_at, j.finished_at,
            j.detail || jsonb_build_object('step', j.step, 'error', j.error,
@@ -43,6 +48,7 @@ CREATE FUNCTION pg_catalog.citus_move_shard_placement(shard_id bigint, source_no
                                                       target_node_name text, target_node_port integer,
                                                       shard_transfer_mode text DEFAULT 'auto')
 RETURNS bigint LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT buildsmart.submit_job('citus_move', jsonb_build_object('shard_id', shard_id,
         'source_host', source_node_name, 'source_port', source_node_port,
         'target_host', target_node_name, 'target_port', target_node_port)) $$;
@@ -51,6 +57,7 @@ AS $$ SELECT buildsmart.submit_job('citus_move', jsonb_build_object('shard_id', 
 CREATE FUNCTION pg_catalog.create_time_partitions(table_name regclass, partition_interval interval, end_at timestamptz,
                                                   start_from timestamptz DEFAULT now())
 RETURNS boolean LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     job bigint;
@@ -67,6 +74,7 @@ $$;
 
 CREATE PROCEDURE pg_catalog.drop_old_time_partitions(table_name regclass, older_than timestamptz)
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     job bigint;

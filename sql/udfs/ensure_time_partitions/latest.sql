@@ -5,9 +5,13 @@
 -- DEFAULT are re-inserted through the new partition (logical replication of a move sees them), and
 -- readers wait while they move.
 -- Serialised per parent with an advisory lock so concurrent loaders do not race on DDL.
+-- SECURITY DEFINER (owned by the superuser that installs the extension): the ingest role makes
+-- the time partitions its rows need without owning the fragment, and only for fragment tables
+-- (partitioned tables in bsdata); EXECUTE is granted to that role alone (orchestrator/roles.py).
 CREATE OR REPLACE FUNCTION buildsmart.ensure_time_partitions(parent regclass, part_interval interval, lo timestamptz, hi timestamptz)
 RETURNS integer
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -25,7 +29,10 @@ BEGIN
     END IF;
     SELECT n.nspname, c.relname INTO nsp, rel
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.oid = parent;
+     WHERE c.oid = parent AND c.relkind = 'p';
+    IF nsp IS DISTINCT FROM 'bsdata' THEN
+        RAISE EXCEPTION '% is not a fragment table', parent USING ERRCODE = 'insufficient_privilege';
+    END IF;
     PERFORM pg_catalog.pg_advisory_xact_lock(parent::oid::bigint);
     dflt := rel || '_default';
     s := buildsmart.partition_start(part_interval, lo);
@@ -74,3 +81,4 @@ BEGIN
     RETURN created;
 END;
 $$;
+REVOKE ALL ON FUNCTION buildsmart.ensure_time_partitions(regclass, interval, timestamptz, timestamptz) FROM PUBLIC;

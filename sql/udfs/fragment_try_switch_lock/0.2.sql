@@ -6,6 +6,7 @@
 CREATE FUNCTION buildsmart.fragment_try_switch_lock(fragment_ids integer[])
 RETURNS integer[]
 LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT coalesce(array_agg(f ORDER BY f) FILTER (WHERE NOT pg_catalog.pg_try_advisory_xact_lock(1112755524, f)), '{}')
       FROM (SELECT DISTINCT u AS f FROM unnest(fragment_ids) u ORDER BY 1) s

@@ -6,6 +6,7 @@
 CREATE FUNCTION buildsmart.fragment_write_lock(fragment_ids integer[])
 RETURNS bigint
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     fid integer;

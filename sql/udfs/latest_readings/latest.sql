@@ -6,6 +6,7 @@
 CREATE FUNCTION buildsmart.latest_readings(only_building text DEFAULT NULL)
 RETURNS TABLE (building text, meter text, ts timestamptz, kwh double precision)
 LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     bs text[];

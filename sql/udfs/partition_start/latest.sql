@@ -3,6 +3,7 @@
 CREATE FUNCTION buildsmart.partition_start(part_interval interval, ts timestamptz)
 RETURNS timestamptz
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     months int := extract(year FROM part_interval)::int * 12 + extract(month FROM part_interval)::int;

@@ -7,6 +7,7 @@
 CREATE FUNCTION buildsmart.split_mirror_trigger()
 RETURNS trigger
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     target text := TG_ARGV[0];

@@ -5,6 +5,7 @@
 CREATE FUNCTION buildsmart.time_split_mirror_trigger()
 RETURNS trigger
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     target text := TG_ARGV[0];
