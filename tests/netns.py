@@ -67,6 +67,7 @@ class Network:
         self.bridge = f"bsbr{self.tag}"
         prefix = _free_subnet()
         self.gateway = f"{prefix}254"
+        self.subnet = f"{prefix}0/24"
         self.hosts: dict[str, Host] = {}
         self._made_bridge = False
         try:
@@ -117,13 +118,39 @@ class Network:
     def heal(self, host: str) -> None:
         _ip("link", "set", self.hosts[host].veth, "up")
 
+    def pids(self, host: str) -> list[int]:
+        """Every process of ``host``: those whose network namespace is the host's (Patroni detaches
+        the postmaster it starts, so our own children are not all of them)."""
+        try:
+            want = os.stat(f"/run/netns/{self.hosts[host].ns}").st_ino
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.stat(f"/proc/{entry}/ns/net").st_ino == want:
+                        found.append(int(entry))
+        return found
+
     def _signal(self, host: str, sig: int) -> None:
         for proc in self.hosts[host].procs:
             if proc.poll() is None:  # our own unreaped child: its PID cannot have been reused
                 proc.send_signal(sig)
+        for pid in self.pids(host):
+            # a PID found in the host's namespace a moment ago; pidfd pins it against reuse
+            with contextlib.suppress(OSError):
+                fd = os.pidfd_open(pid)
+                try:
+                    if os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{self.hosts[host].ns}").st_ino:
+                        signal.pidfd_send_signal(fd, sig)
+                finally:
+                    os.close(fd)
 
     def crash(self, host: str) -> None:
-        self._signal(host, signal.SIGKILL)
+        """Kill every process of ``host`` at once (a power loss)."""
+        for _ in range(3):  # processes forked while we kill are caught by the next pass
+            self._signal(host, signal.SIGKILL)
         for proc in self.hosts[host].procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
