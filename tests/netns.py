@@ -59,6 +59,7 @@ class Host:
     address: str
     veth: str  # the end on the bridge, in the test's namespace
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    started: list[tuple[tuple[str, ...], Path]] = field(default_factory=list)  # what restart() starts again
 
 
 class Network:
@@ -105,7 +106,14 @@ class Network:
                 ["ip", "netns", "exec", h.ns, *argv], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         h.procs.append(proc)
+        if (tuple(argv), log_file) not in h.started:
+            h.started.append((tuple(argv), log_file))
         return proc
+
+    def restart(self, host: str) -> None:
+        """Start again everything started on ``host`` (a host back after a crash: its units start)."""
+        for argv, log_file in list(self.hosts[host].started):
+            self.start(host, argv, log_file)
 
     def run(self, host: str, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
         """Run a short command inside ``host`` and wait for it."""
