@@ -1,34 +1,35 @@
-"""Cluster lifecycle: ``up`` and ``down`` for the local runtime, ``init`` for servers we did not start,
-and ``setup`` (plan + apply) shared by both.
+"""Cluster lifecycle: ``up`` and ``down`` of a cluster in DIR, ``init`` for servers we did not start,
+and ``setup`` (plan + apply) shared by all.
 
-The local runtime has two shapes: ``replicas >= 1`` (the default) makes every node a Patroni group
-(primary + replicas, etcd, the failover supervisor: see runtime/ha.py and runtime/supervisor.py);
-``replicas == 0`` starts one plain server per node with pg_ctl. A cluster remembers its shape:
-DIR/ha.json exists for Patroni clusters only."""
+Where the servers run is the runtime's business (orchestrator/runtime/base.py): ``up`` makes a
+``patroni`` cluster (every node a Patroni group with etcd and the failover supervisor; the
+default) or, with ``--replicas 0``, a ``plain`` one; ``init --spec`` records ``external`` servers or
+``hosts`` that run their own members. The kind is recorded in topology.json."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
-from orchestrator import catalog, executor, extension, metadata_store, roles, topology
+from orchestrator import catalog, executor, extension, metadata_store, pgbin, roles, runtime, topology
 from orchestrator.connections import connect, superuser_target
 from orchestrator.exceptions import ClusterStateError, ConfigError, NodeError
 from orchestrator.fragments import initial_fragments, validate_split_points
 from orchestrator.nodeconn import NodeConnections
 from orchestrator.osuser import ServiceUser, service_user
 from orchestrator.planner import DesiredCluster, MappingSpec, NodeSpec, Step, plan
-from orchestrator.runtime import etcd, ha, hasettings, local, supervisor
-from orchestrator.runtime.patroni import PatroniMember
-from orchestrator.runtime.ports import free_port, is_listening
+from orchestrator.runtime import ha, hasettings
+
+# re-exported: callers find member files through the cluster module
+from orchestrator.runtime.layout import data_root as data_root
+from orchestrator.runtime.layout import local_members as local_members
+from orchestrator.runtime.ports import free_port
 from orchestrator.spec import ClusterSpec
 from orchestrator.tasks import runner as tasks_runner
 from orchestrator.topology import COORDINATOR, WORKER, Credentials, Group, Layout, Member, Topology
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 3
 DEFAULT_REPLICAS = 1
-FALLBACK_DATA_ROOT = Path("/var/lib/buildsmart")
 Report = Callable[[str], None]
 
 
@@ -67,63 +67,6 @@ def new_local_topology(
 
     groups = (group("coordinator", COORDINATOR), *(group(f"w{i}", WORKER) for i in range(1, workers + 1)))
     return Topology(name, groups, layout, service.name)
-
-
-def data_root(directory: Path, user: ServiceUser) -> Path:
-    """Where member directories live: DIR/nodes, or (when the service user cannot reach DIR, e.g.
-    under /root) a directory under /var/lib/buildsmart that DIR/nodes links to."""
-    nodes = directory / "nodes"
-    if nodes.is_symlink():
-        return nodes.resolve()
-    if user.can_traverse(directory):
-        nodes.mkdir(parents=True, exist_ok=True)
-        return nodes
-    digest = hashlib.sha1(str(directory).encode()).hexdigest()[:12]
-    target = FALLBACK_DATA_ROOT / digest
-    target.mkdir(parents=True, exist_ok=True)
-    FALLBACK_DATA_ROOT.chmod(0o755)
-    if nodes.exists():
-        raise ConfigError(f"{nodes} exists but the service user {user.name} cannot reach it; move DIR elsewhere")
-    nodes.symlink_to(target)
-    log.info("service user %s cannot reach %s; member data lives in %s (linked from %s)", user.name, directory, target, nodes)
-    return target
-
-
-def local_members(directory: Path, topo: Topology, user: ServiceUser) -> list[tuple[Group, local.LocalMember]]:
-    root = data_root(directory, user)
-    out = []
-    for group in topo.groups:
-        if not group.managed:
-            continue
-        for m in group.members:
-            base = root / (m.data_dir or m.name)
-            out.append((group, local.LocalMember(m, base / "data", base / "postgres.log")))
-    return out
-
-
-def _ensure_port_free(
-    topo: Topology, group: Group, lm: local.LocalMember, user: ServiceUser
-) -> tuple[Topology, local.LocalMember]:
-    """If our recorded port is now used by someone else, move the member to a free port."""
-    if local.pid_of(lm.data_dir) is not None or not is_listening(lm.member.host, lm.member.port):
-        return topo, lm
-    taken = frozenset(m.port for g in topo.groups for m in g.members)
-    new_member = replace(lm.member, port=free_port(exclude=taken))
-    log.info("port %d of %s is taken by another process; moving it to %d", lm.member.port, lm.name, new_member.port)
-    members = tuple(new_member if m.name == lm.member.name else m for m in group.members)
-    new_lm = replace(lm, member=new_member)
-    if local.is_initialized(new_lm):
-        local.set_port(new_lm, user)
-    return topo.with_group(replace(group, members=members)), new_lm
-
-
-def _start_member(lm: local.LocalMember, user: ServiceUser, creds: Credentials) -> str:
-    if not local.is_initialized(lm):
-        local.initdb(lm, user, creds)
-        started = local.start(lm, user)
-        return f"{lm.name}: initialised and started on port {lm.member.port}" if started else f"{lm.name}: running"
-    started = local.start(lm, user)
-    return f"{lm.name}: started on port {lm.member.port}" if started else f"{lm.name}: already running on port {lm.member.port}"
 
 
 def _bootstrap_group(group: Group, creds: Credentials) -> None:
@@ -178,17 +121,25 @@ def up(
         r = DEFAULT_REPLICAS if replicas is None else replicas
         if synchronous not in hasettings.SYNC_MODES:
             raise ConfigError(f"--synchronous must be one of {', '.join(hasettings.SYNC_MODES)}")
-        topo = new_local_topology(n, layout, user, replicas=r)
-        creds = Credentials.generate()
+        topo = replace(new_local_topology(n, layout, user, replicas=r), runtime="patroni" if r > 0 else "plain")
+        # TLS by default when the server build has it (runtime/tls.py; pgbin says which build runs)
+        tls_dir = data_root(directory, user) / "tls" if pgbin.has_ssl() else None
+        creds = replace(Credentials.generate(), ca_file=str(tls_dir / "ca.crt") if tls_dir else None)
         topology.save_credentials(directory, creds)
         if r > 0:
-            hasettings.save(directory, ha.new_settings(topo, r, synchronous))
+            hasettings.save(directory, replace(ha.new_settings(topo, r, synchronous), tls_dir=str(tls_dir) if tls_dir else None))
         shape = f"{len(points) + 1} fragments" if points else "fragments laid out by the first load"
         report(f"new cluster in {directory}: coordinator + {n} workers, {shape}, {r} replica(s) per node")
-    if hasettings.exists(directory):
-        topo = _up_patroni(directory, topo, creds, user, report)
-    else:
-        topo = _up_plain(directory, topo, creds, user, report)
+    rt = runtime.for_cluster(directory, topo)
+    topology.save(directory, topo)  # first: the supervisor and task runner read it
+    topo = rt.start(topo, creds, report)
+    topology.save(directory, topo)
+    for group in topo.groups:
+        if group.managed:
+            _bootstrap_group(group, creds)
+    write_passfile(directory, creds, user)
+    applied = setup(topo, creds, directory)
+    report(f"setup: {len(applied)} change(s) applied" if applied else "setup: catalog and fragments up to date")
     if new and balancer_paused:
         _pause_balancer(topo, creds, "started paused (`buildsmart balancer resume` starts it)")
     report(f"task runner running (pid {tasks_runner.start_daemon(directory)})")
@@ -200,60 +151,6 @@ def _pause_balancer(topo: Topology, creds: Credentials, note: str) -> None:
         catalog.set_paused(conn, True, note)
 
 
-def _up_plain(directory: Path, topo: Topology, creds: Credentials, user: ServiceUser, report: Report) -> Topology:
-    members = local_members(directory, topo, user)
-    checked = []
-    for group, lm in members:
-        topo, lm = _ensure_port_free(topo, topo.group(group.name), lm, user)
-        checked.append(lm)
-    topology.save(directory, topo)
-    extension.copy_files()
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for line in pool.map(lambda lm: _start_member(lm, user, creds), checked):
-            report(line)
-    for group in topo.groups:
-        if group.managed:
-            _bootstrap_group(group, creds)
-    write_passfile(directory, creds, user)
-    applied = setup(topo, creds, directory)
-    report(f"setup: {len(applied)} change(s) applied" if applied else "setup: catalog and fragments up to date")
-    return topo
-
-
-def _up_patroni(directory: Path, topo: Topology, creds: Credentials, user: ServiceUser, report: Report) -> Topology:
-    """Patroni groups: etcd, members (leaders first), database and roles, setup, then the supervisor."""
-    settings = hasettings.load(directory)
-    topology.save(directory, topo)
-    extension.copy_files()
-    members = [PatroniMember(g, lm) for g, lm in local_members(directory, topo, user)]
-    ha.start_groups(data_root(directory, user), topo, creds, settings, members, user, report)
-    for group in topo.groups:
-        if group.managed:
-            _bootstrap_group(group, creds)
-    write_passfile(directory, creds, user)
-    applied = setup(topo, creds, directory)
-    report(f"setup: {len(applied)} change(s) applied" if applied else "setup: catalog and fragments up to date")
-    supervisor.start_daemon(directory)
-    report("failover supervisor running")
-    return topo
-
-
-def _down_patroni(directory: Path, topo: Topology, user: ServiceUser, report: Report) -> None:
-    if supervisor.stop_daemon(directory):
-        report("failover supervisor: stopped")
-    members = [PatroniMember(g, lm) for g, lm in local_members(directory, topo, user)]
-    settings = hasettings.load(directory)
-    leaders = ha.current_leaders(topo, settings) if etcd_running(directory, settings, user) else {}
-    if leaders:
-        settings = replace(settings, last_leaders={**settings.last_leaders, **leaders})
-        hasettings.save(directory, settings)
-    ha.stop_groups(data_root(directory, user), topo, settings, members, user, report)
-
-
-def etcd_running(directory: Path, settings: hasettings.HaSettings, user: ServiceUser) -> bool:
-    return etcd.is_running(ha.local_etcd(data_root(directory, user), settings))
-
-
 def down(directory: Path, purge: bool = False, report: Report = _quiet) -> None:
     directory = directory.resolve()
     if not topology.exists(directory):
@@ -262,26 +159,11 @@ def down(directory: Path, purge: bool = False, report: Report = _quiet) -> None:
         report(f"no cluster in {directory}")
         return
     topo = topology.load(directory)
-    user = service_user(topo.service_user)
     stopped = tasks_runner.stop_daemon(directory)  # first: it works on the servers stopped below
     if stopped is not None:
         report(f"task runner: stopped (pid {stopped})")
     metadata_store.stop(directory, report)  # the MongoDB-protocol server `up` may have started
-    if hasettings.exists(directory):
-        _down_patroni(directory, topo, user, report)
-        _purge(directory, purge, report)
-        return
-    members = local_members(directory, topo, user)
-    errors = []
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {lm.name: pool.submit(local.stop, lm, user) for _, lm in members}
-    for name, fut in futures.items():
-        try:
-            report(f"{name}: stopped" if fut.result() else f"{name}: was not running")
-        except NodeError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise NodeError("; ".join(errors))
+    runtime.for_cluster(directory, topo).stop(topo, report)
     _purge(directory, purge, report)
 
 
@@ -300,7 +182,7 @@ def _purge(directory: Path, purge: bool, report: Report) -> None:
 def init_remote(directory: Path, spec: ClusterSpec, report: Report = _quiet) -> Topology:
     """Set up servers we did not start (from a spec) and remember them in DIR."""
     directory = directory.resolve()
-    topo = spec.topology
+    topo = replace(spec.topology, runtime=spec.topology.runtime or "external")
     if spec.app_password_generated and topology.exists(directory):
         # Keep the password made the first time: user mappings on the coordinator hold it.
         stored = topology.load_credentials(directory).app_password

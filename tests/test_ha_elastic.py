@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator import cluster, topology
 from orchestrator.osuser import service_user
-from orchestrator.runtime import etcd, groups, ha, hasettings, patroni, procs, supervisor
+from orchestrator.runtime import etcd, groups, ha, hasettings, identity, patroni, supervisor
 from tests import ha_tools
 from tests.harness import ClusterHandle, make_tmp_dir
 
@@ -126,7 +126,7 @@ def test_node_add_move_failover_remove(hcluster: ClusterHandle) -> None:
     pids = _pids(directory, NEW)
     assert len(pids) == 4, pids
     hcluster.run_cli("node", "remove", NEW, "--drain")
-    still = {what: pid for what, pid in pids.items() if procs.alive(pid)}
+    still = {what: pid for what, pid in pids.items() if identity.alive(pid)}
     assert not still, f"processes of {NEW} still running: {still}"
     assert _totals(hcluster) == reference
     topo = hcluster.topology

@@ -20,7 +20,7 @@ from orchestrator import topology
 from orchestrator.cli.app import app
 from orchestrator.connections import Target, connect, superuser_target
 from orchestrator.exceptions import BuildSmartError
-from orchestrator.runtime import ha, hasettings, procs
+from orchestrator.runtime import ha, hasettings, identity
 from tests import ha_tools
 
 SPLIT_POINTS = ["b3", "b6", "t", "u"]
@@ -141,7 +141,7 @@ def test_patroni_killed_alone_no_split_brain(healthy: Path) -> None:
     stop.set()
     thread.join(10)
     assert acked, "the probe never committed on the old primary"
-    assert not procs.alive(postmaster), "the orphaned postmaster still runs"
+    assert not identity.alive(postmaster), "the orphaned postmaster still runs"
     with connect(superuser_target(topo.group(group), creds), "ha-test", autocommit=True, search_path=None) as conn:
         present = {r[0] for r in conn.execute("SELECT id FROM public.ha_probe").fetchall()}
     lost = sorted(set(acked) - present)

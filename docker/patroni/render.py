@@ -1,6 +1,7 @@
 """Render the Patroni config of one compose member from environment variables, using the same
-template as the local runtime (patroni/member.yml.tmpl, copied into the image). Values are
-written as JSON, which is valid YAML, so passwords and host lists are always quoted correctly.
+template and the same renderer as the local runtime (patroni/member.yml.tmpl and
+orchestrator/runtime/memberconf.py, copied into the image). Values are written as JSON, which is
+valid YAML, so passwords and host lists are always quoted correctly.
 
 Environment (set per service in docker-compose.yml):
   BUILDSMART_SCOPE            group name (coordinator, w1, ...): the Patroni scope
@@ -16,12 +17,16 @@ Environment (set per service in docker-compose.yml):
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import string
 import sys
 from pathlib import Path
+
+# The one renderer of member configs (orchestrator/runtime/memberconf.py), shared with the local
+# runtime; the image copies it (with orchestrator/exceptions.py) next to this script, which Python
+# puts first on sys.path.
+from orchestrator.runtime import memberconf
+from orchestrator.runtime.memberconf import MemberConf
 
 # The same server settings as the local runtime (orchestrator/runtime/local.py SERVER_SETTINGS,
 # without listen/port/socket settings Patroni sets per member); tests/test_compose_ha.py checks they agree.
@@ -52,44 +57,43 @@ def _env(name: str, default: str | None = None) -> str:
     return value
 
 
-def values(env_host: str | None = None) -> dict[str, object]:
+def conf(env_host: str | None = None) -> MemberConf:
     host = env_host or socket.gethostname()
     sync = _env("BUILDSMART_SYNCHRONOUS", "on")
     if sync not in SYNC_MODES:
         sys.exit(f"render.py: BUILDSMART_SYNCHRONOUS must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
     net = _env("BUILDSMART_HBA_NETWORK", "samenet")
     data_dir = _env("BUILDSMART_DATA_DIR", "/var/lib/postgresql/patroni/data")
-    return {
-        "scope": _env("BUILDSMART_SCOPE"),
-        "namespace": _env("BUILDSMART_NAMESPACE", "/buildsmart/"),
-        "name": _env("BUILDSMART_MEMBER", host),
-        "restapi_listen": "0.0.0.0:8008",
-        "restapi_address": f"{host}:8008",
-        "restapi_user": "buildsmart",
-        "restapi_password": _env("BUILDSMART_PATRONI_PASSWORD"),
-        "etcd_hosts": [h.strip() for h in _env("BUILDSMART_ETCD_HOSTS").split(",") if h.strip()],
-        "synchronous_mode": sync in ("on", "strict"),
-        "synchronous_mode_strict": sync == "strict",
-        "dcs_parameters": PARAMETERS,
-        "pg_listen": "0.0.0.0:5432",
-        "pg_address": f"{host}:5432",
-        "data_dir": data_dir,
-        "bin_dir": _env("BUILDSMART_PG_BIN", "/usr/lib/postgresql/18/bin"),
-        "pgpass": str(Path(data_dir).parent / "pgpass"),
-        "superuser": _env("BUILDSMART_SUPERUSER", "postgres"),
-        "superuser_password": _env("BUILDSMART_SUPERUSER_PASSWORD"),
-        "local_parameters": {"unix_socket_directories": "/var/run/postgresql"},
-        "pg_hba": [
+    return MemberConf(
+        scope=_env("BUILDSMART_SCOPE"),
+        namespace=_env("BUILDSMART_NAMESPACE", "/buildsmart/"),
+        name=_env("BUILDSMART_MEMBER", host),
+        restapi_listen="0.0.0.0:8008",
+        restapi_address=f"{host}:8008",
+        restapi_user="buildsmart",
+        restapi_password=_env("BUILDSMART_PATRONI_PASSWORD"),
+        etcd_hosts=tuple(h.strip() for h in _env("BUILDSMART_ETCD_HOSTS").split(",") if h.strip()),
+        synchronous=sync,
+        pg_listen="0.0.0.0:5432",
+        pg_address=f"{host}:5432",
+        data_dir=data_dir,
+        bin_dir=_env("BUILDSMART_PG_BIN", "/usr/lib/postgresql/18/bin"),
+        pgpass=str(Path(data_dir).parent / "pgpass"),
+        superuser=_env("BUILDSMART_SUPERUSER", "postgres"),
+        superuser_password=_env("BUILDSMART_SUPERUSER_PASSWORD"),
+        dcs_parameters=PARAMETERS,
+        local_parameters={"unix_socket_directories": "/var/run/postgresql"},
+        hba=(
             "local all all scram-sha-256",
             "host all all 127.0.0.1/32 scram-sha-256",
             f"host all all {net} scram-sha-256",
             f"host replication all {net} scram-sha-256",
-        ],
-    }
+        ),
+    )
 
 
 def render(template: Path, env_host: str | None = None) -> str:
-    return string.Template(template.read_text()).substitute({k: json.dumps(v) for k, v in values(env_host).items()})
+    return memberconf.render(conf(env_host), template)
 
 
 def main(argv: list[str]) -> int:

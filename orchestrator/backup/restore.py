@@ -116,7 +116,7 @@ def _write_sealed_config(data: Path, port: int, socket_dir: Path, superuser: str
 
 def _unseal_config(data: Path, user: ServiceUser) -> None:
     (data / "postgresql.restore.conf").unlink(missing_ok=True)
-    (data / "pg_hba.conf").write_text(local.HBA_RULES)
+    (data / "pg_hba.conf").write_text("\n".join(local.hba_rules()) + "\n")
     auto = data / "postgresql.auto.conf"
     if auto.exists():
         kept = [ln for ln in auto.read_text().splitlines() if ln.split("=", 1)[0].strip() not in RECOVERY_KEYS]

@@ -1,8 +1,8 @@
 """Adding, draining and removing worker nodes.
 
-A local node is started by the local runtime in the cluster's own shape (orchestrator/runtime/groups.py:
-a Patroni group with as many replicas as the other nodes, watched by the failover supervisor, or one
-plain server in a ``--replicas 0`` cluster); a remote node is registered from its address.
+A new node is started by the cluster's runtime (orchestrator/runtime/base.py: a local Patroni group
+with as many replicas as the other nodes, watched by the failover supervisor, or one plain server
+in a ``--replicas 0`` cluster); a remote node is registered from its address.
 Either way :func:`orchestrator.cluster.setup` then installs the extension and
 creates the foreign server and user mapping, as for the first workers. New fragments placed on it
 take the coordinator's current columns (migrations included).
@@ -17,13 +17,11 @@ from dataclasses import replace
 
 from psycopg import sql
 
-from orchestrator import cluster, roles, topology
+from orchestrator import cluster, roles, runtime, topology
 from orchestrator.connections import connect, superuser_target
 from orchestrator.elastic import balancer
 from orchestrator.elastic.context import Elastic
 from orchestrator.exceptions import BuildSmartError, ClusterStateError, ConfigError
-from orchestrator.osuser import service_user
-from orchestrator.runtime import groups
 from orchestrator.topology import WORKER, Group, Member
 
 log = logging.getLogger(__name__)
@@ -65,21 +63,20 @@ def add_node(
         _bootstrap(group, el)
         report(f"{name}: registered remote worker at {group.address}")
     else:
-        user = service_user(el.topo.service_user)
-        root = cluster.data_root(el.directory, user)
-        group = groups.start_worker(el.directory, root, el.topo, name, el.creds, user, report)
+        rt = runtime.for_cluster(el.directory, el.topo)
+        group = rt.add_worker(el.topo, name, el.creds, report)
         try:
             _bootstrap(group, el)
         except BuildSmartError:
             log.info("bootstrap of %s failed; stopping and deleting it", name)
-            groups.delete_worker(el.directory, root, el.topo.with_group(group), name, user, report)
+            rt.remove_worker(el.topo.with_group(group), name, report)
             raise
     topo = el.topo.with_group(group)
     topology.save(el.directory, topo)
     el.reload_topology()
     applied = cluster.setup(topo, el.creds, el.directory)
     log.info("added worker %s at %s (%d setup steps)", name, group.address, len(applied))
-    if group.managed and groups.confirm_supervised(el.directory, group):
+    if group.managed and runtime.for_cluster(el.directory, topo).confirm_worker(group):
         report(f"{name}: watched by the failover supervisor")
     return group
 
@@ -127,8 +124,7 @@ def remove_node(el: Elastic, name: str, drain: bool = False, report: Report = la
         coord.execute("SELECT buildsmart.bump_catalog_version()")
     log.info("removed node %s from the catalog", name)
     if group.managed:
-        user = service_user(el.topo.service_user)
-        groups.delete_worker(el.directory, cluster.data_root(el.directory, user), el.topo, name, user, report)
+        runtime.for_cluster(el.directory, el.topo).remove_worker(el.topo, name, report)
     topo = replace(el.topo, groups=tuple(g for g in el.topo.groups if g.name != name))
     topology.save(el.directory, topo)
     el.nodes.close()

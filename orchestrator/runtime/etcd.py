@@ -11,7 +11,7 @@ import base64
 import json
 import logging
 import shutil
-import subprocess
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import logfiles
 from orchestrator.exceptions import ConfigError, NodeError
 from orchestrator.osuser import ServiceUser
-from orchestrator.runtime import procs
+from orchestrator.runtime import identity, procs
+from orchestrator.runtime.hasettings import HaSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,13 @@ def binary() -> str:
     return found
 
 
+def running(e: LocalEtcd) -> identity.Verified | None:
+    """Our etcd of ``e``, verified: the etcd binary with this member's ``--data-dir``."""
+    return procs.running(e.pid_file, binary(), [("--data-dir", str(e.directory / "data"))], "etcd")
+
+
 def is_running(e: LocalEtcd) -> bool:
-    return procs.alive(procs.read_pid(e.pid_file), "etcd")
+    return running(e) is not None
 
 
 def start(e: LocalEtcd, user: ServiceUser) -> bool:
@@ -82,35 +87,26 @@ def start(e: LocalEtcd, user: ServiceUser) -> bool:
         "--snapshot-count", "10000",
         "--logger", "zap",
     ]  # fmt: skip
-    extra: dict[str, Any] = {} if user.is_current else {"user": user.uid, "group": user.gid, "extra_groups": []}
-    with logfiles.open_private(e.log_file) as logfh:
-        proc = subprocess.Popen(
-            cmd, stdout=logfh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, **extra
-        )
-    procs.write_pid(e.pid_file, proc.pid)
+    pid = procs.spawn(cmd, e.pid_file, e.log_file, user)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise NodeError(f"etcd exited with {proc.returncode} at start; see {e.log_file}")
+        if running(e) is None:
+            raise NodeError(f"etcd exited at start; see {e.log_file}")
         if healthy(e.url):
-            log.info("started etcd on %s (pid %d)", e.url, proc.pid)
+            log.info("started etcd on %s (pid %d)", e.url, pid)
             return True
         time.sleep(0.1)
-    procs.stop_pid(proc.pid, "etcd", 5)
+    procs.stop(running(e), 5)
     raise NodeError(f"etcd did not answer on {e.url} within {START_TIMEOUT_S} s; see {e.log_file}")
 
 
 def stop(e: LocalEtcd) -> bool:
-    pid = procs.read_pid(e.pid_file)
-    if not procs.alive(pid, "etcd"):
-        return False
-    assert pid is not None
-    return procs.stop_pid(pid, "etcd", 15)
+    return procs.stop(running(e), 15)
 
 
-def healthy(url: str) -> bool:
+def healthy(url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=HTTP_TIMEOUT_S) as resp:
+        with urllib.request.urlopen(f"{url}/health", timeout=HTTP_TIMEOUT_S, context=context) as resp:
             return bool(json.loads(resp.read()).get("health") in ("true", True))
     except (OSError, ValueError):
         return False
@@ -123,24 +119,74 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def _post(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    req = urllib.request.Request(
-        f"{url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
-            result: dict[str, Any] = json.loads(resp.read() or b"{}")
-            return result
-    except (OSError, ValueError) as exc:
-        raise NodeError(f"etcd at {url} did not answer {path}: {exc}") from exc
+@dataclass(frozen=True)
+class Client:
+    """How to reach the DCS: client URLs (tried in turn, so one lost member is not an outage), the
+    TLS context (cluster CA + our client certificate) and an etcd user (auth enabled)."""
+
+    urls: tuple[str, ...]
+    context: ssl.SSLContext | None = None
+    user: str | None = None
+    password: str | None = None
+
+    @staticmethod
+    def of(settings: HaSettings) -> Client:
+        return Client(tuple(settings.etcd_urls), settings.ssl_context(), settings.etcd_user, settings.etcd_password)
 
 
-def get(url: str, key: str) -> str | None:
+Endpoint = Client | str
+
+
+def _request(url: str, path: str, body: dict[str, Any], context: ssl.SSLContext | None, token: str | None) -> dict[str, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = token
+    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S, context=context) as resp:
+        result: dict[str, Any] = json.loads(resp.read() or b"{}")
+        return result
+
+
+# etcd checks a password with bcrypt (tens of ms): keep each member's token until it is refused
+_TOKENS: dict[tuple[str, str], str] = {}
+
+
+def _token(client: Client, url: str, fresh: bool) -> str | None:
+    if client.user is None:
+        return None
+    key = (url, client.user)
+    if fresh or key not in _TOKENS:
+        auth = {"name": client.user, "password": client.password or ""}
+        _TOKENS[key] = str(_request(url, "/v3/auth/authenticate", auth, client.context, None).get("token"))
+    return _TOKENS[key]
+
+
+def _post(endpoint: Endpoint, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    client = Client((endpoint,)) if isinstance(endpoint, str) else endpoint
+    errors = []
+    for url in client.urls:
+        try:
+            try:
+                return _request(url, path, body, client.context, _token(client, url, fresh=False))
+            except urllib.error.HTTPError as exc:
+                if exc.code != 401 or client.user is None:
+                    raise
+                return _request(url, path, body, client.context, _token(client, url, fresh=True))
+        except (OSError, ValueError) as exc:
+            errors.append(f"{url}: {exc}")
+    raise NodeError(f"no etcd member answered {path}: {'; '.join(errors)}")
+
+
+def get(url: Endpoint, key: str) -> str | None:
     kvs = _post(url, "/v3/kv/range", {"key": _b64(key)}).get("kvs") or []
     return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
 
 
-def delete_if_value(url: str, key: str, expected: str) -> bool:
+def put(url: Endpoint, key: str, value: str) -> None:
+    _post(url, "/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+
+
+def delete_if_value(url: Endpoint, key: str, expected: str) -> bool:
     """Delete ``key`` only while it still holds ``expected`` (one etcd transaction). True when deleted."""
     body = {
         "compare": [{"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(expected)}],
@@ -149,7 +195,7 @@ def delete_if_value(url: str, key: str, expected: str) -> bool:
     return bool(_post(url, "/v3/kv/txn", body).get("succeeded"))
 
 
-def delete_prefix(url: str, prefix: str) -> int:
+def delete_prefix(url: Endpoint, prefix: str) -> int:
     """Delete every key under ``prefix``; returns how many were deleted."""
     if not prefix:
         raise ConfigError("refusing to delete the whole etcd keyspace")

@@ -1,20 +1,18 @@
-"""One worker group of the local runtime, started or deleted while the cluster runs
-(`buildsmart node add` / `node remove`). The elastic layer calls three functions and knows
-nothing of the runtime's shape:
+"""Worker groups of the local Patroni runtime, started or deleted while the cluster runs
+(`buildsmart node add` / `node remove`, through runtime/localha.py):
 
-* :func:`start_worker` starts a new group: one plain pg_ctl server in a ``--replicas 0`` cluster,
-  else a Patroni group with as many replicas as the other nodes (ports recorded in DIR/ha.json,
-  configs rendered from patroni/member.yml.tmpl, the first member bootstraps, the replicas stream
-  as synchronous standbys: the same path as ``buildsmart up``);
+* :func:`start_worker` starts a Patroni group with as many replicas as the other nodes (ports
+  recorded in DIR/ha.json, configs rendered from patroni/member.yml.tmpl, the first member
+  bootstraps, the replicas stream as synchronous standbys: the same path as ``buildsmart up``);
 * :func:`confirm_supervised` waits until the running failover supervisor watches the new group
   (after the caller saved the topology that names it);
 * :func:`delete_worker` takes the group away from the supervisor (its REST ports leave ha.json and
-  the supervisor acknowledges), stops every member by PID (replicas first, so nothing fails over),
-  deletes the member directories and the group's keys in etcd.
+  the supervisor acknowledges), stops every member (verified identity; replicas first, so nothing
+  fails over), deletes the member directories and the group's keys in etcd.
 
 A failed start is rolled back the same way, and leftovers of an interrupted earlier attempt with
-the same name (member directories of a group the topology does not name) are stopped by PID and
-removed before a new attempt.
+the same name (member directories of a group the topology does not name) are stopped and removed
+before a new attempt.
 """
 
 from __future__ import annotations
@@ -28,10 +26,11 @@ from pathlib import Path
 
 from orchestrator.exceptions import BuildSmartError, NodeError
 from orchestrator.osuser import ServiceUser
-from orchestrator.runtime import etcd, ha, hasettings, local, patroni, supervisor
+from orchestrator.runtime import etcd, ha, hasettings, patroni, supervisor
 from orchestrator.runtime.hasettings import HaSettings
-from orchestrator.runtime.local import LocalMember
+from orchestrator.runtime.layout import local_member
 from orchestrator.runtime.patroni import PatroniMember
+from orchestrator.runtime.plain import new_members
 from orchestrator.runtime.ports import free_port
 from orchestrator.topology import WORKER, Credentials, Group, Member, Topology
 
@@ -41,51 +40,18 @@ Report = Callable[[str], None]
 SUPERVISOR_ACK_TIMEOUT_S = 15.0
 
 
-def local_member(root: Path, member: Member) -> LocalMember:
-    """Where a member's files live (the layout of cluster.local_members)."""
-    base = root / (member.data_dir or member.name)
-    return LocalMember(member, base / "data", base / "postgres.log")
-
-
-def _taken_ports(topo: Topology, settings: HaSettings | None) -> set[int]:
+def _taken_ports(topo: Topology, settings: HaSettings) -> set[int]:
     used = {m.port for g in topo.groups for m in g.members}
-    if settings is not None:
-        used |= set(settings.restapi_ports.values()) | {settings.etcd_client_port, settings.etcd_peer_port}
-    return used
-
-
-def _new_members(name: str, count: int, used: set[int]) -> tuple[Member, ...]:
-    members = []
-    for i in range(count):
-        port = free_port(exclude=frozenset(used))
-        used.add(port)
-        members.append(Member(f"{name}-{i}", "127.0.0.1", port, data_dir=f"{name}-{i}"))
-    return tuple(members)
+    return used | set(settings.restapi_ports.values()) | {settings.etcd_client_port, settings.etcd_peer_port}
 
 
 def start_worker(
     directory: Path, root: Path, topo: Topology, name: str, creds: Credentials, user: ServiceUser, report: Report
 ) -> Group:
-    """Start worker group ``name`` (not yet in ``topo``) and return it; the caller bootstraps the
-    database and roles, saves the topology, runs setup, then calls :func:`confirm_supervised`."""
+    """Start Patroni worker group ``name`` (not yet in ``topo``) and return it; the caller bootstraps
+    the database and roles, saves the topology, runs setup, then calls :func:`confirm_supervised`."""
     discard_leftovers(directory, root, topo, name, user)
-    if not hasettings.exists(directory):
-        return _start_plain(root, topo, name, creds, user, report)
     return _start_patroni(directory, root, topo, name, creds, user, report)
-
-
-def _start_plain(root: Path, topo: Topology, name: str, creds: Credentials, user: ServiceUser, report: Report) -> Group:
-    group = Group(name, WORKER, _new_members(name, 1, _taken_ports(topo, None)))
-    lm = local_member(root, group.members[0])
-    try:
-        local.initdb(lm, user, creds)
-        local.start(lm, user)
-    except BuildSmartError:
-        _delete_plain(root, group, user)
-        raise
-    log.info("started plain worker %s on port %d", name, lm.member.port)
-    report(f"{name}: started on port {lm.member.port}")
-    return group
 
 
 def _start_patroni(
@@ -93,7 +59,7 @@ def _start_patroni(
 ) -> Group:
     settings = hasettings.load(directory)
     used = _taken_ports(topo, settings)
-    group = Group(name, WORKER, _new_members(name, settings.replicas + 1, used))
+    group = Group(name, WORKER, new_members(name, settings.replicas + 1, used))
     rest = {}
     for m in group.members:
         rest[m.name] = free_port(exclude=frozenset(used))
@@ -125,10 +91,8 @@ def _start_patroni(
 
 def confirm_supervised(directory: Path, group: Group) -> bool:
     """After the topology naming ``group`` was saved: wait until the failover supervisor watches
-    its members. False when no supervisor runs (plain clusters, or a stopped one); raises
-    NodeError when it runs but did not pick the group up."""
-    if not hasettings.exists(directory):
-        return False
+    its members. False when no supervisor runs (a stopped cluster); raises NodeError when it runs
+    but did not pick the group up."""
     names = {m.name for m in group.members}
     acked = supervisor.wait_supervising(directory, names, present=True, timeout_s=SUPERVISOR_ACK_TIMEOUT_S)
     if acked is None:
@@ -144,26 +108,11 @@ def confirm_supervised(directory: Path, group: Group) -> bool:
 
 
 def delete_worker(directory: Path, root: Path, topo: Topology, name: str, user: ServiceUser, report: Report) -> None:
-    """Stop every member of group ``name`` by PID and delete its files (and, for Patroni groups,
-    its REST ports in ha.json and its keys in etcd). The caller then drops it from the topology."""
+    """Stop every member of Patroni group ``name`` and delete its files, its REST ports in ha.json
+    and its keys in etcd. The caller then drops it from the topology."""
     group = topo.group(name)
-    if not group.managed:
-        return
-    if not hasettings.exists(directory):
-        _delete_plain(root, group, user)
-        report(f"{name}: stopped and deleted")
-        return
     members = [PatroniMember(group, local_member(root, m)) for m in group.members]
     _delete_patroni(directory, topo, group, members, user, report)
-
-
-def _delete_plain(root: Path, group: Group, user: ServiceUser) -> None:
-    for m in group.members:
-        lm = local_member(root, m)
-        if local.stop(lm, user):
-            log.info("stopped %s", lm.name)
-        shutil.rmtree(lm.data_dir.parent, ignore_errors=True)
-        log.info("deleted %s", lm.data_dir.parent)
 
 
 def _delete_patroni(
@@ -206,7 +155,7 @@ def _delete_patroni(
         shutil.rmtree(pm.base, ignore_errors=True)
         log.info("deleted %s", pm.base)
     try:
-        deleted = etcd.delete_prefix(settings.etcd_url, f"{patroni.namespace(topo)}{patroni.scope(group)}/")
+        deleted = etcd.delete_prefix(etcd.Client.of(settings), f"{patroni.namespace(topo)}{patroni.scope(group)}/")
         log.info("deleted %d etcd key(s) of group %s", deleted, group.name)
     except NodeError as exc:
         log.warning("could not delete the etcd keys of %s (%s); a new group of that name would find them", group.name, exc)
@@ -227,15 +176,15 @@ def discard_leftovers(directory: Path, root: Path, topo: Topology, name: str, us
         member = Member(base.name, "127.0.0.1", 0, data_dir=base.name)
         pm = PatroniMember(Group(name, WORKER, (member,)), local_member(root, member))
         log.info("leftover member %s of an interrupted `node add` found; stopping it by PID and deleting it", base.name)
-        patroni.stop(pm, user)  # stops Patroni by its pid file, then any postmaster by postmaster.pid
+        patroni.stop(pm, user)  # stops a verified Patroni, then any verified postmaster
         shutil.rmtree(base, ignore_errors=True)
-    if found and hasettings.exists(directory):
+    if found:
         settings = hasettings.load(directory)
         stale = {k for k in settings.restapi_ports if pattern.fullmatch(k)}
         kept = {k: v for k, v in settings.restapi_ports.items() if k not in stale}
         hasettings.save(directory, replace(settings, restapi_ports=kept))
         try:
-            etcd.delete_prefix(settings.etcd_url, f"{patroni.namespace(topo)}{name}/")
+            etcd.delete_prefix(etcd.Client.of(settings), f"{patroni.namespace(topo)}{name}/")
         except NodeError as exc:
             log.warning("could not delete leftover etcd keys of %s: %s", name, exc)
     return found

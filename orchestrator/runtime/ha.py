@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from orchestrator.exceptions import BuildSmartError, ClusterStateError, NodeError
 from orchestrator.osuser import ServiceUser
-from orchestrator.runtime import etcd, hasettings, patroni
+from orchestrator.runtime import etcd, patroni
 from orchestrator.runtime.hasettings import HaSettings
 from orchestrator.runtime.local import LocalMember
 from orchestrator.runtime.patroni import PatroniMember
@@ -49,7 +50,7 @@ def as_patroni(members: Sequence[tuple[Group, LocalMember]]) -> list[PatroniMemb
 
 def leader_of(topo: Topology, group: Group, ha: HaSettings) -> str | None:
     """The member holding the group's leader key (None when no member holds it)."""
-    return etcd.get(ha.etcd_url, patroni.leader_key(topo, group))
+    return etcd.get(etcd.Client.of(ha), patroni.leader_key(topo, group))
 
 
 def member_state(ha: HaSettings, member: str) -> dict[str, Any]:
@@ -203,16 +204,65 @@ def switchover(topo: Topology, group: Group, ha: HaSettings, candidate: str | No
     return str(result).strip()
 
 
-def failover(topo: Topology, group: Group, ha: HaSettings, candidate: str | None) -> str:
-    """Unplanned failover through Patroni: promote ``candidate`` (default: the synchronous standby)."""
-    if candidate is None:
-        sync = _sync_standbys(ha, group)
-        others = [m.name for m in group.members if m.name != leader_of(topo, group, ha)]
-        candidate = sync[0] if sync else (others[0] if others else None)
-    if candidate is None:
-        raise ClusterStateError(f"group {group.name} has no member to fail over to")
-    result = patroni.rest(ha, candidate, "/failover", {"candidate": candidate}, timeout=60.0)
-    log.info("failover of %s to %s requested: %s", group.name, candidate, result)
+@dataclass(frozen=True)
+class FailoverChoice:
+    """Whom ``failover`` promotes, or why it refuses (exactly one of the two is set)."""
+
+    candidate: str | None
+    refusal: str | None = None
+
+
+def choose_failover(
+    group: str, leader: str | None, members: Sequence[Mapping[str, Any]], requested: str | None, force: bool
+) -> FailoverChoice:
+    """Pure: pick the member to promote. Only the synchronous standby is known to hold every
+    acknowledged commit; any other replica may lack some, so promoting it needs ``force``.
+    ``members``: Patroni's /cluster entries (name, role, state, lag)."""
+    sync = [str(m["name"]) for m in members if m.get("role") == "sync_standby"]
+    replicas = [m for m in members if m.get("name") != leader and m.get("role") in ("replica", "sync_standby")]
+    if requested is not None:
+        if requested == leader:
+            return FailoverChoice(None, f"{requested} already leads {group}")
+        if requested in sync or force:
+            return FailoverChoice(requested)
+        why = f"the synchronous standby is {sync[0]}" if sync else f"{group} has no synchronous standby now"
+        return FailoverChoice(
+            None,
+            f"refusing to promote {requested}: it is not the synchronous standby ({why}), so it may lack commits "
+            "that were acknowledged to clients; rerun with --force to accept that loss",
+        )
+    if sync:
+        return FailoverChoice(sync[0])
+    if not replicas:
+        return FailoverChoice(None, f"group {group} has no replica to fail over to")
+    if not force:
+        names = ", ".join(str(m["name"]) for m in replicas)
+        return FailoverChoice(
+            None,
+            f"refusing to fail over {group}: no member is the synchronous standby (replicas: {names}), so any of them "
+            "may lack commits that were acknowledged to clients; name one with --to and --force to accept that loss",
+        )
+
+    def lag(m: Mapping[str, Any]) -> int:
+        value = m.get("lag")
+        return value if isinstance(value, int) else 2**62
+
+    return FailoverChoice(str(min(replicas, key=lag)["name"]))
+
+
+def failover(topo: Topology, group: Group, ha: HaSettings, candidate: str | None, force: bool = False) -> str:
+    """Unplanned failover through Patroni: promote ``candidate`` (default: the synchronous standby);
+    a member that is not the synchronous standby only with ``force`` (see :func:`choose_failover`)."""
+    leader = leader_of(topo, group, ha)
+    view = _cluster_view(ha, group).get("members", [])
+    choice = choose_failover(group.name, leader, view, candidate, force)
+    if choice.candidate is None:
+        raise ClusterStateError(choice.refusal or f"no member of {group.name} to fail over to")
+    body: dict[str, Any] = {"candidate": choice.candidate}
+    if leader is not None:
+        body["leader"] = leader
+    result = patroni.rest(ha, choice.candidate, "/failover", body, timeout=60.0)
+    log.info("failover of %s to %s requested%s: %s", group.name, choice.candidate, " (forced)" if force else "", result)
     return str(result).strip()
 
 
@@ -246,18 +296,20 @@ def members_status(ha: HaSettings, group: Group) -> list[dict[str, Any]]:
 def group_members_status(directory: Path, group: str) -> list[dict[str, Any]]:
     """Members of one group for `buildsmart status`: name, host, port, role, state, timeline, lag_bytes, sync.
 
-    Plain (--replicas 0) clusters report their single member with role "standalone"."""
-    from orchestrator import topology  # late: keeps this module free of the topology file format at import
+    Groups without Patroni (plain or external servers) report each member with role "standalone"."""
+    from orchestrator import runtime, topology  # late: runtime.base imports this package
 
     directory = directory.resolve()
-    grp = topology.load(directory).group(group)
-    if not hasettings.exists(directory):
+    topo = topology.load(directory)
+    grp = topo.group(group)
+    settings = runtime.for_cluster(directory, topo).ha()
+    if settings is None or not all(m.name in settings.restapi_ports for m in grp.members):
         return [
             {"name": m.name, "host": m.host, "port": m.port, "role": "standalone", "state": None,
              "timeline": None, "lag_bytes": None, "sync": False}
             for m in grp.members
         ]  # fmt: skip
-    return members_status(hasettings.load(directory), grp)
+    return members_status(settings, grp)
 
 
 def wait_new_leader(topo: Topology, group: Group, ha: HaSettings, old: str | None, timeout_s: float = 60.0) -> str:

@@ -1,8 +1,8 @@
 """The embedded local runtime: PostgreSQL servers started by the orchestrator on 127.0.0.1.
 
 Servers run as the unprivileged service user, listen on TCP only (no Unix socket, so deep
-temporary paths never hit the socket path limit), authenticate with SCRAM, and are stopped with
-``pg_ctl`` (by the PID in postmaster.pid), never by process name.
+temporary paths never hit the socket path limit), authenticate with SCRAM, and are stopped by
+signalling their postmaster once its identity is verified (runtime/identity.py), never by name.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from orchestrator import pgbin
 from orchestrator.backup import archive
 from orchestrator.exceptions import NodeError
 from orchestrator.osuser import ServiceUser, run_as
+from orchestrator.runtime import identity, tls
 from orchestrator.topology import Credentials, Member
 
 log = logging.getLogger(__name__)
@@ -48,11 +51,32 @@ SERVER_SETTINGS: dict[str, str] = {
     "lc_messages": "'C'",
 }
 
-HBA_RULES = """# written by buildsmart: SCRAM everywhere, loopback only
-local   all           all                       scram-sha-256
-host    all           all        127.0.0.1/32   scram-sha-256
-host    replication   all        127.0.0.1/32   scram-sha-256
-"""
+LOOPBACK = ("127.0.0.1/32",)
+
+
+def tls_settings(material: tls.Material | None) -> dict[str, str]:
+    """Server TLS: our certificate, and the cluster CA to verify any client certificate presented
+    (one signed by another CA is refused during the handshake)."""
+    if material is None:
+        return {}
+    return {
+        "ssl": "on",
+        "ssl_cert_file": f"'{material.own.cert}'",
+        "ssl_key_file": f"'{material.own.key}'",
+        "ssl_ca_file": f"'{material.ca}'",
+        "ssl_min_protocol_version": "'TLSv1.2'",
+    }
+
+
+def hba_rules(networks: Sequence[str] = LOOPBACK, use_tls: bool = False) -> list[str]:
+    """pg_hba.conf, the one place it is written (plain servers, Patroni members, hosts, compose):
+    SCRAM for every user; with TLS only ``hostssl`` lines, so a connection without TLS finds no
+    entry and is refused (clients, FDW, replicas, subscriptions alike)."""
+    kind = "hostssl" if use_tls else "host"
+    rules = ["local all all scram-sha-256"]
+    rules += [f"{kind} all all {net} scram-sha-256" for net in networks]
+    rules += [f"{kind} replication all {net} scram-sha-256" for net in networks]
+    return rules
 
 
 @dataclass(frozen=True)
@@ -68,27 +92,23 @@ class LocalMember:
         return self.member.name
 
 
+def postmaster(lm: LocalMember) -> identity.Verified | None:
+    """The member's running postmaster, verified (runtime/identity.py), or None."""
+    return identity.postmaster(lm.data_dir, [pgbin.tool("postgres")], f"postmaster of {lm.name}")
+
+
 def pid_of(data_dir: Path) -> int | None:
-    """PID of the running postmaster of ``data_dir``, or None (stale pid files are ignored)."""
-    try:
-        first = (data_dir / "postmaster.pid").read_text().splitlines()[0]
-        pid = int(first.strip())
-    except (FileNotFoundError, IndexError, ValueError, PermissionError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
+    """PID of the running, verified postmaster of ``data_dir``, or None (a pid file naming a dead
+    or unrelated process is ignored)."""
+    v = identity.postmaster(data_dir, [pgbin.tool("postgres")], f"postmaster of {data_dir}")
+    return v.pid if v is not None else None
 
 
 def is_initialized(lm: LocalMember) -> bool:
     return (lm.data_dir / "PG_VERSION").exists()
 
 
-def initdb(lm: LocalMember, user: ServiceUser, creds: Credentials) -> None:
+def initdb(lm: LocalMember, user: ServiceUser, creds: Credentials, material: tls.Material | None = None) -> None:
     """Create the data directory with the superuser and SCRAM auth; writes our settings."""
     lm.data_dir.mkdir(parents=True, exist_ok=True)
     lm.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -118,18 +138,19 @@ def initdb(lm: LocalMember, user: ServiceUser, creds: Credentials) -> None:
         )
     finally:
         os.unlink(pwfile.name)
-    _write_config(lm, user)
+    _write_config(lm, user, material)
     log.info("initialised %s in %s (port %d)", lm.name, lm.data_dir, lm.member.port)
 
 
-def _write_config(lm: LocalMember, user: ServiceUser) -> None:
-    settings = dict(SERVER_SETTINGS, **archive.ARCHIVE_SETTINGS, port=str(lm.member.port))
+def _write_config(lm: LocalMember, user: ServiceUser, material: tls.Material | None) -> None:
+    settings = dict(SERVER_SETTINGS, **archive.ARCHIVE_SETTINGS, **tls_settings(material), port=str(lm.member.port))
     archive.write_script(lm.data_dir.parent, user.uid, user.gid)
     conf = "\n".join(f"{k} = {v}" for k, v in sorted(settings.items()))
     (lm.data_dir / "postgresql.buildsmart.conf").write_text("# written by buildsmart\n" + conf + "\n")
     with (lm.data_dir / "postgresql.conf").open("a") as fh:
         fh.write("\ninclude 'postgresql.buildsmart.conf'\n")
-    (lm.data_dir / "pg_hba.conf").write_text(HBA_RULES)
+    rules = hba_rules(use_tls=material is not None)
+    (lm.data_dir / "pg_hba.conf").write_text("# written by buildsmart (runtime/local.py hba_rules)\n" + "\n".join(rules) + "\n")
     user.chown(lm.data_dir)
 
 
@@ -159,12 +180,18 @@ def start(lm: LocalMember, user: ServiceUser) -> bool:
     return True
 
 
-def stop(lm: LocalMember, user: ServiceUser, mode: str = "fast") -> bool:
-    """Stop the server through pg_ctl (it signals the PID in postmaster.pid). True when it was running."""
-    if pid_of(lm.data_dir) is None:
+# pg_ctl's shutdown modes as the postmaster's signals
+SHUTDOWN_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+
+
+def stop(lm: LocalMember, user: ServiceUser, mode: str = "fast", timeout_s: float = 120.0) -> bool:
+    """Stop the server: signal its verified postmaster the way ``pg_ctl stop -m MODE`` does (pg_ctl
+    would signal whatever PID postmaster.pid names). True when it was running."""
+    v = postmaster(lm)
+    if v is None:
         return False
-    run_as(user, [pgbin.tool("pg_ctl"), "-D", str(lm.data_dir), "-m", mode, "-w", "-t", "120", "stop"])
-    log.info("stopped %s", lm.name)
+    identity.stop(v, timeout_s, SHUTDOWN_SIGNALS[mode])
+    log.info("stopped %s (%s)", lm.name, mode)
     return True
 
 

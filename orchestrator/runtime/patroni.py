@@ -12,8 +12,7 @@ import base64
 import json
 import logging
 import os
-import string
-import subprocess
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -21,30 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import logfiles, pgbin
+from orchestrator import pgbin
 from orchestrator.backup import archive
-from orchestrator.exceptions import ClusterStateError, ConfigError, NodeError
-from orchestrator.osuser import ServiceUser, run_as
-from orchestrator.runtime import procs
+from orchestrator.exceptions import ClusterStateError, NodeError
+from orchestrator.osuser import ServiceUser
+from orchestrator.runtime import identity, memberconf, procs, tls
 from orchestrator.runtime.hasettings import HaSettings
-from orchestrator.runtime.local import SERVER_SETTINGS, LocalMember, pid_of
+from orchestrator.runtime.local import SERVER_SETTINGS, LocalMember, hba_rules, tls_settings
+from orchestrator.runtime.local import postmaster as local_postmaster
 from orchestrator.topology import Credentials, Group, Topology
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "patroni" / "member.yml.tmpl"
+TEMPLATE = memberconf.TEMPLATE
 HTTP_TIMEOUT_S = 3.0
 STOP_TIMEOUT_S = 60.0
-PATRONI_MARKER = "patroni.yml"  # every Patroni command line we start names its config file
 
 # Settings Patroni sets itself (from listen) or that must not differ between members are kept out
 # of the local section; the rest go to the DCS so every member of a group runs with the same values.
 _LOCAL_ONLY = {"listen_addresses", "port"}
-PG_HBA = [
-    "local all all scram-sha-256",
-    "host all all 127.0.0.1/32 scram-sha-256",
-    "host replication all 127.0.0.1/32 scram-sha-256",
-]
 
 
 @dataclass(frozen=True)
@@ -72,13 +66,23 @@ class PatroniMember:
     def log_file(self) -> Path:
         return self.base / "patroni.log"
 
+    def patroni(self) -> identity.Verified | None:
+        """Our Patroni of this member, verified: Patroni's interpreter, ``-m patroni`` and this
+        member's exact config path as arguments, and the start time recorded with the PID."""
+        return procs.running(
+            self.pid_file, patroni_python(), [("-m", "patroni"), (str(self.config_file),)], f"Patroni of {self.name}"
+        )
+
+    def postmaster(self) -> identity.Verified | None:
+        return local_postmaster(self.local)
+
     def patroni_pid(self) -> int | None:
-        pid = procs.read_pid(self.pid_file)
-        return pid if procs.alive(pid, PATRONI_MARKER) else None
+        v = self.patroni()
+        return v.pid if v else None
 
     def postmaster_pid(self) -> int | None:
-        pid = pid_of(self.local.data_dir)
-        return pid if procs.alive(pid) else None
+        v = self.postmaster()
+        return v.pid if v else None
 
 
 def scope(group: Group) -> str:
@@ -99,43 +103,44 @@ def patroni_python() -> str:
     return os.environ.get("BUILDSMART_PATRONI_PYTHON") or sys.executable
 
 
-def _pg_value(value: str) -> str:
-    """postgresql.conf values are quoted in SERVER_SETTINGS; Patroni wants them bare."""
-    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == "'" else value
+def dcs_parameters() -> dict[str, str]:
+    """Server settings every member of a group shares (Patroni keeps them in the DCS)."""
+    return {k: memberconf.pg_value(v) for k, v in SERVER_SETTINGS.items() if k not in _LOCAL_ONLY}
 
 
 def render_config(topo: Topology, pm: PatroniMember, creds: Credentials, ha: HaSettings) -> str:
-    try:
-        template = string.Template(TEMPLATE.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"Patroni template {TEMPLATE} is missing") from exc
-    settings = {k: _pg_value(v) for k, v in SERVER_SETTINGS.items() if k not in _LOCAL_ONLY}
+    """The config of a local member: 127.0.0.1, ports from ha.json, the local CA when TLS is on."""
     member = pm.local.member
-    values: dict[str, Any] = {
-        "scope": scope(pm.group),
-        "namespace": namespace(topo),
-        "name": pm.name,
-        "restapi_listen": f"127.0.0.1:{ha.restapi_ports[pm.name]}",
-        "restapi_address": f"127.0.0.1:{ha.restapi_ports[pm.name]}",
-        "restapi_user": ha.restapi_user,
-        "restapi_password": ha.restapi_password,
-        "etcd_hosts": [f"127.0.0.1:{ha.etcd_client_port}"],
-        "synchronous_mode": ha.synchronous in ("on", "strict"),
-        "synchronous_mode_strict": ha.synchronous == "strict",
-        "dcs_parameters": settings,
-        "pg_listen": f"{member.host}:{member.port}",
-        "pg_address": f"{member.host}:{member.port}",
-        "data_dir": str(pm.local.data_dir),
-        "bin_dir": str(pgbin.bin_dir()),
-        "pgpass": str(pm.base / "pgpass"),
-        "superuser": creds.superuser,
-        "superuser_password": creds.superuser_password,
+    material = tls.local_material(Path(creds.ca_file).parent) if creds.ca_file else None
+    files = memberconf.TlsFiles(str(material.ca), str(material.own.cert), str(material.own.key)) if material else None
+    rest = f"127.0.0.1:{ha.restapi_ports[pm.name]}"
+    conf = memberconf.MemberConf(
+        scope=scope(pm.group),
+        namespace=namespace(topo),
+        name=pm.name,
+        restapi_listen=rest,
+        restapi_address=rest,
+        restapi_user=ha.restapi_user,
+        restapi_password=ha.restapi_password,
+        etcd_hosts=(f"127.0.0.1:{ha.etcd_client_port}",),
+        synchronous=ha.synchronous,
+        pg_listen=f"{member.host}:{member.port}",
+        pg_address=f"{member.host}:{member.port}",
+        data_dir=str(pm.local.data_dir),
+        bin_dir=str(pgbin.bin_dir()),
+        pgpass=str(pm.base / "pgpass"),
+        superuser=creds.superuser,
+        superuser_password=creds.superuser_password,
+        dcs_parameters=dcs_parameters(),
         # archiving is local (rendered on every `up`), so clusters made before it get it on restart
-        "local_parameters": {"unix_socket_directories": "", **{k: _pg_value(v) for k, v in archive.ARCHIVE_SETTINGS.items()}},
-        "pg_hba": PG_HBA,
-    }
-    # JSON is valid YAML: every value is quoted and escaped correctly whatever it contains.
-    return template.substitute({k: json.dumps(v) for k, v in values.items()})
+        local_parameters={
+            "unix_socket_directories": "",
+            **{k: memberconf.pg_value(v) for k, v in {**archive.ARCHIVE_SETTINGS, **tls_settings(material)}.items()},
+        },
+        hba=tuple(hba_rules(use_tls=material is not None)),
+        tls=files,
+    )
+    return memberconf.render(conf)
 
 
 def write_config(topo: Topology, pm: PatroniMember, creds: Credentials, ha: HaSettings, user: ServiceUser) -> None:
@@ -151,45 +156,35 @@ def write_config(topo: Topology, pm: PatroniMember, creds: Credentials, ha: HaSe
 
 def start(pm: PatroniMember, user: ServiceUser) -> bool:
     """Start Patroni for the member unless it runs. True when started now (it then starts postgres)."""
-    if pm.patroni_pid() is not None:
+    if pm.patroni() is not None:
         return False
-    cmd = [patroni_python(), "-m", "patroni", str(pm.config_file)]
-    extra: dict[str, Any] = {} if user.is_current else {"user": user.uid, "group": user.gid, "extra_groups": []}
     env = dict(os.environ, PATH=f"{pgbin.bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}")
-    with logfiles.open_private(pm.log_file) as logfh:
-        # own session: a Ctrl-C of the CLI must not reach the servers it leaves running
-        proc = subprocess.Popen(
-            cmd, stdout=logfh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env, **extra
-        )
-    procs.write_pid(pm.pid_file, proc.pid)
-    log.info("started Patroni for %s (pid %d, REST %s)", pm.name, proc.pid, pm.config_file)
+    pid = procs.spawn(
+        procs.python_module("patroni", str(pm.config_file), python=patroni_python()), pm.pid_file, pm.log_file, user, env
+    )
+    log.info("started Patroni for %s (pid %d, config %s)", pm.name, pid, pm.config_file)
     return True
 
 
 def stop(pm: PatroniMember, user: ServiceUser) -> bool:
-    """Stop Patroni by PID (it shuts postgres down fast), then make sure its postmaster is gone too."""
-    stopped = False
-    pid = pm.patroni_pid()
-    if pid is not None:
-        stopped = procs.stop_pid(pid, f"Patroni of {pm.name}", STOP_TIMEOUT_S)
-    if pm.postmaster_pid() is not None:
-        # Patroni died before stopping postgres (or was killed): stop the orphaned postmaster by its pid file.
+    """Stop Patroni (verified) (it shuts postgres down fast), then make sure its postmaster is gone too."""
+    stopped = procs.stop(pm.patroni(), STOP_TIMEOUT_S)
+    if pm.postmaster() is not None:
+        # Patroni died before stopping postgres (or was killed): stop the orphaned postmaster.
         fence(pm, user)
         stopped = True
     return stopped
 
 
-def fence(pm: PatroniMember, user: ServiceUser) -> None:
-    """Stop the member's postmaster at once (pg_ctl signals the PID in postmaster.pid)."""
-    pid = pm.postmaster_pid()
-    if pid is None:
-        return
-    try:
-        run_as(user, [pgbin.tool("pg_ctl"), "-D", str(pm.local.data_dir), "-m", "immediate", "-w", "-t", "10", "stop"])
-    except NodeError as exc:
-        log.warning("pg_ctl stop -m immediate of %s failed (%s); killing postmaster %d", pm.name, exc, pid)
-        procs.stop_pid(pid, f"postmaster of {pm.name}", 5, sig=9)
-    log.info("fenced %s: postmaster %d stopped immediately", pm.name, pid)
+def fence(pm: PatroniMember, user: ServiceUser) -> bool:
+    """Stop the member's postmaster at once (immediate shutdown: SIGQUIT), once verified; SIGKILL
+    only the same verified process if it ignores that. True when a postmaster was stopped."""
+    v = pm.postmaster()
+    if v is None:
+        return False
+    identity.stop(v, 5.0, signal.SIGQUIT)
+    log.info("fenced %s: postmaster %d stopped immediately", pm.name, v.pid)
+    return True
 
 
 # ---------------------------------------------------------------- REST API
@@ -209,7 +204,7 @@ def rest(ha: HaSettings, member: str, path: str, body: dict[str, Any] | None = N
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=ha.ssl_context()) as resp:
             raw = resp.read().decode()
     except urllib.error.HTTPError as exc:
         text = exc.read().decode(errors="replace").strip()

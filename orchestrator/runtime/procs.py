@@ -1,80 +1,66 @@
-"""Processes the local runtime started: liveness by PID and stop by PID (never by name).
+"""Starting the long-lived children of the local runtime and the host agent (Patroni, etcd, the
+supervisor, the task runner) the same safe way, and stopping them by verified identity only.
 
-A PID alone can be reused by an unrelated process, so callers pass what the command line must
-contain; a zombie counts as dead (a killed child of ours stays a zombie until someone reaps it).
+* Python children run as ``python -I -m MODULE`` from ``/``: isolated mode ignores PYTHON*
+  variables and does not put the current directory on ``sys.path``, so a file named like one of
+  our modules in whatever directory root ran the CLI from cannot be imported in its place
+  (module hijack of a root process).
+* Each child's pid file records its PID and start time (runtime/identity.py), and every stop
+  goes through identity verification: a reused PID is never signalled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
-import time
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import psutil
+from orchestrator import logfiles
+from orchestrator.osuser import ServiceUser
+from orchestrator.runtime import identity
 
 log = logging.getLogger(__name__)
 
 
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (FileNotFoundError, ValueError, PermissionError):
-        return None
+def python_module(module: str, *args: str, python: str | None = None) -> list[str]:
+    """argv that runs ``module`` isolated (no cwd on sys.path, no PYTHON* environment)."""
+    return [python or sys.executable, "-I", "-m", module, *args]
 
 
-def write_pid(path: Path, pid: int) -> None:
-    path.write_text(f"{pid}\n")
+def spawn(
+    argv: Sequence[str],
+    pid_file: Path,
+    log_file: Path,
+    user: ServiceUser | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Start a daemon child in its own session (a Ctrl-C of the CLI must not reach it), from ``/``,
+    appending to ``log_file`` (mode 0600: it may hold statements), and record it in ``pid_file``."""
+    extra: dict[str, Any] = {}
+    if user is not None and not user.is_current:
+        extra = {"user": user.uid, "group": user.gid, "extra_groups": []}
+        env = user.environment(env)
+    with logfiles.open_private(log_file) as logfh:
+        if user is not None and not user.is_current:
+            os.fchown(logfh.fileno(), user.uid, user.gid)
+        proc = subprocess.Popen(
+            list(argv), stdout=logfh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd="/", env=env, **extra,
+        )  # fmt: skip
+    identity.write_pid_file(pid_file, proc.pid)
+    return proc.pid
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status of our own dead child so it does not linger as a zombie."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+def running(pid_file: Path, executable: str | Path, arguments: Sequence[Sequence[str]], what: str) -> identity.Verified | None:
+    """The verified child recorded in ``pid_file``, or None."""
+    return identity.child(pid_file, executable, arguments, what)
 
 
-def alive(pid: int | None, cmdline_contains: str | None = None) -> bool:
-    """True when ``pid`` runs (not a zombie) and, if given, its command line contains the marker."""
-    if pid is None or pid <= 0:
-        return False
-    _reap(pid)
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if cmdline_contains is not None:
-            return any(cmdline_contains in part for part in proc.cmdline())
-        return True
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def wait_gone(pid: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        time.sleep(0.05)
-    return not alive(pid)
-
-
-def stop_pid(pid: int, what: str, timeout_s: float = 30.0, sig: int = signal.SIGTERM) -> bool:
-    """Signal ``pid``, wait for it to exit, SIGKILL it after ``timeout_s``. True when it was running."""
-    if not alive(pid):
-        return False
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return False
-    if wait_gone(pid, timeout_s):
-        log.info("stopped %s (pid %d)", what, pid)
-        return True
-    log.warning("%s (pid %d) did not exit within %.0f s after signal %d; killing it", what, pid, timeout_s, sig)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return True
-    wait_gone(pid, 10.0)
-    return True
+def stop(v: identity.Verified | None, timeout_s: float = 30.0, sig: int = signal.SIGTERM) -> bool:
+    """Stop a verified child (SIGKILL after ``timeout_s``); False when there was none."""
+    return v is not None and identity.stop(v, timeout_s, sig)

@@ -12,7 +12,9 @@ PIDs live) and ``decide`` returns one Action whose ``reason`` is logged:
 * a member's Patroni is dead (and it no longer holds, or cannot win, the leader key) -> restart it;
   it rejoins as a replica, through pg_rewind when its timeline diverged.
 
-Run as ``python -m orchestrator.runtime.supervisor DIR``; ``start_daemon``/``stop_daemon`` manage it by PID.
+Run as ``python -I -m orchestrator.runtime.supervisor DIR`` from ``/``; ``start_daemon``/``stop_daemon`` manage
+it by verified identity (runtime/identity.py). The per-host agent (runtime/hostagent.py) runs the
+same ``decide`` over the members of its own host.
 """
 
 from __future__ import annotations
@@ -21,18 +23,18 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from orchestrator import logfiles, topology
+from orchestrator import topology
 from orchestrator.exceptions import BuildSmartError
 from orchestrator.osuser import ServiceUser, service_user
-from orchestrator.runtime import etcd, hasettings, patroni, procs
+from orchestrator.runtime import etcd, hasettings, identity, patroni, procs
 from orchestrator.runtime.hasettings import HaSettings
+from orchestrator.runtime.layout import local_members
 from orchestrator.runtime.patroni import PatroniMember
 from orchestrator.topology import Topology
 
@@ -121,7 +123,7 @@ class Supervisor:
 
     def snapshot(self, group_name: str) -> GroupSnapshot:
         group = self.topo.group(group_name)
-        leader = etcd.get(self.ha.etcd_url, patroni.leader_key(self.topo, group))
+        leader = etcd.get(etcd.Client.of(self.ha), patroni.leader_key(self.topo, group))
         now = time.monotonic()
         views = []
         for m in group.members:
@@ -150,7 +152,7 @@ class Supervisor:
         if action.kind == "fence":
             patroni.fence(pm, self.user)
         elif action.kind == "release_leader":
-            deleted = etcd.delete_if_value(self.ha.etcd_url, patroni.leader_key(self.topo, pm.group), pm.name)
+            deleted = etcd.delete_if_value(etcd.Client.of(self.ha), patroni.leader_key(self.topo, pm.group), pm.name)
             log.info("leader key of %s %s", pm.group.name, "released" if deleted else "had already changed hands")
         elif action.kind == "restart":
             self.restarted_at[pm.name] = time.monotonic()
@@ -163,11 +165,9 @@ class Supervisor:
 
     def reload(self) -> None:
         """Re-read topology and HA settings (nodes added or removed while we run)."""
-        from orchestrator import cluster  # late: cluster imports this module
-
         self.topo = topology.load(self.directory)
         self.ha = hasettings.load(self.directory)
-        self.members = {lm.name: PatroniMember(g, lm) for g, lm in cluster.local_members(self.directory, self.topo, self.user)}
+        self.members = {lm.name: PatroniMember(g, lm) for g, lm in local_members(self.directory, self.topo, self.user)}
         log.info("reloaded topology: supervising %s", ", ".join(g.name for g in self.topo.groups if self.supervised(g.name)))
         self.publish()
 
@@ -226,43 +226,36 @@ def _mtime(directory: Path) -> tuple[float, float]:
 # ---------------------------------------------------------------- daemon management
 
 
+def _running(directory: Path) -> identity.Verified | None:
+    """The supervisor of DIR, verified: our interpreter, ``-m orchestrator.runtime.supervisor DIR``
+    and the start time recorded with its PID."""
+    return procs.running(directory / PID_FILE, sys.executable, [("-m", MARKER), (str(directory),)], "failover supervisor")
+
+
 def start_daemon(directory: Path) -> int:
-    """Start the supervisor for DIR unless it runs; returns its PID."""
-    pid = procs.read_pid(directory / PID_FILE)
-    if procs.alive(pid, MARKER):
-        assert pid is not None
-        return pid
-    with logfiles.open_private(directory / LOG_FILE) as logfh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", MARKER, str(directory)],
-            stdout=logfh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    procs.write_pid(directory / PID_FILE, proc.pid)
-    log.info("started failover supervisor for %s (pid %d)", directory, proc.pid)
-    return proc.pid
+    """Start the supervisor for DIR unless it runs (isolated Python, from /); returns its PID."""
+    v = _running(directory)
+    if v is not None:
+        return v.pid
+    pid = procs.spawn(procs.python_module(MARKER, str(directory)), directory / PID_FILE, directory / LOG_FILE)
+    log.info("started failover supervisor for %s (pid %d)", directory, pid)
+    return pid
 
 
 def stop_daemon(directory: Path) -> bool:
-    pid = procs.read_pid(directory / PID_FILE)
-    if not procs.alive(pid, MARKER):
-        return False
-    assert pid is not None
-    return procs.stop_pid(pid, "failover supervisor", 10)
+    return procs.stop(_running(directory), 10)
 
 
 def supervising(directory: Path) -> set[str] | None:
     """Members the running supervisor of DIR watches (None when none runs)."""
-    pid = procs.read_pid(directory / PID_FILE)
-    if not procs.alive(pid, MARKER):
+    v = _running(directory)
+    if v is None:
         return None
     try:
         state = json.loads((directory / STATE_FILE).read_text())
     except (FileNotFoundError, ValueError):
         return set()
-    if state.get("pid") != pid:
+    if state.get("pid") != v.pid:
         return set()  # written by an earlier supervisor; the current one has not published yet
     return set(state.get("members", []))
 
@@ -285,14 +278,12 @@ def wait_supervising(directory: Path, members: set[str], present: bool, timeout_
 
 
 def main(argv: list[str]) -> int:
-    from orchestrator import cluster  # late: cluster imports this module
-
     directory = Path(argv[0]).resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     topo = topology.load(directory)
     user = service_user(topo.service_user)
     ha = hasettings.load(directory)
-    members = [PatroniMember(g, lm) for g, lm in cluster.local_members(directory, topo, user)]
+    members = [PatroniMember(g, lm) for g, lm in local_members(directory, topo, user)]
     sup = Supervisor(directory, topo, ha, members, user)
 
     def on_term(_signum: int, _frame: FrameType | None) -> None:

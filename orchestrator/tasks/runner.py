@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,12 +29,12 @@ from types import FrameType
 
 import psycopg
 
-from orchestrator import catalog, logfiles, topology
+from orchestrator import catalog, topology
 from orchestrator.connections import connect, superuser_target
 from orchestrator.elastic.context import Elastic
 from orchestrator.exceptions import BuildSmartError
 from orchestrator.nodeconn import NodeConnections
-from orchestrator.runtime import procs
+from orchestrator.runtime import identity, procs
 from orchestrator.tasks.registry import PeriodicTask, TaskContext, TaskOutcome, create_all
 
 log = logging.getLogger(__name__)
@@ -215,15 +214,14 @@ class TaskRunner:
 # ---------------------------------------------------------------- daemon management
 
 
-def _is_ours(pid: int | None, directory: Path) -> bool:
-    """The PID runs a task runner of this directory (not a reused PID)."""
-    return procs.alive(pid, MARKER) and procs.alive(pid, str(directory))
+def _running(directory: Path) -> identity.Verified | None:
+    """The task runner of this directory, verified (exe, ``-m orchestrator.tasks DIR``, start time)."""
+    return procs.running(directory / PID_FILE, sys.executable, [("-m", MARKER), (str(directory),)], "task runner")
 
 
 def daemon_pid(directory: Path) -> int | None:
-    directory = directory.resolve()
-    pid = procs.read_pid(directory / PID_FILE)
-    return pid if _is_ours(pid, directory) else None
+    v = _running(directory.resolve())
+    return v.pid if v else None
 
 
 def start_daemon(directory: Path) -> int:
@@ -232,29 +230,21 @@ def start_daemon(directory: Path) -> int:
     pid = daemon_pid(directory)
     if pid is not None:
         return pid
-    with logfiles.open_private(directory / LOG_FILE) as logfh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", MARKER, str(directory)],
-            stdout=logfh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    procs.write_pid(directory / PID_FILE, proc.pid)
-    log.info("started the task runner for %s (pid %d)", directory, proc.pid)
-    return proc.pid
+    pid = procs.spawn(procs.python_module(MARKER, str(directory)), directory / PID_FILE, directory / LOG_FILE)
+    log.info("started the task runner for %s (pid %d)", directory, pid)
+    return pid
 
 
 def stop_daemon(directory: Path, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-    """Stop the runner of DIR by its PID (SIGTERM, SIGKILL after ``timeout_s``); its PID, or None
+    """Stop the runner of DIR (verified; SIGTERM, SIGKILL after ``timeout_s``); its PID, or None
     when none ran."""
     directory = directory.resolve()
-    pid = daemon_pid(directory)
-    if pid is None:
+    v = _running(directory)
+    if v is None:
         return None
-    procs.stop_pid(pid, "task runner", timeout_s)
-    log.info("stopped the task runner of %s (pid %d)", directory, pid)
-    return pid
+    procs.stop(v, timeout_s)
+    log.info("stopped the task runner of %s (pid %d)", directory, v.pid)
+    return v.pid
 
 
 def main(argv: list[str]) -> int:
