@@ -95,6 +95,15 @@ def _old_triggers(conn: psycopg.Connection) -> set[str]:
         return {r[0] for r in cur.fetchall()}
 
 
+def _has_energy_schema(conn: psycopg.Connection) -> bool:
+    row = conn.execute(
+        "SELECT pg_catalog.to_regclass('public.readings_daily') IS NOT NULL "
+        "AND pg_catalog.to_regclass('public.meter_replacements') IS NOT NULL "
+        "AND pg_catalog.to_regclass('public.readings_monthly') IS NOT NULL"
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def observe(nodes: NodeConnections) -> ObservedCluster:
     """Snapshot the catalog, foreign servers and fragment tables of every node."""
     coord = nodes.coordinator
@@ -139,6 +148,7 @@ def observe(nodes: NodeConnections) -> ObservedCluster:
     return ObservedCluster(
         extension_ok=frozenset(ext_ok),
         app_schema=True,
+        energy_schema=_has_energy_schema(coord),
         nodes=catalog_nodes,
         servers=servers,
         user_mappings=frozenset(mappings),

@@ -14,3 +14,14 @@
 -- Cluster restore points (orchestrator/backup/points.py).
 -- #include catalog/restore_points.sql
 -- #include udfs/fragment_try_switch_lock/0.2.sql
+--
+-- Energy analytics (issue 14): rollup change log and state, reference tables' version, rollup
+-- settings, distributed tables, and the functions of rollups, registers and gaps.
+-- #include catalog/energy.sql
+-- #include udfs/is_zone/0.2.sql
+-- #include udfs/bump_reference_version/0.2.sql
+-- #include udfs/register_delta/0.2.sql
+-- #include udfs/note_changes/0.2.sql
+-- #include udfs/refresh_rollups/0.2.sql
+-- #include udfs/meter_gaps/0.2.sql
+-- #include udfs/gapfill/0.2.sql
