@@ -8,7 +8,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import psycopg
@@ -393,3 +393,35 @@ def task_runs(conn: psycopg.Connection) -> tuple[TaskRun, ...]:
         "SELECT task, runner, started_at, finished_at, outcome, summary, runs, failures FROM buildsmart.task_runs ORDER BY task"
     ).fetchall()
     return tuple(TaskRun(*r) for r in rows)
+
+
+# ---------------------------------------------------------------- integrity checks
+
+
+@dataclass(frozen=True)
+class CheckRun:
+    """The newest recorded `buildsmart check` run (status shows it)."""
+
+    finished_at: datetime
+    ok: bool
+    summary: str
+
+
+def cluster_created_at(conn: psycopg.Connection) -> datetime:
+    """When the cluster's first node was registered."""
+    row = conn.execute("SELECT min(added_at) FROM buildsmart.nodes").fetchone()
+    return row[0] if row and row[0] is not None else datetime.now(UTC)
+
+
+def record_check_run(conn: psycopg.Connection, started_at: datetime, ok: bool, summary: str, findings: list[Any]) -> None:
+    conn.execute(
+        "INSERT INTO buildsmart.check_runs (started_at, ok, summary, findings) VALUES (%s, %s, %s, %s)",
+        (started_at, ok, summary, Jsonb(findings)),
+    )
+
+
+def last_check_run(conn: psycopg.Connection) -> CheckRun | None:
+    if conn.execute("SELECT pg_catalog.to_regclass('buildsmart.check_runs') IS NULL").fetchone() == (True,):
+        return None
+    row = conn.execute("SELECT finished_at, ok, summary FROM buildsmart.check_runs ORDER BY run_id DESC LIMIT 1").fetchone()
+    return None if row is None else CheckRun(row[0], bool(row[1]), str(row[2]))

@@ -27,13 +27,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from orchestrator import catalog, topology
 from orchestrator.connections import Target, connect, superuser_target
@@ -46,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FindingKind = Literal["catalog", "placement", "replica", "corruption", "unreachable"]
 Progress = Callable[[str], None]
+SCHEDULED_EVERY = timedelta(hours=24)  # the task runner's integrity check (orchestrator/tasks)
 REPLAY_TIMEOUT_S = 5.0  # writes to the table wait meanwhile: a lagging replica is reported, not waited for
 LOCK_TIMEOUT_MS = 5_000
 COORDINATOR_TABLES = ("buildsmart.nodes", "buildsmart.fragments", "buildsmart.placements", "public.buildings", "public.devices")
@@ -319,16 +319,7 @@ def _same_state(
 
 def _table_sums(tables: tuple[str, ...]) -> Callable[[psycopg.Connection], dict[str, verify.Sums]]:
     def measure(conn: psycopg.Connection) -> dict[str, verify.Sums]:
-        out: dict[str, verify.Sums] = {}
-        for t in tables:
-            schema, name = t.split(".")
-            row = conn.execute(
-                sql.SQL(
-                    "SELECT count(*), coalesce(sum(pg_catalog.hashtextextended(r::text, 0)::numeric), 0)::text FROM {} r"
-                ).format(sql.Identifier(schema, name))
-            ).fetchone()
-            out[t] = (int(row[0]), int(row[1])) if row else (0, 0)
-        return out
+        return {t: verify.table_sums(conn, sql.Identifier(*t.split("."))) for t in tables}
 
     return measure
 
@@ -449,24 +440,18 @@ def run_check(directory: Path, *, replicas: bool = True, pages: bool = True, pro
 
 def record(coord: psycopg.Connection, report: CheckReport) -> None:
     try:
-        coord.execute(
-            "INSERT INTO buildsmart.check_runs (started_at, ok, summary, findings) VALUES (%s, %s, %s, %s)",
-            (report.started_at, report.ok, report.summary(), Jsonb([asdict(f) for f in report.findings])),
-        )
+        catalog.record_check_run(coord, report.started_at, report.ok, report.summary(), [asdict(f) for f in report.findings])
     except psycopg.Error as exc:
         raise NodeError(f"the check ran ({report.summary()}) but could not be recorded on the coordinator: {exc}") from exc
 
 
-@dataclass(frozen=True)
-class LastCheck:
-    finished_at: datetime
-    ok: bool
-    summary: str
-
-
-def last_check(coord: psycopg.Connection) -> LastCheck | None:
+def last_check(coord: psycopg.Connection) -> catalog.CheckRun | None:
     """The newest recorded run, for status."""
-    if coord.execute("SELECT pg_catalog.to_regclass('buildsmart.check_runs') IS NULL").fetchone() == (True,):
-        return None
-    row = coord.execute("SELECT finished_at, ok, summary FROM buildsmart.check_runs ORDER BY run_id DESC LIMIT 1").fetchone()
-    return None if row is None else LastCheck(row[0], bool(row[1]), str(row[2]))
+    return catalog.last_check_run(coord)
+
+
+def check_due(last: catalog.CheckRun | None, created_at: datetime, now: datetime, every: timedelta = SCHEDULED_EVERY) -> bool:
+    """Whether the task runner's scheduled check is due: ``every`` after the last run, or after the
+    cluster was created when none ran (not during the first load of a new cluster). Pure."""
+    since = last.finished_at if last is not None else created_at
+    return now - since >= every

@@ -106,6 +106,7 @@ class ClusterStatus:
     mirror_error: str | None = None
     backup: BackupStatus | None = None  # None: the backup state could not be read (backup_error)
     backup_error: str | None = None
+    last_check: catalog.CheckRun | None = None  # the newest `buildsmart check` run (scheduled or by hand)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,6 +226,7 @@ def collect(directory: Path, exact: bool = False, decisions: int = 10) -> Cluste
     workers: tuple[WorkerShare, ...] = ()
     balancer: BalancerStatus | None = None
     tasks: tuple[catalog.TaskRun, ...] = ()
+    last_check: catalog.CheckRun | None = None
     if topo.coordinator.name in up:
         with connect(superuser_target(topo.coordinator, creds), "status", autocommit=True) as conn:
             if catalog.has_catalog(conn):
@@ -232,6 +234,7 @@ def collect(directory: Path, exact: bool = False, decisions: int = 10) -> Cluste
                 active = catalog.active_workers(conn)
                 balancer = balancer_status(conn, decisions)
                 tasks = catalog.task_runs(conn)
+                last_check = catalog.last_check_run(conn)
             else:
                 frags, active = (), ()
         fragments = _fragments(topo, creds, frags, up, exact)
@@ -239,8 +242,9 @@ def collect(directory: Path, exact: bool = False, decisions: int = 10) -> Cluste
     mirror, mirror_error = _mirror(directory)
     backup, backup_error = _backup(directory)
     return ClusterStatus(
-        topo.cluster_name, nodes, fragments, workers, balancer, tasks, mirror, mirror_error, backup, backup_error
-    )
+        topo.cluster_name, nodes, fragments, workers, balancer, tasks, mirror, mirror_error, backup, backup_error,
+        last_check,
+    )  # fmt: skip
 
 
 def _backup(directory: Path) -> tuple[BackupStatus | None, str | None]:

@@ -70,6 +70,11 @@ def test_a_clean_cluster_is_clean(loaded: Path) -> None:
     with _coordinator(loaded) as conn:
         last = check.last_check(conn)
     assert last is not None and last.ok
+    # the status snapshot (CLI, /metrics, console) carries it
+    from orchestrator import status
+
+    snap = status.collect(loaded)
+    assert snap.last_check is not None and snap.last_check.ok and snap.last_check.summary == report.summary()
 
 
 def test_catalog_inconsistencies_are_reported(loaded: Path) -> None:
@@ -245,3 +250,16 @@ def test_a_replica_that_differs_and_a_damaged_page_are_reported(loaded: Path) ->
             heap_file.write_bytes(original_heap)
             index_file.write_bytes(original_index)
     assert check.run_check(loaded).ok
+
+
+def test_the_scheduled_check_is_due_a_day_after_the_last_run_or_the_cluster_start() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    created = now - timedelta(hours=30)
+    assert check.check_due(None, created, now)  # never ran, cluster a day old
+    assert not check.check_due(None, now - timedelta(minutes=5), now)  # a new cluster loading its data
+    recent = catalog.CheckRun(now - timedelta(hours=3), True, "ok")
+    assert not check.check_due(recent, created, now)
+    old = catalog.CheckRun(now - timedelta(hours=24, seconds=1), False, "1 finding")
+    assert check.check_due(old, created, now)

@@ -268,3 +268,65 @@ def test_building_ranges_prune_fragments(main_cluster: ClusterHandle, plain: str
         got = conn.execute(execute).fetchone()
         want = ref.execute(ranged.format("%s", "%s", "%s"), full).fetchone()
         assert got is not None and want is not None and got[0] == want[0] and math.isclose(got[1], want[1], rel_tol=1e-9)
+
+
+def test_any_table_laid_out_like_readings_is_distributed(main_cluster: ClusterHandle, dataset: str) -> None:
+    """A second table partitioned like readings (building ranges under the C collation, one
+    foreign partition per fragment, columns building/meter/ts) gets the same pushdown: the shape
+    rollup tables use. Its answer equals the same aggregate computed from readings."""
+    from psycopg import sql
+
+    from orchestrator import catalog
+    from orchestrator.executor import partition_bounds
+
+    table = f"daily_{dataset}"
+    with main_cluster.coordinator() as coord:
+        frags = [f for f in catalog.load_fragments(coord) if f.time_group is None]
+        servers = dict(coord.execute("SELECT name, server_name FROM buildsmart.nodes WHERE server_name IS NOT NULL").fetchall())
+        app = main_cluster.creds.app_user
+        coord.execute(
+            sql.SQL(
+                'CREATE TABLE public.{} (building text COLLATE "C" NOT NULL, meter text NOT NULL, ts timestamptz NOT NULL, '
+                "kwh double precision) PARTITION BY RANGE (building)"
+            ).format(sql.Identifier(table))
+        )
+        try:
+            for f in frags:
+                remote = f"{table}_f{f.fragment_id}"
+                with main_cluster.worker(f.node) as w:
+                    w.execute(
+                        sql.SQL(
+                            "CREATE TABLE bsdata.{} AS SELECT building, meter, date_trunc('day', ts, 'UTC') AS ts, "
+                            "sum(kwh) AS kwh FROM bsdata.{} GROUP BY 1, 2, 3"
+                        ).format(sql.Identifier(remote), sql.Identifier(f.shard_name))
+                    )
+                    w.execute(sql.SQL("GRANT SELECT ON bsdata.{} TO {}").format(sql.Identifier(remote), sql.Identifier(app)))
+                coord.execute(
+                    sql.SQL(
+                        "CREATE FOREIGN TABLE bsdata.{} PARTITION OF public.{} {} SERVER {} "
+                        "OPTIONS (schema_name 'bsdata', table_name {})"
+                    ).format(
+                        sql.Identifier(remote), sql.Identifier(table), partition_bounds(f), sql.Identifier(servers[f.node]),
+                        sql.Literal(remote),
+                    )
+                )  # fmt: skip
+            coord.execute(sql.SQL("GRANT SELECT ON public.{} TO {}").format(sql.Identifier(table), sql.Identifier(app)))
+            with main_cluster.coordinator(admin=False) as conn:
+                query = sql.SQL(
+                    "SELECT building, date_trunc('month', ts, 'UTC') AS m, sum(kwh) FROM public.{} WHERE building LIKE {} "
+                    "GROUP BY 1, 2 ORDER BY 1, 2"
+                ).format(sql.Identifier(table), sql.Literal(f"%{dataset}%"))
+                plan = "\n".join(r[0] for r in conn.execute(sql.SQL("EXPLAIN (COSTS OFF) ") + query))
+                assert "Runs on: workers" in plan, plan
+                got = conn.execute(query).fetchall()
+                want = conn.execute(
+                    "SELECT building, date_trunc('month', ts, 'UTC') AS m, sum(kwh) FROM readings WHERE building LIKE %s "
+                    "GROUP BY 1, 2 ORDER BY 1, 2",
+                    (f"%{dataset}%",),
+                ).fetchall()
+                assert want and _equal(got, want, ordered=True)
+        finally:
+            coord.execute(sql.SQL("DROP TABLE public.{}").format(sql.Identifier(table)))
+            for f in frags:
+                with main_cluster.worker(f.node) as w:
+                    w.execute(sql.SQL("DROP TABLE IF EXISTS bsdata.{}").format(sql.Identifier(f"{table}_f{f.fragment_id}")))

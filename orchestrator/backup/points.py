@@ -294,9 +294,11 @@ def make_restore_point(el: Elastic, name: str, reason: decide.PointReason | str 
     timelines = {}
     for group in el.topo.groups:
         # the segment holding the point goes to the archive now, not when it fills up
-        row = el.nodes.get(group.name).execute(
-            "SELECT pg_catalog.pg_walfile_name(%s::pg_lsn), pg_catalog.pg_switch_wal()", (lsns[group.name],)
-        ).fetchone()
+        row = (
+            el.nodes.get(group.name)
+            .execute("SELECT pg_catalog.pg_walfile_name(%s::pg_lsn), pg_catalog.pg_switch_wal()", (lsns[group.name],))
+            .fetchone()
+        )
         timelines[group.name] = int(str(row[0])[:8], 16) if row else 0
     point = RestorePoint(
         name=name,

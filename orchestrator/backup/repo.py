@@ -114,9 +114,7 @@ def load(directory: Path) -> BackupSettings:
     path = directory / SETTINGS_FILE
     try:
         data = json.loads(path.read_text())
-        return BackupSettings(
-            data["repository"], Retention(**data.get("retention", {})), Schedule(**data.get("schedule", {}))
-        )
+        return BackupSettings(data["repository"], Retention(**data.get("retention", {})), Schedule(**data.get("schedule", {})))
     except FileNotFoundError as exc:
         raise ConfigError(f"no backup repository configured for {directory}: run `buildsmart backup init` first") from exc
     except (ValueError, KeyError, TypeError) as exc:

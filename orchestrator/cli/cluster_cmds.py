@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator import catalog, cluster, metadata_store, pgbin, status, topology
@@ -141,6 +143,18 @@ def render_status(data: status.ClusterStatus) -> None:
     elif data.mirror:
         out.print(f"metadata mirror: {data.mirror.get('events', 0)} event(s), {data.mirror.get('seconds') or 0:.1f} s behind")
     render_backup(data)
+    render_check(data)
+
+
+def render_check(data: status.ClusterStatus) -> None:
+    """The newest integrity check: when, and its summary (red with findings)."""
+    c = data.last_check
+    if c is None:
+        out.print("integrity check: never run (the task runner runs one daily; `buildsmart check` now)")
+        return
+    age_h = (datetime.now(UTC) - c.finished_at).total_seconds() / 3600
+    line = f"integrity check {age_h:.1f} h ago: {escape(c.summary)}"
+    out.print(line if c.ok else f"[bold red]{line}[/] (`buildsmart check` lists them)")
 
 
 def render_backup(data: status.ClusterStatus) -> None:

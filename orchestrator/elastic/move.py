@@ -240,12 +240,12 @@ def _verify_in_pause(
     recheck = verify.recheck_units(pre, verify.layout(src, shard), verify.layout(dst, shard), changes.changed, changes.truncated)
     if recheck is None:
         log.info("time partitions of %s changed during the move: verifying all of it in the pause", shard)
-        src_sum, dst_sum = shardops.parallel_checksums([(src, shard, None), (dst, shard, None)])
+        src_sum, dst_sum = verify.parallel_fragment_sums([(src, shard, None), (dst, shard, None)])
         while dst_sum != src_sum:
             if time.monotonic() > deadline:
                 raise _NotCaughtUp(f"target has {dst_sum[0]} rows, source {src_sum[0]} (checksums differ)")
             time.sleep(0.02)
-            dst_sum = shardops.checksum(dst, shard)
+            dst_sum = verify.fragment_sums(dst, shard)
         return src_sum
     src_units = verify.unit_sums(src, shard, recheck)
     dst_units = verify.unit_sums(dst, shard, recheck)

@@ -4,7 +4,6 @@ their time partitions and extra indexes, row checksums, and the coordinator part
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 from psycopg import sql
@@ -99,24 +98,6 @@ def vacuum_if_not_empty(conn: psycopg.Connection, shard: str) -> bool:
         return False
     conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(table(shard)))
     return True
-
-
-def checksum(conn: psycopg.Connection, shard: str, where: sql.Composable | None = None) -> tuple[int, int]:
-    """Row count and an order-independent sum of 64-bit hashes of every whole row (all columns)."""
-    query = sql.SQL(
-        "SELECT count(*), coalesce(sum(pg_catalog.hashtextextended(r::text, 0)::numeric), 0)::text FROM {} r{}"
-    ).format(table(shard), sql.SQL(" WHERE ") + where if where is not None else sql.SQL(""))
-    with conn.transaction():
-        conn.execute("SET LOCAL timezone = 'UTC'")
-        conn.execute("SET LOCAL extra_float_digits = 3")
-        row = conn.execute(query).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
-
-
-def parallel_checksums(jobs: list[tuple[psycopg.Connection, str, sql.Composable | None]]) -> list[tuple[int, int]]:
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        return list(pool.map(lambda j: checksum(*j), jobs))
 
 
 def server_of(coord: psycopg.Connection, node: str) -> str:

@@ -368,10 +368,10 @@ def _verify_in_pause(
             )
             return verify.combine({**{b: s for b, s in pre.source.items() if b not in recheck}, **want_units})[0]
     # One connection (both tables are on this node), so one after the other.
-    want, got = shardops.checksum(conn, frag.shard_name, key.upper()), shardops.checksum(conn, upper.shard_name)
+    want, got = verify.fragment_sums(conn, frag.shard_name, key.upper()), verify.fragment_sums(conn, upper.shard_name)
     if want != got:
         _repair(conn, frag, upper, key)
-        got = shardops.checksum(conn, upper.shard_name)
+        got = verify.fragment_sums(conn, upper.shard_name)
         if want != got:
             raise ClusterStateError(f"split of fragment {frag.fragment_id}: upper half differs after repair ({want} vs {got})")
     return want[0]

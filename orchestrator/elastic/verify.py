@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psycopg
@@ -26,6 +27,40 @@ from orchestrator.fragments import SHARD_SCHEMA
 log = logging.getLogger(__name__)
 
 Sums = tuple[int, int]  # row count, sum of whole-row hashes
+
+# The one checksum of the project (moves, splits, `buildsmart check`, restore points and restore
+# verification): row count and an order-independent sum of 64-bit hashes of every whole row.
+ROW_SUMS = sql.SQL("count(*), coalesce(sum(pg_catalog.hashtextextended(r::text, 0)::numeric), 0)::text")
+
+
+def _pin_row_text(conn: psycopg.Connection) -> None:
+    """The same text form of every row on both sides (r::text depends on these settings).
+    Inside the caller's transaction (SET LOCAL)."""
+    conn.execute("SET LOCAL timezone = 'UTC'")
+    conn.execute("SET LOCAL extra_float_digits = 3")
+
+
+def table_sums(conn: psycopg.Connection, table: sql.Composable, where: sql.Composable | None = None) -> Sums:
+    """Sums of a whole table (or the rows matching ``where``) in one statement."""
+    filt = sql.SQL(" WHERE ") + where if where is not None else sql.SQL("")
+    with conn.transaction():
+        _pin_row_text(conn)
+        row = conn.execute(sql.SQL("SELECT {} FROM {} r{}").format(ROW_SUMS, table, filt)).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def fragment_sums(conn: psycopg.Connection, shard: str, where: sql.Composable | None = None) -> Sums:
+    """Sums of a whole fragment table on its worker."""
+    return table_sums(conn, shardops.table(shard), where)
+
+
+def parallel_fragment_sums(jobs: list[tuple[psycopg.Connection, str, sql.Composable | None]]) -> list[Sums]:
+    """Several fragments' sums at once (one connection each), e.g. source and target of a move."""
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(lambda j: fragment_sums(*j), jobs))
+
+
 Layout = dict[str, int]  # partition bound ("DEFAULT" or "FOR VALUES FROM ... TO ...") -> leaf OID
 
 
@@ -86,14 +121,10 @@ def unit_sums(
         return {}
     filt = sql.SQL(" WHERE ") + where if where is not None else sql.SQL("")
     parts = [
-        sql.SQL(
-            "SELECT {}::text, count(*), coalesce(sum(pg_catalog.hashtextextended(r::text, 0)::numeric), 0)::text FROM {} r{}"
-        ).format(sql.Literal(b), sql.Identifier(SHARD_SCHEMA, name), filt)
+        sql.SQL("SELECT {}::text, {} FROM {} r{}").format(sql.Literal(b), ROW_SUMS, sql.Identifier(SHARD_SCHEMA, name), filt)
         for b, name in leaves.items()
     ]
     with conn.transaction():
-        # The same text form of every row on both sides (r::text depends on these settings).
-        conn.execute("SET LOCAL timezone = 'UTC'")
-        conn.execute("SET LOCAL extra_float_digits = 3")
+        _pin_row_text(conn)
         rows = conn.execute(sql.SQL(" UNION ALL ").join(parts)).fetchall()
     return {str(b): (int(n), int(s)) for b, n, s in rows}

@@ -109,6 +109,7 @@ typedef enum BsPruneKind
 
 extern bool bs_time_may_hold(Const *lo, Const *hi, int kind, TimestampTz v);
 extern bool bs_range_may_hold(Const *lo, Const *hi, int kind, Datum v);
+extern bool bs_is_distributed(Oid relid);
 
 /* two-phase aggregates (dist_combine.c) */
 typedef struct BsCombine

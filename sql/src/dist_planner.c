@@ -1,7 +1,8 @@
 /*
  * dist_planner.c: which queries run on the workers, and the plan that runs them.
  *
- * A SELECT whose only relation is the distributed table (public.readings) is split by how the
+ * A SELECT whose only relation is a distributed table (public.readings, or any table laid out like
+ * it: bs_is_distributed) is split by how the
  * rows of different fragments combine:
  *   ROWS      no aggregation, DISTINCT or window: each row stands alone, fragments concatenate;
  *   BUILDING  GROUP BY / DISTINCT / PARTITION BY include building: a building lives in exactly
@@ -72,19 +73,35 @@ bs_next_planner(Query *parse, const char *query_string, int cursorOptions, Param
 	return standard_planner(parse, query_string, cursorOptions, boundParams);
 }
 
-/* The distributed table, if this database has one. */
-static Oid
-bs_distributed_table(void)
+/*
+ * Is this a distributed table: partitioned by RANGE on one text column "building" under the C
+ * collation, with columns meter and ts? public.readings is; so is any table the cluster lays out
+ * the same way (rollups: one foreign partition per fragment). Whether its partitions really are
+ * fragments (foreign tables, or time groups of them) is checked when they are loaded.
+ */
+bool
+bs_is_distributed(Oid relid)
 {
-	Oid			nsp = get_namespace_oid("public", true);
-	Oid			relid;
+	Relation	rel;
+	PartitionKey key;
+	bool		ok;
 
-	if (!OidIsValid(nsp))
-		return InvalidOid;
-	relid = get_relname_relid("readings", nsp);
 	if (!OidIsValid(relid) || get_rel_relkind(relid) != RELKIND_PARTITIONED_TABLE)
-		return InvalidOid;
-	return relid;
+		return false;
+	rel = table_open(relid, NoLock);	/* the parser holds a lock */
+	key = RelationGetPartitionKey(rel);
+	ok = key != NULL && key->strategy == PARTITION_STRATEGY_RANGE && key->partnatts == 1 &&
+		key->partattrs[0] != 0 && key->parttypid[0] == TEXTOID && key->partcollation[0] == C_COLLATION_OID;
+	if (ok)
+	{
+		char	   *name = get_attname(relid, key->partattrs[0], false);
+
+		ok = strcmp(name, "building") == 0 &&
+			get_attnum(relid, "meter") != InvalidAttrNumber &&
+			get_attnum(relid, "ts") != InvalidAttrNumber;
+	}
+	table_close(rel, NoLock);
+	return ok;
 }
 
 #define NOT_PUSHED(why) do { *reason = (why); return NULL; } while (0)
@@ -793,14 +810,14 @@ bs_analyze(Query *q, Oid dist, ParamListInfo bound, BsAnalysis *a, const char **
 			a->group_rti = rti;
 		else
 		{
-			*reason = "another relation besides readings";
+			*reason = "another relation besides the distributed table";
 			return false;
 		}
 	}
 	if (a->dist_rti == 0 || list_length(q->jointree->fromlist) != 1 ||
 		!IsA(linitial(q->jointree->fromlist), RangeTblRef))
 	{
-		*reason = "not a plain scan of readings";
+		*reason = "not a plain scan of the distributed table";
 		return false;
 	}
 	{
@@ -810,7 +827,7 @@ bs_analyze(Query *q, Oid dist, ParamListInfo bound, BsAnalysis *a, const char **
 		table_close(rel, NoLock);
 		if (rls)
 		{
-			*reason = "row level security on readings";
+			*reason = "row level security on the distributed table";
 			return false;
 		}
 	}
@@ -1397,7 +1414,7 @@ bs_set_rel_pathlist(PlannerInfo *root, RelOptInfo *rel, Index rti, RangeTblEntry
 	}
 	if (bs_enable_pushdown && !bs_planning_fallback && bs_pending_partial == NULL &&
 		rte->rtekind == RTE_RELATION && rte->inh && rte->relkind == RELKIND_PARTITIONED_TABLE &&
-		rte->relid == bs_distributed_table())
+		bs_is_distributed(rte->relid))
 		bs_add_scan_path(root, rel, rti, rte->relid);
 }
 
@@ -1740,7 +1757,6 @@ bs_planner(Query *parse, const char *query_string, int cursorOptions, ParamListI
 	if (bs_enable_pushdown && !bs_planning_fallback && bs_pending_partial == NULL &&
 		parse->commandType == CMD_SELECT && parse->rtable != NIL)
 	{
-		bool		candidate = false;
 		ListCell   *lc;
 		Oid			dist = InvalidOid;
 
@@ -1748,34 +1764,21 @@ bs_planner(Query *parse, const char *query_string, int cursorOptions, ParamListI
 		{
 			RangeTblEntry *rte = lfirst(lc);
 
-			if (rte->rtekind == RTE_RELATION && rte->relkind == RELKIND_PARTITIONED_TABLE)
-				candidate = true;
+			if (rte->rtekind == RTE_RELATION && rte->relkind == RELKIND_PARTITIONED_TABLE &&
+				!OidIsValid(dist) && bs_is_distributed(rte->relid))
+				dist = rte->relid;
 		}
-		if (candidate)
-			dist = bs_distributed_table();
 		if (OidIsValid(dist))
 		{
-			bool		uses = false;
+			const char *reason = NULL;
 
-			foreach(lc, parse->rtable)
-			{
-				RangeTblEntry *rte = lfirst(lc);
-
-				if (rte->rtekind == RTE_RELATION && rte->relid == dist)
-					uses = true;
-			}
-			if (uses)
-			{
-				const char *reason = NULL;
-
-				stmt = bs_try_distribute(parse, cursorOptions, boundParams, dist, &reason);
-				if (stmt == NULL && bs_log_pushdown)
-					elog(LOG, "buildsmart: not pushed down: %s", reason ? reason : "?");
-				else if (stmt != NULL && bs_log_pushdown)
-					elog(LOG, "buildsmart: pushed down");
-				if (stmt == NULL)
-					(void) bs_add_join_pruning(parse, dist);
-			}
+			stmt = bs_try_distribute(parse, cursorOptions, boundParams, dist, &reason);
+			if (stmt == NULL && bs_log_pushdown)
+				elog(LOG, "buildsmart: not pushed down: %s", reason ? reason : "?");
+			else if (stmt != NULL && bs_log_pushdown)
+				elog(LOG, "buildsmart: pushed down");
+			if (stmt == NULL)
+				(void) bs_add_join_pruning(parse, dist);
 		}
 	}
 	if (bs_enable_pushdown && !bs_planning_fallback && bs_pending_partial == NULL &&
@@ -1783,7 +1786,7 @@ bs_planner(Query *parse, const char *query_string, int cursorOptions, ParamListI
 	{
 		RangeTblEntry *target = rt_fetch(parse->resultRelation, parse->rtable);
 
-		if (target->relkind == RELKIND_PARTITIONED_TABLE && target->relid == bs_distributed_table())
+		if (target->relkind == RELKIND_PARTITIONED_TABLE && bs_is_distributed(target->relid))
 		{
 			const char *reason = NULL;
 
