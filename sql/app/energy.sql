@@ -94,7 +94,3 @@ SELECT building, meter, month,
        count(DISTINCT day) AS days
   FROM public.readings_daily
  GROUP BY building, meter, month;
-
-INSERT INTO buildsmart.distributed_tables (relid)
-VALUES ('public.readings'), ('public.readings_hourly'), ('public.readings_daily')
-ON CONFLICT DO NOTHING;

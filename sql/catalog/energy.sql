@@ -68,11 +68,3 @@ CREATE TABLE buildsmart.reference_version (
     synced_at timestamptz
 );
 INSERT INTO buildsmart.reference_version (version) VALUES (1);
-
--- Tables distributed like readings: partitioned by RANGE (building COLLATE "C") on the
--- coordinator, one postgres_fdw foreign partition per fragment, columns building, meter, ts.
--- Rows are added by the application schema (sql/app/), which creates the tables.
-CREATE TABLE buildsmart.distributed_tables (
-    relid regclass PRIMARY KEY
-);
-SELECT pg_catalog.pg_extension_config_dump('buildsmart.distributed_tables', '');

@@ -10,7 +10,6 @@ DROP FUNCTION buildsmart.note_changes();
 DROP FUNCTION buildsmart.register_delta(double precision, double precision, double precision);
 DROP FUNCTION buildsmart.bump_reference_version();
 DROP FUNCTION buildsmart.is_zone(text);
-DROP TABLE buildsmart.distributed_tables;
 DROP TABLE buildsmart.reference_version;
 DROP TABLE buildsmart.rollup_settings;
 DROP TABLE buildsmart.rollup_partitions;

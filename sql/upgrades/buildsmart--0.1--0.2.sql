@@ -16,7 +16,7 @@
 -- #include udfs/fragment_try_switch_lock/0.2.sql
 --
 -- Energy analytics (issue 14): rollup change log and state, reference tables' version, rollup
--- settings, distributed tables, and the functions of rollups, registers and gaps.
+-- settings, and the functions of rollups, registers and gaps.
 -- #include catalog/energy.sql
 -- #include udfs/is_zone/0.2.sql
 -- #include udfs/bump_reference_version/0.2.sql
