@@ -129,7 +129,7 @@ def gaps(
     with _nodes(directory, "gaps") as nodes:
         found = energy_gaps.find(nodes, building, since, until)
     for g in found:
-        out.print(f"{g.building}\t{g.meter}\t{g.gap_from.isoformat()}\t{g.gap_to.isoformat()}\t{g.missing} missing")
+        out.print(f"{g.building}  {g.meter}  {g.gap_from.isoformat()}  {g.gap_to.isoformat()}  {g.missing} missing")
     report(f"{len(found)} gap(s), {sum(g.missing for g in found)} reading(s) missing")
 
 

@@ -133,6 +133,8 @@ def refresh_fragment(conn: psycopg.Connection, frag: Fragment, full: bool = Fals
     """One refresh (or rebuild) of a fragment's rollups, in one worker transaction."""
     with conn.transaction():
         conn.execute("SET LOCAL lock_timeout = '30s'")
+        # the lock refresh_rollups() takes, before a rebuild's DELETE: one refresh of a fragment at a time
+        conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(1112755530, pg_catalog.hashtext(%s))", (frag.shard_name,))
         if full:
             for kind in KINDS:
                 conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(SHARD_SCHEMA, rollup_table(frag.shard_name, kind))))
