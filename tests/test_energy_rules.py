@@ -68,7 +68,7 @@ def test_kind_from_cambridge_names() -> None:
 def test_register_rule() -> None:
     assert model.register_delta(100, 150, None) == 50
     assert model.register_delta(950, 30, 1000) == 80  # rollover: wrapped delta within half the register
-    assert model.register_delta(600, 30, 1000) == 30  # too far to be a rollover: a reset from 0
+    assert model.register_delta(400, 30, 1000) == 30  # too far to be a rollover: a reset from 0
     assert model.register_delta(60, 5, None) == 5  # no maximum: every fall is a reset
     assert all(model.register_delta(p, c, 1000) >= 0 for p in range(0, 1000, 37) for c in range(0, 1000, 41))
     assert math.isclose(model.register_delta(0.1, 0.3, None), 0.2)
