@@ -99,7 +99,12 @@ def _has_energy_schema(conn: psycopg.Connection) -> bool:
     row = conn.execute(
         "SELECT pg_catalog.to_regclass('public.readings_daily') IS NOT NULL "
         "AND pg_catalog.to_regclass('public.meter_replacements') IS NOT NULL "
-        "AND pg_catalog.to_regclass('public.readings_monthly') IS NOT NULL"
+        "AND pg_catalog.to_regclass('public.readings_monthly') IS NOT NULL "
+        # a downgrade to 0.1 drops these with the functions they call; setup makes them again
+        "AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = 'public.meters'::regclass "
+        "            AND tgname = 'reference_changed') "
+        "AND EXISTS (SELECT 1 FROM pg_catalog.pg_constraint WHERE conrelid = 'public.buildings'::regclass "
+        "            AND conname = 'buildings_time_zone_known')"
     ).fetchone()
     return bool(row and row[0])
 

@@ -287,3 +287,34 @@ def test_rollups_pushdown_and_cli(main_cluster: ClusterHandle, metadata: str, tm
     assert "readings_f4 on w2" in status.stdout, status.stdout
     rows = rollup_rows(main_cluster, b)
     assert sum(r[3] for r in rows["daily"]) == 48.0 and len(rows["hourly"]) == 48
+
+
+def test_units_are_converted_at_ingest(main_cluster: ClusterHandle, metadata: str, tmp_path: Path) -> None:
+    b = f"t{metadata}_unit"
+    with main_cluster.coordinator(admin=False) as conn:
+        conn.execute(
+            "INSERT INTO public.meters (building, meter, kind, unit, calorific_value) VALUES "
+            "(%s, 'water', 'water', 'm³', NULL), (%s, 'gas', 'gas', 'kWh', 11.2)",
+            (b, b),
+        )
+    t = [(T0 + timedelta(hours=h)).isoformat() for h in range(3)]
+    path = tmp_path / "units.csv"
+    path.write_text(
+        "building,meter,ts,kwh,unit\n"
+        f"{b},water,{t[0]},1500,l\n{b},water,{t[1]},2,m3\n{b},gas,{t[0]},3,m³\n{b},elec,{t[0]},2500,Wh\n{b},elec,{t[1]},0.5,MWh\n"
+    )
+    ingest(main_cluster.directory, str(path))
+    with main_cluster.coordinator(admin=False) as conn:
+        got = conn.execute("SELECT meter, ts, kwh FROM readings WHERE building = %s ORDER BY meter, ts", (b,)).fetchall()
+    want = [("elec", 2.5), ("elec", 500.0), ("gas", pytest.approx(33.6)), ("water", 1.5), ("water", 2.0)]
+    assert [(m, v) for m, _, v in got] == want
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"building,meter,ts,kwh,unit\n{b},water,{t[2]},1,m3\n{b},water,{t[2]},5,kWh\n")
+    proc = main_cluster.run_cli("ingest", str(bad), check=False)
+    assert proc.returncode != 0
+    column = len(f"{b},water,{t[2]},5,") + 1
+    assert f"{bad}:3:{column}: kWh cannot become m³" in proc.stderr, proc.stderr
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text(f"building,meter,ts,kwh,unit\n{b},elec,{t[2]},1,furlongs\n")
+    proc = main_cluster.run_cli("ingest", str(unknown), check=False)
+    assert proc.returncode != 0 and "unknown unit 'furlongs'" in proc.stderr, proc.stderr

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 
 from orchestrator.energy.model import BuildingSpec, MeterSpec, kind_from_name
-from orchestrator.energy.units import UnitError, parse_unit
+from orchestrator.energy.units import MeterUnit, UnitError, UnitTable, parse_unit
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +113,15 @@ def _haystack_zone(conn: psycopg.Connection, city: str) -> str | None:
         "SELECT name FROM pg_catalog.pg_timezone_names WHERE name LIKE %s ORDER BY length(name) LIMIT 1", (f"%/{city}",)
     ).fetchone()
     return None if row is None else str(row[0])
+
+
+def unit_table(conn: psycopg.Connection) -> UnitTable:
+    """Each meter's canonical unit, for ingest's conversions (meters in kWh without a calorific
+    value need no entry: that is the default)."""
+    row = conn.execute("SELECT pg_catalog.to_regclass('public.meters') IS NOT NULL").fetchone()
+    if not (row and row[0]):
+        return UnitTable()
+    rows = conn.execute(
+        "SELECT building, meter, unit, calorific_value FROM public.meters WHERE unit <> 'kWh' OR calorific_value IS NOT NULL"
+    ).fetchall()
+    return UnitTable({(str(b), str(m)): MeterUnit(str(u), cv) for b, m, u, cv in rows})

@@ -50,9 +50,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from orchestrator import topology
-from orchestrator.connections import Target, superuser_target
+from orchestrator.connections import Target, connect, superuser_target
 from orchestrator.elastic import autosplit
 from orchestrator.elastic.gate import RoutingChanged, WriteGate
+from orchestrator.energy import imports
+from orchestrator.energy.units import UnitTable
 from orchestrator.exceptions import BuildSmartError, ClusterStateError, NodeError
 from orchestrator.fragments import Fragment, Router, TimeGroup
 from orchestrator.ingest.fastpath import NO_ROWS, split_new_rows
@@ -200,6 +202,11 @@ class IngestSession:
         topo, creds = topology.load(directory), topology.load_credentials(directory)
         workers = {g.name: superuser_target(g, creds) for g in topo.workers}
         return cls(superuser_target(topo.coordinator, creds), workers, directory=directory, **options)  # type: ignore[arg-type]
+
+    def unit_table(self) -> UnitTable:
+        """Meters' canonical units (public.meters), for sources that give each reading's unit."""
+        with connect(self.coordinator, "ingest:units", autocommit=True) as conn:
+            return imports.unit_table(conn)
 
     @property
     def fragments(self) -> int:

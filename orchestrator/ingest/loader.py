@@ -135,7 +135,7 @@ def ingest(
     except BaseException:
         session.close()
         raise
-    parser = parser_for(fmt_, source.name)
+    parser = parser_for(fmt_, source.name, units=session.unit_table())
     batcher = _Batcher(session, result)
     rejects_file = RejectsFile(rejects) if rejects else None
     first_chunk = True
