@@ -318,3 +318,43 @@ def test_units_are_converted_at_ingest(main_cluster: ClusterHandle, metadata: st
     unknown.write_text(f"building,meter,ts,kwh,unit\n{b},elec,{t[2]},1,furlongs\n")
     proc = main_cluster.run_cli("ingest", str(unknown), check=False)
     assert proc.returncode != 0 and "unknown unit 'furlongs'" in proc.stderr, proc.stderr
+
+
+def test_rollups_follow_a_fragment_move_and_check_covers_them(main_cluster: ClusterHandle, metadata: str, tmp_path: Path) -> None:
+    b = f"t{metadata}_mv"
+    with main_cluster.coordinator(admin=False) as conn:
+        conn.execute("INSERT INTO public.buildings (code, time_zone) VALUES (%s, 'America/New_York')", (b,))
+    load(main_cluster, tmp_path, "mv", [(b, "m", t.isoformat(), 0.5 + i % 4) for i, t in enumerate(_hours(T0, 72))])
+    refresh(main_cluster)
+    before = rollup_rows(main_cluster, b)
+    with main_cluster.coordinator() as conn:
+        (frag,) = [f for f in catalog.load_fragments(conn) if f.holds(b)]
+    home = frag.node
+    away = next(w.name for w in main_cluster.topology.workers if w.name != home)
+    main_cluster.run_cli("fragment", "move", str(frag.fragment_id), away)
+    try:
+        refresh(main_cluster)  # the rollups task: build next to the moved table, switch the partitions
+        with main_cluster.coordinator(admin=False) as conn:
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN SELECT * FROM readings_daily WHERE building = %s", (b,)))
+        assert f"Node bs_{away}: {frag.shard_name}_daily" in plan, plan
+        assert_same(rollup_rows(main_cluster, b), before, "after the move")
+        with main_cluster.worker(home) as w:  # the old node's rollup tables are gone with the fragment
+            assert w.execute("SELECT to_regclass(%s)", (f"bsdata.{frag.shard_name}_daily",)).fetchone() == (None,)
+    finally:
+        main_cluster.run_cli("fragment", "move", str(frag.fragment_id), home)
+        refresh(main_cluster)
+    assert_same(rollup_rows(main_cluster, b), before, "after moving back")
+
+    from orchestrator import check
+
+    with main_cluster.worker(home) as w:  # a stray row outside the fragment's building range
+        w.execute(
+            f"INSERT INTO bsdata.{frag.shard_name}_hourly (building, meter, ts, kwh, readings) VALUES (%s, 'm', %s, 1, 1)",
+            (f"zz{metadata}", T0),
+        )
+    try:
+        report = check.run_check(main_cluster.directory, replicas=False, pages=False)
+        assert [f.obj for f in report.findings if "rollup row" in f.detail] == [f"{frag.shard_name}_hourly"], report.findings
+    finally:
+        with main_cluster.worker(home) as w:
+            w.execute(f"DELETE FROM bsdata.{frag.shard_name}_hourly WHERE building = %s", (f"zz{metadata}",))

@@ -51,6 +51,16 @@ def rollup_table(shard: str, kind: Kind) -> str:
     return f"{shard}_{kind}"
 
 
+def rollup_tables(conn: psycopg.Connection, shard: str) -> list[str]:
+    """The rollup tables of a fragment that exist on this worker (`buildsmart check` reads them)."""
+    names = [rollup_table(shard, k) for k in KINDS]
+    rows = conn.execute(
+        "SELECT n FROM unnest(%s::text[]) AS n WHERE pg_catalog.to_regclass(%s || '.' || pg_catalog.quote_ident(n)) IS NOT NULL",
+        (names, SHARD_SCHEMA),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
 def coordinator_table(kind: Kind) -> sql.Identifier:
     return sql.Identifier("public", f"readings_{kind}")
 
