@@ -171,6 +171,11 @@ def refresh(nodes: NodeConnections, fragments: Sequence[Fragment] | None = None,
         conn = nodes.get(frag.node)
         if _state(conn, frag.shard_name) is None:
             continue  # not built yet: reconcile builds it
+        if not full:
+            waiting = "SELECT EXISTS (SELECT 1 FROM buildsmart.rollup_changes WHERE shard = %s)"
+            row = conn.execute(waiting, (frag.shard_name,)).fetchone()
+            if not (row and row[0]):
+                continue  # nothing changed: no transaction, no temporary tables
         out.append(refresh_fragment(conn, frag, full))
     return out
 
