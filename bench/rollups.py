@@ -52,6 +52,7 @@ from orchestrator.runtime import local  # noqa: E402
 _spec = importlib.util.spec_from_file_location("bench_queries", REPO / "bench" / "queries.py")
 assert _spec is not None and _spec.loader is not None
 bq = importlib.util.module_from_spec(_spec)
+sys.modules["bench_queries"] = bq  # its dataclasses look their module up
 _spec.loader.exec_module(bq)  # the plain server and the answer comparison of bench/queries.py
 
 ZONE = "Europe/London"
