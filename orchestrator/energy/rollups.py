@@ -80,6 +80,11 @@ def worker_tables_ddl(shard: str, columns: dict[Kind, list[tuple[str, str, bool]
         cols.append(sql.SQL("CONSTRAINT {} PRIMARY KEY (building, meter, ts)").format(sql.Identifier(f"{name}_pkey")))
         table = sql.Identifier(SHARD_SCHEMA, name)
         out.append(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table, sql.SQL(", ").join(cols)))
+        # all buildings of one month (top-N, league tables) or one hour, without reading the rest
+        by_time = sql.SQL("month" if kind == "daily" else "ts")
+        out.append(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({}, building)").format(sql.Identifier(f"{name}_time"), table, by_time)
+        )
     return out
 
 
