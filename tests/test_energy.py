@@ -358,3 +358,35 @@ def test_rollups_follow_a_fragment_move_and_check_covers_them(main_cluster: Clus
     finally:
         with main_cluster.worker(home) as w:
             w.execute(f"DELETE FROM bsdata.{frag.shard_name}_hourly WHERE building = %s", (f"zz{metadata}",))
+
+
+def test_meters_from_haystack_devices(main_cluster: ClusterHandle, metadata: str) -> None:
+    from psycopg.types.json import Jsonb
+
+    from orchestrator.metadata import haystack, importer
+    from orchestrator.metadata.mirror import pg_connect
+    from tests.harness import SHARED_DATA
+
+    site = "p:demo:r:23a44701-a89a6c66"
+    b = f"t{metadata}_cary"
+    path = SHARED_DATA / "haystack" / "carytown.json"
+    ids = sorted(e.id for e in haystack.parse_file(path))
+    with main_cluster.coordinator() as conn:
+        conn.execute("INSERT INTO public.buildings (code, attributes) VALUES (%s, %s)", (b, Jsonb({"haystack_id": site})))
+    try:
+        with pg_connect(main_cluster.directory, "test-import") as conn:
+            importer.import_file(conn, path)
+        out = main_cluster.run_cli("meters", "from-devices")
+        assert "committed" in out.stderr, out.stderr
+        with main_cluster.coordinator(admin=False) as conn:
+            building = conn.execute("SELECT time_zone, floor_area_m2 FROM public.buildings WHERE code = %s", (b,)).fetchone()
+            meters = conn.execute(
+                "SELECT meter, kind, unit, reading_type, expected_interval FROM public.meters WHERE building = %s", (b,)
+            ).fetchall()
+        assert building is not None and building[0] == "America/New_York"  # Haystack's tz "New_York"
+        assert building[1] == pytest.approx(3149 * 0.09290304)  # area 3149 ft² stored in m²
+        # the one energy point (kWh, every 15 minutes) of the electricity meter; kW, °F, $ points are not meters
+        assert meters == [("p:demo:r:23a44701-51b0b0ff", "electricity", "kWh", "interval", timedelta(minutes=15))]
+    finally:
+        with main_cluster.coordinator() as conn:
+            conn.execute("DELETE FROM public.devices WHERE id = ANY(%s)", (ids,))

@@ -74,9 +74,32 @@ def _value(v: Any) -> Any:
     return v.get("val") if isinstance(v, dict) and "val" in v else v
 
 
+_AREA_M2 = {"m²": 1.0, "m2": 1.0, "ft²": 0.09290304, "ft2": 0.09290304}
+_INTERVAL_S = {"s": 1, "sec": 1, "min": 60, "h": 3600, "hr": 3600, "hour": 3600, "day": 86400}
+
+
+def _area_m2(area: Any) -> float | None:
+    """Haystack ``area`` is a number with a unit (ft² in US data); stored in m²."""
+    value = _value(area)
+    if not isinstance(value, int | float):
+        return None
+    unit = area.get("unit", "m²") if isinstance(area, dict) else "m²"
+    factor = _AREA_M2.get(str(unit))
+    return None if factor is None else float(value) * factor
+
+
+def _interval_s(his_interval: Any) -> float:
+    if isinstance(his_interval, dict) and isinstance(his_interval.get("val"), int | float):
+        scale = _INTERVAL_S.get(str(his_interval.get("unit")))
+        if scale and his_interval["val"] > 0:
+            return float(his_interval["val"]) * scale
+    return 3600.0
+
+
 def from_devices(conn: psycopg.Connection) -> tuple[ImportCounts, ImportCounts]:
     """Buildings' time zone and area from Haystack sites, meters from history points whose unit
-    is energy or volume (the point id is the meter id), linked to a building."""
+    is energy or volume (the point id is the meter id), linked to a building. The kind comes
+    from the point's markers or its equipment's (``elec``, ``gas``, ... on the meter equip)."""
     sites = conn.execute(
         "SELECT building, metadata FROM public.devices WHERE kind = 'site' AND building IS NOT NULL"
     ).fetchall()
@@ -86,23 +109,27 @@ def from_devices(conn: psycopg.Connection) -> tuple[ImportCounts, ImportCounts]:
         zone = None
         if isinstance(tz, str):
             zone = tz if "/" in tz or tz == "UTC" else _haystack_zone(conn, tz)
-        area = _value(meta.get("area"))
-        buildings.append(BuildingSpec(str(code), meta.get("dis"), zone, float(area) if isinstance(area, int | float) else None))
+        buildings.append(BuildingSpec(str(code), meta.get("dis"), zone, _area_m2(meta.get("area"))))
     points = conn.execute(
-        "SELECT id, building, metadata FROM public.devices WHERE kind = 'point' AND building IS NOT NULL "
-        "AND metadata ? 'his' AND metadata ? 'unit'"
+        "SELECT p.id, p.building, p.metadata, coalesce(e.metadata, '{}'::jsonb) FROM public.devices p "
+        "LEFT JOIN public.devices e ON e.id = p.metadata->>'equipRef' "
+        "WHERE p.kind = 'point' AND p.building IS NOT NULL AND p.metadata ? 'his' AND p.metadata ? 'unit'"
     ).fetchall()
     meters = []
-    for pid, code, meta in points:
+    for pid, code, meta, equip in points:
         try:
             unit = parse_unit(str(meta["unit"]))
         except UnitError:
             continue
         if unit.quantity == "power":
             continue  # demand, not a meter of energy or volume
-        kind = next((k for marker, k in _HAYSTACK_KINDS.items() if meta.get(marker) is True), kind_from_name(str(pid)))
+        kind = next(
+            (k for marker, k in _HAYSTACK_KINDS.items() if meta.get(marker) is True or equip.get(marker) is True),
+            kind_from_name(str(pid)),
+        )
+        reading = "cumulative" if meta.get("hisTotalized") is True else "interval"
         meters.append(
-            MeterSpec(str(code), str(pid), kind, unit.name, "cumulative" if meta.get("hisTotalized") is True else "interval")  # type: ignore[arg-type]
+            MeterSpec(str(code), str(pid), kind, unit.name, reading, expected_interval_s=_interval_s(meta.get("hisInterval")))  # type: ignore[arg-type]
         )
     return upsert_buildings(conn, [b for b in buildings if b.time_zone or b.floor_area_m2]), upsert_meters(conn, meters)
 
