@@ -363,7 +363,7 @@ def test_status_uses_statistics_unless_exact_and_shows_the_balancer(dcluster: Cl
     assert data["balancer"]["paused"] and data["balancer"]["paused_note"] == "status test"
     assert data["balancer"]["runner"] and data["balancer"]["decisions"]
     assert not any(f["rows_exact"] for f in data["fragments"])
-    assert {t["task"] for t in data["tasks"]} == {"backup", "balancer", "integrity-check", "partition-upkeep"}
+    assert {t["task"] for t in data["tasks"]} == {"backup", "balancer", "integrity-check", "partition-upkeep", "rollups"}
     exact = json.loads(dcluster.run_cli("status", "--json", "--exact").stdout)
     assert all(f["rows_exact"] for f in exact["fragments"])
     with dcluster.coordinator() as conn:

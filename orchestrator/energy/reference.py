@@ -88,6 +88,13 @@ def _rows(conn: psycopg.Connection, table: str, columns: Sequence[str]) -> dict[
 def sync(nodes: NodeConnections, fragments: Sequence[Fragment], force: bool = False) -> SyncResult:
     """Bring every worker's copies to the coordinator's content (see the module docstring)."""
     coord = nodes.coordinator
+    if not force:  # the common case, every few seconds: nothing changed, read no rows
+        version = coordinator_version(coord)
+        if all(
+            _worker_version(c) == version and all(_exists(c, t) for t in REFERENCE_TABLES)
+            for c in (nodes.get(w.name) for w in nodes.topology.workers)
+        ):
+            return SyncResult(version, (), 0, 0)
     with coord.transaction():
         coord.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         version = coordinator_version(coord)
