@@ -95,6 +95,20 @@ def _old_triggers(conn: psycopg.Connection) -> set[str]:
         return {r[0] for r in cur.fetchall()}
 
 
+def _has_energy_schema(conn: psycopg.Connection) -> bool:
+    row = conn.execute(
+        "SELECT pg_catalog.to_regclass('public.readings_daily') IS NOT NULL "
+        "AND pg_catalog.to_regclass('public.meter_replacements') IS NOT NULL "
+        "AND pg_catalog.to_regclass('public.readings_monthly') IS NOT NULL "
+        # a downgrade to 0.1 drops these with the functions they call; setup makes them again
+        "AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = 'public.meters'::regclass "
+        "            AND tgname = 'reference_changed') "
+        "AND EXISTS (SELECT 1 FROM pg_catalog.pg_constraint WHERE conrelid = 'public.buildings'::regclass "
+        "            AND conname = 'buildings_time_zone_known')"
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def observe(nodes: NodeConnections) -> ObservedCluster:
     """Snapshot the catalog, foreign servers and fragment tables of every node."""
     coord = nodes.coordinator
@@ -146,6 +160,7 @@ def observe(nodes: NodeConnections) -> ObservedCluster:
     return ObservedCluster(
         extension_ok=frozenset(ext_ok),
         app_schema=True,
+        energy_schema=_has_energy_schema(coord),
         nodes=catalog_nodes,
         servers=servers,
         user_mappings=mappings,

@@ -20,6 +20,7 @@ from orchestrator.planner import (
     AttachCoordinatorPartition,
     CreateAppSchema,
     CreateWorkerFragment,
+    EnsureEnergySchema,
     EnsureExtension,
     EnsureForeignServer,
     EnsureUserMapping,
@@ -104,6 +105,13 @@ def _create_app_schema(nodes: NodeConnections, step: CreateAppSchema) -> None:
                 sql.Identifier(SHARD_SCHEMA), role
             )
         )
+
+
+@implements(EnsureEnergySchema)
+def _ensure_energy_schema(nodes: NodeConnections, step: EnsureEnergySchema) -> None:
+    from orchestrator.energy import schema  # the energy model owns its DDL and grants
+
+    schema.ensure_coordinator_schema(nodes.coordinator, nodes.creds.app_user)
 
 
 @implements(RegisterNode)

@@ -53,6 +53,7 @@ class ObservedCluster:
 
     extension_ok: frozenset[str] = frozenset()  # nodes with the current extension version
     app_schema: bool = False  # readings/buildings/devices on the coordinator
+    energy_schema: bool = False  # meters, rollup tables and views on the coordinator (sql/app/energy.sql)
     nodes: Mapping[str, NodeSpec] = field(default_factory=dict)  # buildsmart.nodes
     servers: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)  # fdw server -> (hosts, ports, dbname)
     user_mappings: Mapping[str, str] = field(default_factory=dict)  # server -> MappingSpec.describe() of its PUBLIC mapping
@@ -80,6 +81,12 @@ class EnsureExtension(Step):
 class CreateAppSchema(Step):
     def describe(self) -> str:
         return "create readings, buildings and devices on the coordinator"
+
+
+@dataclass(frozen=True)
+class EnsureEnergySchema(Step):
+    def describe(self) -> str:
+        return "create meters, meter replacements and the rollup tables and views on the coordinator"
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,8 @@ def plan(desired: DesiredCluster, observed: ObservedCluster) -> list[Step]:
     steps += [EnsureExtension(n.name) for n in all_nodes if n.name not in observed.extension_ok]
     if not observed.app_schema:
         steps.append(CreateAppSchema())
+    if not observed.energy_schema:
+        steps.append(EnsureEnergySchema())
     steps += [RegisterNode(n) for n in all_nodes if observed.nodes.get(n.name) != n]
     for worker in desired.workers:
         current = observed.servers.get(worker.server_name)

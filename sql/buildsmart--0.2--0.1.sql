@@ -2,6 +2,23 @@
 \echo Use "ALTER EXTENSION buildsmart" to load this file. \quit
 -- buildsmart 0.2 -> 0.1. Fails (and changes nothing) while a fragment still uses the C trigger:
 -- the orchestrator of 0.1 must have re-created the PL/pgSQL triggers first.
+-- Energy analytics (issue 14): CASCADE also drops what uses these functions outside the
+-- extension: the reference_changed triggers of public.buildings/meters/meter_replacements, the
+-- time-zone CHECK of public.buildings and the rollup_changes_* triggers of the fragments. Data
+-- and the rollup tables stay; `buildsmart upgrade` back to 0.2 re-creates those (setup and the
+-- rollups task), and the rollups of changes made meanwhile need `buildsmart rollups rebuild`.
+DROP FUNCTION buildsmart.gapfill(text, text, interval, timestamptz, timestamptz, text, text, text, text);
+DROP FUNCTION buildsmart.meter_gaps(text, text, timestamptz, timestamptz);
+DROP FUNCTION buildsmart.refresh_rollups(text, boolean, timestamptz);
+DROP FUNCTION buildsmart.note_changes() CASCADE;
+DROP FUNCTION buildsmart.register_delta(double precision, double precision, double precision);
+DROP FUNCTION buildsmart.bump_reference_version() CASCADE;
+DROP FUNCTION buildsmart.is_zone(text) CASCADE;
+DROP TABLE buildsmart.reference_version;
+DROP TABLE buildsmart.rollup_settings;
+DROP TABLE buildsmart.rollup_partitions;
+DROP TABLE buildsmart.rollup_state;
+DROP TABLE buildsmart.rollup_changes;
 DROP FUNCTION buildsmart.replace_existing();
 DROP TABLE buildsmart.restore_points;
 DROP FUNCTION buildsmart.fragment_try_switch_lock(integer[]);

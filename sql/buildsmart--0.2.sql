@@ -637,3 +637,389 @@ CREATE TABLE buildsmart.restore_points (
     checksums       jsonb NOT NULL DEFAULT '{}'::jsonb
 );
 SELECT pg_catalog.pg_extension_config_dump('buildsmart.restore_points', '');
+
+-- catalog/energy.sql
+-- Energy analytics (issue 14): what the rollups of every fragment need on each node, and the
+-- cluster-wide settings of the coordinator. The rollup tables themselves are per fragment
+-- (bsdata.<shard>_hourly / _daily next to bsdata.<shard>) and are made by the orchestrator
+-- (orchestrator/energy/rollups.py), like the fragment tables.
+
+-- Invalidation log (on every worker): (building, meter, time range) of a fragment whose rows
+-- changed since its rollups were last refreshed. The loader writes it in the transaction of each
+-- batch, a statement trigger on each fragment for every other writer (SQL through the
+-- coordinator); refresh_rollups() consumes it in the transaction that recomputes those ranges.
+CREATE TABLE buildsmart.rollup_changes (
+    change_id bigserial PRIMARY KEY,
+    shard     text NOT NULL,
+    building  text COLLATE "C" NOT NULL,
+    meter     text NOT NULL,
+    ts_from   timestamptz NOT NULL,
+    ts_to     timestamptz NOT NULL,
+    noted_at  timestamptz NOT NULL DEFAULT now(),
+    CHECK (ts_from <= ts_to)
+);
+CREATE INDEX rollup_changes_shard_idx ON buildsmart.rollup_changes (shard);
+
+-- Rollups built on this worker: from which fragment table (a move makes a new table with a new
+-- oid, so rollups found next to another oid are stale and rebuilt) and for which ranges.
+CREATE TABLE buildsmart.rollup_state (
+    shard        text PRIMARY KEY,
+    fragment_oid oid NOT NULL,
+    range_from   text COLLATE "C",
+    range_to     text COLLATE "C",
+    ts_from      timestamptz,
+    ts_to        timestamptz,
+    built_at     timestamptz NOT NULL DEFAULT now(),
+    refreshed_at timestamptz
+);
+
+-- Coordinator: the foreign partitions of public.readings_hourly / readings_daily as attached
+-- (they follow the fragments of readings in the background, after their rollups are built).
+CREATE TABLE buildsmart.rollup_partitions (
+    shard      text PRIMARY KEY,
+    node_name  text NOT NULL,
+    range_from text COLLATE "C",
+    range_to   text COLLATE "C",
+    ts_from    timestamptz,
+    ts_to      timestamptz,
+    time_group text
+);
+SELECT pg_catalog.pg_extension_config_dump('buildsmart.rollup_partitions', '');
+
+-- Coordinator, one row: how often the task runner refreshes, and how long raw readings and
+-- rollups are kept (NULL: for ever). Raw and rollup retention are independent.
+CREATE TABLE buildsmart.rollup_settings (
+    singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    refresh_every interval NOT NULL DEFAULT '5 seconds' CHECK (refresh_every >= '1 second'),
+    keep_raw      interval,
+    keep_hourly   interval,
+    keep_daily    interval,
+    paused        boolean NOT NULL DEFAULT false,
+    changed_at    timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO buildsmart.rollup_settings DEFAULT VALUES;
+SELECT pg_catalog.pg_extension_config_dump('buildsmart.rollup_settings', '');
+
+-- Reference tables (public.buildings, public.meters, public.meter_replacements) are edited on
+-- the coordinator and copied to every worker. Coordinator: bumped by every change; worker: the
+-- version its copies hold.
+CREATE TABLE buildsmart.reference_version (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    version   bigint NOT NULL DEFAULT 1,
+    synced_at timestamptz
+);
+INSERT INTO buildsmart.reference_version (version) VALUES (1);
+
+-- udfs/is_zone/latest.sql
+-- A time zone name that buildsmart.zone (and so time_bucket/month_bucket) knows: the CHECK of
+-- public.buildings.time_zone, so a bad zone is refused when it is written, not at refresh.
+CREATE FUNCTION buildsmart.is_zone(tz text)
+RETURNS boolean
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_enum e WHERE e.enumtypid = 'buildsmart.zone'::regtype AND e.enumlabel = tz);
+
+-- udfs/bump_reference_version/latest.sql
+-- Statement trigger of the reference tables on the coordinator: their workers' copies are out of
+-- date; the rollups task copies them (orchestrator/energy/reference.py). SECURITY DEFINER: the
+-- application role edits metadata but cannot write the catalog.
+CREATE FUNCTION buildsmart.bump_reference_version()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE buildsmart.reference_version SET version = version + 1;
+    RETURN NULL;
+END;
+$$;
+
+-- udfs/register_delta/latest.sql
+-- Consumption between two readings of a cumulative register (the documented rule):
+--   cur >= prev                              -> cur - prev
+--   cur <  prev, register_max set and the
+--     wrapped delta cur + register_max - prev
+--     is at most half the register          -> that wrapped delta (a rollover: the register
+--                                              counts 0 .. register_max and wraps to 0)
+--   otherwise                               -> cur (a reset: the register restarted from 0)
+-- Never negative for non-negative readings. Meter replacements are explicit events
+-- (public.meter_replacements), applied by refresh_rollups() around this rule.
+CREATE FUNCTION buildsmart.register_delta(prev double precision, cur double precision, register_max double precision)
+RETURNS double precision
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN CASE
+    WHEN prev IS NULL OR cur IS NULL THEN NULL
+    WHEN cur >= prev THEN cur - prev
+    WHEN register_max IS NOT NULL AND cur + register_max - prev <= register_max / 2 THEN cur + register_max - prev
+    ELSE cur
+END;
+
+-- udfs/note_changes/latest.sql
+-- Statement trigger of every fragment table (AFTER INSERT / UPDATE / DELETE with transition
+-- tables new_rows / old_rows): notes the changed (building, meter, time range) for the rollups.
+-- The loader does not fire it (it writes with session_replication_role = replica and notes its
+-- batches itself); SQL through the coordinator does. TG_ARGV[0] is the fragment's shard name.
+CREATE FUNCTION buildsmart.note_changes()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO buildsmart.rollup_changes (shard, building, meter, ts_from, ts_to)
+        SELECT TG_ARGV[0], n.building, n.meter, min(n.ts), max(n.ts) FROM new_rows n GROUP BY n.building, n.meter;
+    END IF;
+    IF TG_OP IN ('DELETE', 'UPDATE') THEN
+        INSERT INTO buildsmart.rollup_changes (shard, building, meter, ts_from, ts_to)
+        SELECT TG_ARGV[0], o.building, o.meter, min(o.ts), max(o.ts) FROM old_rows o GROUP BY o.building, o.meter;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+-- udfs/refresh_rollups/latest.sql
+-- Refresh the rollups of one fragment on its worker, next to its rows, without rescanning
+-- history: the changed ranges of buildsmart.rollup_changes (or, for a rebuild, every meter from
+-- its first reading) are consumed, widened to whole local days of the building (and, for a
+-- cumulative meter, to the next reading, whose delta a change also alters), merged per meter,
+-- and the hourly and daily rows of those days are deleted and computed again from raw rows.
+--
+-- Per reading, the consumption is kwh * multiplier for an interval meter; for a cumulative
+-- meter, register_delta(previous reading, reading, register_max) * multiplier, or, when a
+-- replacement (public.meter_replacements) lies in (previous, this], the old register's delta up
+-- to old_final plus the new one's from new_initial; the first reading of a meter has none (NULL).
+-- It counts for the bucket of its own ts. Buckets: UTC hours; days in the building's time zone
+-- (23 or 25 hours on DST changes). expected = bucket length / the meter's expected_interval.
+-- Meters or buildings missing from the reference tables get the defaults: interval readings,
+-- multiplier 1, expected every hour, UTC. In a time group (piece_from set) a bucket straddling
+-- the piece's start is stored at piece_from: each piece holds its part of that bucket.
+CREATE FUNCTION buildsmart.refresh_rollups(
+    p_shard text, p_full boolean DEFAULT false, piece_from timestamptz DEFAULT NULL)
+RETURNS TABLE (changes bigint, ranges bigint, hourly_rows bigint, daily_rows bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    frag   text := format('bsdata.%I', p_shard);
+    hourly text := format('bsdata.%I', p_shard || '_hourly');
+    daily  text := format('bsdata.%I', p_shard || '_daily');
+    n_changes bigint;
+    n_ranges  bigint;
+    n_hourly  bigint;
+    n_daily   bigint;
+BEGIN
+    -- one refresh of a fragment at a time (the task runner and a manual `rollups refresh`)
+    PERFORM pg_catalog.pg_advisory_xact_lock(1112755530, pg_catalog.hashtext(p_shard));
+    DROP TABLE IF EXISTS pg_temp.bs_changed, pg_temp.bs_ranges, pg_temp.bs_cons;
+    CREATE TEMP TABLE bs_changed (building text COLLATE "C", meter text, ts_from timestamptz, ts_to timestamptz)
+        ON COMMIT DROP;
+    IF p_full THEN
+        DELETE FROM buildsmart.rollup_changes c WHERE c.shard = p_shard;
+        EXECUTE format('INSERT INTO pg_temp.bs_changed SELECT f.building, f.meter, min(f.ts), ''infinity'' '
+                       'FROM %s f GROUP BY f.building, f.meter', frag);
+        GET DIAGNOSTICS n_changes = ROW_COUNT;
+    ELSE
+        WITH d AS (DELETE FROM buildsmart.rollup_changes c WHERE c.shard = p_shard
+                   RETURNING c.building, c.meter, c.ts_from, c.ts_to)
+        INSERT INTO pg_temp.bs_changed SELECT d.building, d.meter, d.ts_from, d.ts_to FROM d;
+        GET DIAGNOSTICS n_changes = ROW_COUNT;
+    END IF;
+    IF n_changes = 0 THEN
+        RETURN QUERY SELECT 0::bigint, 0::bigint, 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+
+    -- A changed or deleted reading of a register changes the delta of the next reading too.
+    EXECUTE format(
+        'UPDATE pg_temp.bs_changed c SET ts_to = coalesce((SELECT min(f.ts) FROM %s f '
+        '  WHERE f.building = c.building AND f.meter = c.meter AND f.ts > c.ts_to), c.ts_to) '
+        'FROM public.meters m WHERE m.building = c.building AND m.meter = c.meter '
+        '  AND m.reading_type = ''cumulative'' AND c.ts_to < ''infinity''', frag);
+
+    CREATE TEMP TABLE bs_ranges ON COMMIT DROP AS
+    SELECT x.building, x.meter, x.tz, x.cumulative, x.mult, x.regmax, x.step_s,
+           lower(x.r) AS lo_d, upper(x.r) AS hi_d,
+           pg_catalog.date_trunc('hour', lower(x.r), 'UTC') AS lo_h,
+           CASE WHEN pg_catalog.date_trunc('hour', upper(x.r), 'UTC') = upper(x.r) THEN upper(x.r)
+                ELSE pg_catalog.date_trunc('hour', upper(x.r), 'UTC') + interval '1 hour' END AS hi_h
+      FROM (SELECT c.building, c.meter, k.tz, k.cumulative, k.mult, k.regmax, k.step_s,
+                   unnest(range_agg(tstzrange(pg_catalog.date_trunc('day', c.ts_from, k.tz),
+                                              pg_catalog.date_add(pg_catalog.date_trunc('day', c.ts_to, k.tz), interval '1 day', k.tz)))) AS r
+              FROM pg_temp.bs_changed c
+              LEFT JOIN public.buildings b ON b.code = c.building
+              LEFT JOIN public.meters m ON m.building = c.building AND m.meter = c.meter
+              CROSS JOIN LATERAL (SELECT coalesce(b.time_zone, 'UTC') AS tz,
+                                         coalesce(m.reading_type = 'cumulative', false) AS cumulative,
+                                         coalesce(m.multiplier, 1.0)::double precision AS mult,
+                                         m.register_max::double precision AS regmax,
+                                         extract(epoch FROM coalesce(m.expected_interval, interval '1 hour'))::double precision AS step_s) k
+             GROUP BY c.building, c.meter, k.tz, k.cumulative, k.mult, k.regmax, k.step_s) x;
+    GET DIAGNOSTICS n_ranges = ROW_COUNT;
+
+    EXECUTE format('DELETE FROM %s h USING pg_temp.bs_ranges r WHERE h.building = r.building AND h.meter = r.meter '
+                   'AND h.ts >= r.lo_h AND h.ts < r.hi_h', hourly);
+    EXECUTE format('DELETE FROM %s d USING pg_temp.bs_ranges r WHERE d.building = r.building AND d.meter = r.meter '
+                   'AND d.ts >= r.lo_d AND d.ts < r.hi_d', daily);
+
+    EXECUTE format($q$
+        CREATE TEMP TABLE bs_cons ON COMMIT DROP AS
+        SELECT r.building, r.meter, r.tz, r.step_s, r.lo_d, r.hi_d, x.ts,
+               CASE WHEN NOT r.cumulative THEN x.kwh * r.mult
+                    WHEN x.pts IS NULL THEN NULL
+                    WHEN rp.ts IS NOT NULL THEN
+                        (buildsmart.register_delta(x.pkwh, coalesce(rp.old_final, x.pkwh), r.regmax)
+                         + buildsmart.register_delta(coalesce(rp.new_initial, 0), x.kwh, r.regmax)) * r.mult
+                    ELSE buildsmart.register_delta(x.pkwh, x.kwh, r.regmax) * r.mult END AS v
+          FROM pg_temp.bs_ranges r
+         CROSS JOIN LATERAL (
+               SELECT y.ts, y.kwh, lag(y.ts) OVER w AS pts, lag(y.kwh) OVER w AS pkwh
+                 FROM ((SELECT f.ts, f.kwh FROM %1$s f
+                         WHERE r.cumulative AND f.building = r.building AND f.meter = r.meter AND f.ts < r.lo_h
+                         ORDER BY f.ts DESC LIMIT 1)
+                       UNION ALL
+                       SELECT f.ts, f.kwh FROM %1$s f
+                        WHERE f.building = r.building AND f.meter = r.meter AND f.ts >= r.lo_h AND f.ts < r.hi_h) y
+               WINDOW w AS (ORDER BY y.ts)) x
+          LEFT JOIN LATERAL (
+               SELECT p.ts, p.old_final, p.new_initial FROM public.meter_replacements p
+                WHERE r.cumulative AND p.building = r.building AND p.meter = r.meter AND p.ts > x.pts AND p.ts <= x.ts
+                ORDER BY p.ts DESC LIMIT 1) rp ON true
+         WHERE x.ts >= r.lo_h$q$, frag);
+
+    EXECUTE format($q$
+        INSERT INTO %s (building, meter, ts, kwh, kwh_min, kwh_max, readings, expected, completeness)
+        SELECT q.building, q.meter, greatest(q.b, $1), sum(q.v), min(q.v), max(q.v), count(*), q.e,
+               count(*)::double precision / nullif(q.e, 0)
+          FROM (SELECT c.building, c.meter, c.v, pg_catalog.date_trunc('hour', c.ts, 'UTC') AS b,
+                       floor(3600 / c.step_s)::integer AS e
+                  FROM pg_temp.bs_cons c) q
+         GROUP BY q.building, q.meter, q.b, q.e$q$, hourly) USING piece_from;
+    GET DIAGNOSTICS n_hourly = ROW_COUNT;
+
+    EXECUTE format($q$
+        INSERT INTO %s (building, meter, ts, day, month, kwh, kwh_min, kwh_max, readings, expected, completeness, month_expected)
+        SELECT q.building, q.meter, greatest(q.d, $1), pg_catalog.timezone(q.tz, q.d)::date,
+               pg_catalog.date_trunc('month', pg_catalog.timezone(q.tz, q.d))::date,
+               sum(q.v), min(q.v), max(q.v), count(*), e.day_n, count(*)::double precision / nullif(e.day_n, 0), e.month_n
+          FROM (SELECT c.building, c.meter, c.v, c.tz, c.step_s, pg_catalog.date_trunc('day', c.ts, c.tz) AS d,
+                       pg_catalog.date_trunc('month', c.ts, c.tz) AS m
+                  FROM pg_temp.bs_cons c WHERE c.ts >= c.lo_d AND c.ts < c.hi_d) q
+         CROSS JOIN LATERAL (
+               SELECT floor(extract(epoch FROM pg_catalog.date_add(q.d, interval '1 day', q.tz) - q.d) / q.step_s)::integer AS day_n,
+                      floor(extract(epoch FROM pg_catalog.date_add(q.m, interval '1 month', q.tz) - q.m) / q.step_s)::integer AS month_n) e
+         GROUP BY q.building, q.meter, q.d, q.tz, e.day_n, e.month_n$q$, daily) USING piece_from;
+    GET DIAGNOSTICS n_daily = ROW_COUNT;
+
+    UPDATE buildsmart.rollup_state s SET refreshed_at = now() WHERE s.shard = p_shard;
+    RETURN QUERY SELECT n_changes, n_ranges, n_hourly, n_daily;
+END;
+$fn$;
+
+-- udfs/meter_gaps/latest.sql
+-- Missing intervals of each meter of one fragment (on its worker, next to the rows): where the
+-- next reading comes later than the meter's expected_interval (default 1 hour), and, when
+-- since/until are given, before the first and after the last reading of the window.
+-- missing = how many readings the gap lacks. `buildsmart gaps` runs it on every fragment.
+CREATE FUNCTION buildsmart.meter_gaps(
+    p_shard text, p_building text DEFAULT NULL,
+    p_since timestamptz DEFAULT '-infinity', p_until timestamptz DEFAULT 'infinity')
+RETURNS TABLE (building text, meter text, gap_from timestamptz, gap_to timestamptz, missing bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RETURN QUERY EXECUTE format($q$
+        WITH r AS (
+            SELECT f.building::text AS building, f.meter, f.ts,
+                   lag(f.ts) OVER w AS prev_ts, lead(f.ts) OVER w AS next_ts,
+                   coalesce(m.expected_interval, interval '1 hour') AS step
+              FROM %s f LEFT JOIN public.meters m ON m.building = f.building AND m.meter = f.meter
+             WHERE ($1::text IS NULL OR f.building = $1) AND f.ts >= $2 AND f.ts < $3
+            WINDOW w AS (PARTITION BY f.building, f.meter ORDER BY f.ts)
+        )
+        SELECT r.building, r.meter, r.ts + r.step, r.next_ts,
+               (floor(extract(epoch FROM r.next_ts - r.ts) / extract(epoch FROM r.step)) - 1)::bigint
+          FROM r WHERE r.next_ts IS NOT NULL AND r.next_ts > r.ts + r.step
+        UNION ALL
+        SELECT r.building, r.meter, $2, r.ts, floor(extract(epoch FROM r.ts - $2) / extract(epoch FROM r.step))::bigint
+          FROM r WHERE r.prev_ts IS NULL AND $2 > '-infinity' AND r.ts >= $2 + r.step
+        UNION ALL
+        SELECT r.building, r.meter, r.ts + r.step, $3,
+               (floor(extract(epoch FROM $3 - r.ts) / extract(epoch FROM r.step)) - 1)::bigint
+          FROM r WHERE r.next_ts IS NULL AND $3 < 'infinity' AND $3 > r.ts + r.step
+        ORDER BY 1, 2, 3$q$, format('bsdata.%I', p_shard))
+    USING p_building, p_since, p_until;
+END;
+$fn$;
+
+-- udfs/gapfill/latest.sql
+-- time_bucket_gapfill for one meter (on the coordinator): a regular grid of buckets from start
+-- (inclusive) to finish (exclusive), stepping by `bucket` in time zone `zone` (so '1 day' is a
+-- local day, 23 or 25 hours on DST changes), one row per bucket, also where nothing was read.
+--   source: 'raw' (readings.kwh), 'hourly' or 'daily' (the rollups' consumption, kwh)
+--   agg:    how a bucket's values combine: sum (default), avg, min, max, last (a register's
+--           last reading: interpolate it for registers)
+--   fill:   'none' (NULL), 'locf' (last value carried forward), 'interpolate' (linear in time
+--           between the neighbouring buckets that have values; NULL before the first and
+--           after the last)
+-- readings: raw readings in the bucket; filled: the value was made up by the fill.
+-- The rows are read in one query pushed to the worker of the building, bucketed here.
+CREATE FUNCTION buildsmart.gapfill(
+    p_building text, p_meter text, bucket interval, start timestamptz, finish timestamptz,
+    fill text DEFAULT 'none', source text DEFAULT 'raw', agg text DEFAULT 'sum', zone text DEFAULT 'UTC')
+RETURNS TABLE (bucket_start timestamptz, value double precision, readings bigint, filled boolean)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    grid timestamptz[];
+    src text;
+    val text;
+    cnt text;
+BEGIN
+    IF fill NOT IN ('none', 'locf', 'interpolate') THEN
+        RAISE EXCEPTION 'gapfill: fill must be none, locf or interpolate, not %', fill USING ERRCODE = '22023';
+    END IF;
+    IF agg NOT IN ('sum', 'avg', 'min', 'max', 'last') THEN
+        RAISE EXCEPTION 'gapfill: agg must be sum, avg, min, max or last, not %', agg USING ERRCODE = '22023';
+    END IF;
+    IF bucket <= interval '0' OR finish <= start THEN
+        RAISE EXCEPTION 'gapfill: need a positive bucket and start < finish' USING ERRCODE = '22023';
+    END IF;
+    grid := ARRAY(SELECT g FROM pg_catalog.generate_series(start, finish, bucket, zone) g WHERE g < finish);
+    IF cardinality(grid) > 1000000 THEN
+        RAISE EXCEPTION 'gapfill: % buckets is too many (at most 1,000,000)', cardinality(grid) USING ERRCODE = '54000';
+    END IF;
+    src := CASE source WHEN 'raw' THEN 'public.readings' WHEN 'hourly' THEN 'public.readings_hourly'
+                       WHEN 'daily' THEN 'public.readings_daily' END;
+    IF src IS NULL THEN
+        RAISE EXCEPTION 'gapfill: source must be raw, hourly or daily, not %', source USING ERRCODE = '22023';
+    END IF;
+    val := CASE agg WHEN 'last' THEN '(array_agg(t.kwh ORDER BY t.ts DESC))[1]' ELSE format('%s(t.kwh)', agg) END;
+    cnt := CASE source WHEN 'raw' THEN 'count(*)' ELSE 'sum(t.readings)' END;
+    RETURN QUERY EXECUTE format($q$
+        WITH rows AS (SELECT t.ts, t.kwh%4$s FROM %1$s t
+                       WHERE t.building = $1 AND t.meter = $2 AND t.ts >= $3 AND t.ts < $4),
+        d AS (SELECT pg_catalog.width_bucket(t.ts, $5) AS i, %2$s AS v, %3$s AS n FROM rows t GROUP BY 1),
+        j AS (SELECT g.i, $5[g.i] AS b, d.v, coalesce(d.n, 0)::bigint AS n
+                FROM generate_subscripts($5, 1) AS g(i) LEFT JOIN d ON d.i = g.i),
+        k AS (SELECT j.*, count(j.v) OVER (ORDER BY j.i) AS gp, count(j.v) OVER (ORDER BY j.i DESC) AS gn FROM j),
+        p AS (SELECT k.*, first_value(k.v) OVER (PARTITION BY k.gp ORDER BY k.i) AS pv,
+                     first_value(k.b) OVER (PARTITION BY k.gp ORDER BY k.i) AS pb,
+                     first_value(k.v) OVER (PARTITION BY k.gn ORDER BY k.i DESC) AS nv,
+                     first_value(k.b) OVER (PARTITION BY k.gn ORDER BY k.i DESC) AS nb
+                FROM k),
+        f AS (SELECT p.b, p.v, p.n,
+                     CASE WHEN p.v IS NOT NULL THEN p.v
+                          WHEN $6 = 'locf' THEN p.pv
+                          WHEN $6 = 'interpolate' AND p.pv IS NOT NULL AND p.nv IS NOT NULL THEN
+                               p.pv + (p.nv - p.pv) * extract(epoch FROM p.b - p.pb) / extract(epoch FROM p.nb - p.pb)
+                     END AS fv
+                FROM p)
+        SELECT f.b, f.fv, f.n, f.v IS NULL AND f.fv IS NOT NULL FROM f ORDER BY f.b$q$,
+        src, val, cnt, CASE source WHEN 'raw' THEN '' ELSE ', t.readings' END)
+    USING p_building, p_meter, start, finish, grid, fill;
+END;
+$fn$;

@@ -13,6 +13,7 @@ from orchestrator.planner import (
     CreateAppSchema,
     CreateWorkerFragment,
     DesiredCluster,
+    EnsureEnergySchema,
     EnsureExtension,
     EnsureForeignServer,
     EnsureUserMapping,
@@ -37,6 +38,7 @@ def complete_observation(d: DesiredCluster) -> ObservedCluster:
     return ObservedCluster(
         extension_ok=frozenset({"coordinator", "w1", "w2"}),
         app_schema=True,
+        energy_schema=True,
         nodes={n.name: n for n in (COORD, W1, W2)},
         servers={w.server_name: (w.hosts, w.ports, w.dbname) for w in (W1, W2)},
         user_mappings={w.server_name: d.mapping.describe() for w in (W1, W2)},
@@ -51,6 +53,7 @@ def test_plan_from_nothing_builds_everything_in_dependency_order() -> None:
     kinds = [type(s) for s in steps]
     assert kinds[:3] == [EnsureExtension] * 3
     assert kinds[3] is CreateAppSchema
+    assert kinds[4] is EnsureEnergySchema  # meters and rollup tables reference the app schema's tables
     assert kinds.count(RegisterNode) == 3
     assert kinds.count(EnsureForeignServer) == 2 and kinds.count(EnsureUserMapping) == 2
     assert kinds.count(CreateWorkerFragment) == 3

@@ -6,6 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
+from zoneinfo import ZoneInfo
 
 import typer
 from rich.table import Table
@@ -34,12 +35,15 @@ def demo_cmd(
         top.add_row(building, f"{kwh:,}", f"{per_m2}")
     out.print(top)
 
-    prof = Table(title=f"Daily profile of {answers.profile_building}, last 14 days ({demo.DEMO_TZ} days)")
-    for col in ("day", "meter", "kWh", ""):
-        prof.add_column(col, justify="right" if col == "kWh" else "left")
-    peak = max((float(k) for _, _, k in answers.daily_profile), default=1.0) or 1.0
-    for day, meter, kwh in answers.daily_profile:
-        prof.add_row(day.strftime("%a %d %b"), meter, f"{kwh:,}", "█" * int(30 * float(kwh) / peak))
+    prof = Table(title=f"Daily profile of {answers.profile_building}, last 14 days ({demo.DEMO_TZ} days, from the rollups)")
+    for col in ("day", "meter", "kWh", "complete", ""):
+        prof.add_column(col, justify="right" if col in ("kWh", "complete") else "left")
+    peak = max((float(k or 0) for _, _, k, _ in answers.daily_profile), default=1.0) or 1.0
+    for day, meter, kwh, complete in answers.daily_profile:
+        prof.add_row(
+            day.astimezone(ZoneInfo(demo.DEMO_TZ)).strftime("%a %d %b"), meter, f"{kwh:,}",
+            "" if complete is None else f"{100 * complete:.0f} %", "█" * int(30 * float(kwh or 0) / peak),
+        )  # fmt: skip
     out.print(prof)
 
     latest = Table(title="Last reading of each meter")

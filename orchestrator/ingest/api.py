@@ -50,9 +50,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from orchestrator import topology
-from orchestrator.connections import Target, ingest_target
+from orchestrator.connections import Target, connect, ingest_target
 from orchestrator.elastic import autosplit
 from orchestrator.elastic.gate import RoutingChanged, WriteGate
+from orchestrator.energy import imports
+from orchestrator.energy.units import UnitTable
 from orchestrator.exceptions import BuildSmartError, ClusterStateError, NodeError
 from orchestrator.fragments import Fragment, Router, TimeGroup
 from orchestrator.ingest.fastpath import NO_ROWS, split_new_rows
@@ -206,6 +208,11 @@ class IngestSession:
         workers = {g.name: ingest_target(g, creds) for g in topo.workers}
         return cls(ingest_target(topo.coordinator, creds), workers, directory=directory, **options)  # type: ignore[arg-type]
 
+    def unit_table(self) -> UnitTable:
+        """Meters' canonical units (public.meters), for sources that give each reading's unit."""
+        with connect(self.coordinator, "ingest:units", autocommit=True) as conn:
+            return imports.unit_table(conn)
+
     @property
     def fragments(self) -> int:
         return len(self.router.fragments)
@@ -278,6 +285,10 @@ class IngestSession:
         split = split_new_rows(pair, batch.instant, np.array([marks.get(p, NO_ROWS) for p in pairs], dtype=np.int64))
         if len(marks) + len(pairs) > MARKS_LIMIT:
             marks.clear()  # forgetting only costs a failed COPY per meter
+        # each meter's first instant in the batch (its last is split.pair_max): the rollups' change log
+        pair_min = np.full(len(pairs), np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(pair_min, pair, batch.instant)
+        pair_max = split.pair_max.tolist()
         for p, latest in zip(pairs, split.pair_max.tolist(), strict=True):
             if latest > marks.get(p, NO_ROWS):
                 marks[p] = latest  # what this batch will have stored once committed
@@ -310,8 +321,12 @@ class IngestSession:
             new = split.fast[rows]
             fast, slow = rows[new], rows[~new]
             data, segments = _by_leaf(batch, fast, leaf[new], leaves)
-            part_pairs = tuple(pairs[i] for i in np.unique(pair[rows]).tolist())
-            parts[(fid, d % self.streams)] = Part(data, len(fast), segments, _csv(batch, slow), len(slow), hours, part_pairs)
+            in_part = np.unique(pair[rows]).tolist()
+            part_pairs = tuple(pairs[i] for i in in_part)
+            changes = tuple((pairs[i][0], pairs[i][1], int(pair_min[i]), int(pair_max[i])) for i in in_part)
+            parts[(fid, d % self.streams)] = Part(
+                data, len(fast), segments, _csv(batch, slow), len(slow), hours, part_pairs, changes
+            )
         return parts
 
     # -- submit and settle -------------------------------------------------------------------

@@ -159,7 +159,7 @@ def ingest(
         if rejects_file:
             rejects_file.close()
         raise
-    parser = parser_for(fmt_, source.name)
+    parser = parser_for(fmt_, source.name, units=session.unit_table())
     batcher = _Batcher(session, result)
     first_chunk = True
     started = time.monotonic()

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 
+from orchestrator.energy.units import DEFAULT_TABLE, UnitError, UnitTable
 from orchestrator.exceptions import InputError, InputLocation
 from orchestrator.ingest.validate import (
     MAX_OFFSET,
@@ -50,6 +51,7 @@ pa.set_memory_pool(pa.system_memory_pool())
 Format = Literal["csv", "jsonl"]
 FORMATS: tuple[Format, ...] = ("csv", "jsonl")
 COLUMNS = ("building", "meter", "ts", "kwh")
+UNIT_COLUMN = "unit"  # optional (CSV): the reading's unit, converted to its meter's (orchestrator.energy.units)
 CACHE_LIMIT = 200_000  # distinct names / timestamps remembered as valid
 
 _NUMBER_FULL = f"^(?:{NUMBER_PATTERN})$"
@@ -291,14 +293,19 @@ def _array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 
 class CsvParser:
-    """CSV with the header ``building,meter,ts,kwh`` in any column order."""
+    """CSV with the header ``building,meter,ts,kwh`` in any column order, optionally with a
+    ``unit`` column: each value is then converted to its meter's canonical unit (``units``, from
+    public.meters) and stored as that number; an unknown or incompatible unit rejects the line
+    at the unit's column. Files with a unit column take the careful path (they are the rare ones)."""
 
     fmt: Format = "csv"
 
-    def __init__(self, source: str, threads: bool = False) -> None:
+    def __init__(self, source: str, threads: bool = False, units: UnitTable = DEFAULT_TABLE) -> None:
         self.source = source
         self.threads = threads
+        self.units = units
         self.order: tuple[int, int, int, int] | None = None
+        self.unit_col: int | None = None
         self._checks = ValueChecks()
         # A quoted field still open at the end of a line: its record's first line and raw lines.
         # Such a record is one reject (at its first line); its later lines are never records.
@@ -309,11 +316,14 @@ class CsvParser:
     def header(self, raw: bytes) -> None:
         text = decode_line(self.source, 1, raw).lstrip("\ufeff")
         names = [n.strip().lower() for n in text.split(",")]
-        if sorted(names) != sorted(COLUMNS) or len(names) != len(COLUMNS):
+        core = [n for n in names if n != UNIT_COLUMN]
+        if sorted(core) != sorted(COLUMNS) or len(core) != len(COLUMNS) or len(names) - len(core) > 1:
             raise InputError(
-                InputLocation(self.source, 1, 1), f"wrong header {text!r}: expected the columns building,meter,ts,kwh"
+                InputLocation(self.source, 1, 1),
+                f"wrong header {text!r}: expected the columns building,meter,ts,kwh (and optionally unit)",
             )
         self.order = (names.index("building"), names.index("meter"), names.index("ts"), names.index("kwh"))
+        self.unit_col = names.index(UNIT_COLUMN) if UNIT_COLUMN in names else None
 
     def parse(self, chunk: bytes, first_line: int, lines: int | None = None) -> Parsed:
         """Parse whole lines starting at ``first_line`` (``lines`` of them, if known); line 1 is
@@ -346,7 +356,7 @@ class CsvParser:
     def _fast(self, chunk: bytes, first_line: int, n: int) -> ReadingBatch | None:
         if not n:
             return EMPTY
-        if b'"' in chunk or b"\x00" in chunk:
+        if b'"' in chunk or b"\x00" in chunk or self.unit_col is not None:
             return None
         if b"\r" in chunk and not _crs_end_lines(chunk):
             return None  # a lone CR ends a line for pyarrow, not for the careful path
@@ -410,19 +420,29 @@ class CsvParser:
             fields = next(csv.reader([text], strict=True)) if quoted else text.split(",")
         except csv.Error as exc:  # e.g. a field beyond the csv module's size limit, a stray quote
             return Reject(number, 0, f"malformed CSV: {exc}", raw)
-        if len(fields) != 4:
-            what = "missing" if len(fields) < 4 else "extra"
-            return Reject(number, 0, f"{what} fields: expected 4 (building,meter,ts,kwh), got {len(fields)}", raw)
+        width = 4 if self.unit_col is None else 5
+        if len(fields) != width:
+            what = "missing" if len(fields) < width else "extra"
+            named = "building,meter,ts,kwh" + ("" if self.unit_col is None else ",unit")
+            return Reject(number, 0, f"{what} fields: expected {width} ({named}), got {len(fields)}", raw)
         assert self.order is not None
         o = self.order
+        kwh_text = fields[o[3]]
         try:
             building = check_text(fields[o[0]], "building", o[0])
             meter = check_text(fields[o[1]], "meter", o[1])
             ts_micros(fields[o[2]], o[2])
-            parse_kwh(fields[o[3]], o[3])
+            kwh = parse_kwh(kwh_text, o[3])
+            if self.unit_col is not None:
+                try:
+                    factor = self.units.factor(building, meter, fields[self.unit_col])
+                except UnitError as exc:
+                    raise FieldError(self.unit_col, str(exc)) from None
+                if factor != 1.0:
+                    kwh_text = repr(kwh * factor)  # shortest text of the converted double
         except FieldError as exc:
             return Reject(number, 0 if quoted else _column_of(fields, exc.field), exc.reason, raw)
-        return number, building, meter, fields[o[2]], fields[o[3]]
+        return number, building, meter, fields[o[2]], kwh_text
 
 
 def _ends_in_quote(raw: bytes, inside: bool) -> bool:
@@ -606,8 +626,8 @@ def rows_to_batch(objects: Iterable[tuple[int, object]], raw_of: dict[int, bytes
 Parser = CsvParser | JsonParser
 
 
-def parser_for(fmt: Format, source: str, threads: bool = False) -> Parser:
-    return CsvParser(source, threads) if fmt == "csv" else JsonParser(source, threads)
+def parser_for(fmt: Format, source: str, threads: bool = False, units: UnitTable = DEFAULT_TABLE) -> Parser:
+    return CsvParser(source, threads, units) if fmt == "csv" else JsonParser(source, threads)
 
 
 def format_of(path: str, fmt: str | None) -> Format:

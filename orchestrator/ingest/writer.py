@@ -90,6 +90,9 @@ class Part:
     slow_rows: int
     hours: np.ndarray  # distinct hours (since 1970) of all rows: the time partitions they need
     pairs: tuple[Pair, ...]  # (building, meter) of the rows, read back after a fallback
+    # (building, meter, first, last instant in µs) of the rows: noted for the rollups in the same
+    # transaction (orchestrator.energy.rollups)
+    changes: tuple[tuple[str, str, int, int], ...] = ()
 
     @property
     def rows(self) -> int:
@@ -141,6 +144,7 @@ class FragmentWriter:
         self._truncate_sql = sql.SQL("TRUNCATE {}").format(self.stage)
         self._upsert_stmt = self._upsert_sql()
         self._conn: psycopg.Connection | None = None
+        self._notes = False  # the worker's extension has the rollup change log
         self._gate: WriteGate | None = None
         self.gate_version: int | None = None
 
@@ -158,6 +162,8 @@ class FragmentWriter:
                         "kwh double precision, seq bigint GENERATED ALWAYS AS IDENTITY)"
                     ).format(self.stage)
                 )
+                row = conn.execute("SELECT pg_catalog.to_regclass('buildsmart.rollup_changes') IS NOT NULL").fetchone()
+                self._notes = bool(row and row[0])
             self._conn = conn
         return self._conn
 
@@ -231,9 +237,22 @@ class FragmentWriter:
                 inserted, updated, distinct = self._upsert(conn, part.slow, part.fast)
             if fell_back:
                 marks = self._stored_marks(conn, part.pairs)
+            if self._notes and part.changes:
+                self._note_changes(conn, part.changes)
             self.before_commit()
         self.after_commit()
         return BatchCounts(part.rows, copied + inserted, updated, copied + distinct, created, 0, copied, fell_back, marks)
+
+    def _note_changes(self, conn: psycopg.Connection, changes: tuple[tuple[str, str, int, int], ...]) -> None:
+        """The rollups' change log: one row per (building, meter) of the part, committed with it."""
+        b, m, lo, hi = zip(*changes, strict=True)
+        conn.execute(
+            "INSERT INTO buildsmart.rollup_changes (shard, building, meter, ts_from, ts_to) "
+            "SELECT %s, u.b, u.m, 'epoch'::timestamptz + u.lo * interval '1 microsecond', "
+            "'epoch'::timestamptz + u.hi * interval '1 microsecond' "
+            "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[]) AS u(b, m, lo, hi)",
+            (self.fragment.shard_name, list(b), list(m), list(lo), list(hi)),
+        )
 
     def before_commit(self) -> None:
         """Test seam: runs inside the transaction, just before COMMIT."""

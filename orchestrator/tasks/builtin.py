@@ -83,3 +83,6 @@ register("integrity-check")(IntegrityCheckTask)
 
 # Scheduled backups and restore points (a no-op without a repository): orchestrator/backup/task.py.
 from orchestrator.backup import task as _backup_task  # noqa: E402,F401
+
+# Rollup refresh, reference-table sync and retention: orchestrator/energy/task.py.
+from orchestrator.energy import task as _rollups_task  # noqa: E402,F401

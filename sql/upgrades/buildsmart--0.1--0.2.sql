@@ -38,3 +38,13 @@ ALTER FUNCTION pg_catalog.citus_rebalance_status(boolean) SET search_path = pg_c
 ALTER FUNCTION pg_catalog.citus_move_shard_placement(bigint, text, integer, text, integer, text) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION pg_catalog.create_time_partitions(regclass, interval, timestamptz, timestamptz) SET search_path = pg_catalog, pg_temp;
 ALTER PROCEDURE pg_catalog.drop_old_time_partitions(regclass, timestamptz) SET search_path = pg_catalog, pg_temp;
+-- Energy analytics (issue 14): rollup change log and state, reference tables' version, rollup
+-- settings, and the functions of rollups, registers and gaps.
+-- #include catalog/energy.sql
+-- #include udfs/is_zone/0.2.sql
+-- #include udfs/bump_reference_version/0.2.sql
+-- #include udfs/register_delta/0.2.sql
+-- #include udfs/note_changes/0.2.sql
+-- #include udfs/refresh_rollups/0.2.sql
+-- #include udfs/meter_gaps/0.2.sql
+-- #include udfs/gapfill/0.2.sql
