@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import pgbin
+from orchestrator import pgbin, resources
 from orchestrator.backup import archive
 from orchestrator.exceptions import ClusterStateError, ConfigError, NodeError
 from orchestrator.osuser import ServiceUser, run_as
@@ -32,7 +32,7 @@ from orchestrator.topology import Credentials, Group, Topology
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "patroni" / "member.yml.tmpl"
+TEMPLATE = resources.path("patroni") / "member.yml.tmpl"
 HTTP_TIMEOUT_S = 3.0
 STOP_TIMEOUT_S = 60.0
 PATRONI_MARKER = "patroni.yml"  # every Patroni command line we start names its config file

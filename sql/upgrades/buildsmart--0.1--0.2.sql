@@ -14,3 +14,6 @@
 -- Cluster restore points (orchestrator/backup/points.py).
 -- #include catalog/restore_points.sql
 -- #include udfs/fragment_try_switch_lock/0.2.sql
+--
+-- Users of the HTTP front door (`buildsmart serve`, orchestrator/serve/users.py).
+-- #include catalog/http_users.sql
