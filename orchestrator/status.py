@@ -22,6 +22,7 @@ from psycopg import sql
 
 from orchestrator import catalog, topology
 from orchestrator.backup.decide import BackupStatus
+from orchestrator.check import LastCheck, last_check
 from orchestrator.connections import connect, superuser_target
 from orchestrator.elastic import observe
 from orchestrator.elastic.policy import policy_from
@@ -106,6 +107,7 @@ class ClusterStatus:
     mirror_error: str | None = None
     backup: BackupStatus | None = None  # None: the backup state could not be read (backup_error)
     backup_error: str | None = None
+    check: LastCheck | None = None  # the newest `buildsmart check` run (None: never run)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,6 +227,7 @@ def collect(directory: Path, exact: bool = False, decisions: int = 10) -> Cluste
     workers: tuple[WorkerShare, ...] = ()
     balancer: BalancerStatus | None = None
     tasks: tuple[catalog.TaskRun, ...] = ()
+    last: LastCheck | None = None
     if topo.coordinator.name in up:
         with connect(superuser_target(topo.coordinator, creds), "status", autocommit=True) as conn:
             if catalog.has_catalog(conn):
@@ -232,6 +235,7 @@ def collect(directory: Path, exact: bool = False, decisions: int = 10) -> Cluste
                 active = catalog.active_workers(conn)
                 balancer = balancer_status(conn, decisions)
                 tasks = catalog.task_runs(conn)
+                last = last_check(conn)
             else:
                 frags, active = (), ()
         fragments = _fragments(topo, creds, frags, up, exact)
@@ -239,7 +243,7 @@ def collect(directory: Path, exact: bool = False, decisions: int = 10) -> Cluste
     mirror, mirror_error = _mirror(directory)
     backup, backup_error = _backup(directory)
     return ClusterStatus(
-        topo.cluster_name, nodes, fragments, workers, balancer, tasks, mirror, mirror_error, backup, backup_error
+        topo.cluster_name, nodes, fragments, workers, balancer, tasks, mirror, mirror_error, backup, backup_error, last
     )
 
 

@@ -175,17 +175,11 @@ def _cmp(v: sql.Composable, op: CmpOp, value: Any) -> sql.Composable:
             "(CASE WHEN jsonb_typeof({v}) = 'number' THEN ({v} #>> '{{}}')::float8 "
             "WHEN jsonb_typeof({v} -> 'val') = 'number' THEN ({v} ->> 'val')::float8 END)"
         ).format(v=v)
-        unit = (
-            sql.SQL(" AND ({v} ->> 'unit') = {u}").format(v=v, u=sql.Literal(value.unit))
-            if value.unit
-            else sql.SQL("")
-        )
+        unit = sql.SQL(" AND ({v} ->> 'unit') = {u}").format(v=v, u=sql.Literal(value.unit)) if value.unit else sql.SQL("")
         return sql.SQL("({n} {op} {x}{unit})").format(n=number, op=sql_op, x=sql.Literal(value.val), unit=unit)
     if isinstance(value, Ref | Uri | Symbol):
         text = value.val
-    elif isinstance(value, datetime):
-        text = value.isoformat()
-    elif isinstance(value, date | time):
+    elif isinstance(value, (datetime, date | time)):
         text = value.isoformat()
     elif isinstance(value, str):
         text = value
@@ -250,6 +244,4 @@ def matches(node: Node, tags: dict[str, Any], lookup: dict[str, dict[str, Any]])
             return False
         a = v.encode()
         b = (x.val if isinstance(x, Ref | Uri | Symbol) else x if isinstance(x, str) else x.isoformat()).encode()
-    return bool(
-        {"==": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[node.op]
-    )
+    return bool({"==": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[node.op])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -51,7 +51,7 @@ def to_json(value: Any) -> Any:
         return {"_kind": "symbol", "val": value.val}
     if isinstance(value, datetime):
         if not isinstance(value.tzinfo, ZoneInfo):
-            value = value.astimezone(timezone.utc)
+            value = value.astimezone(UTC)
             name = "UTC"
         else:
             name = tz.haystack_name(str(value.tzinfo))

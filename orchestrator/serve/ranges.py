@@ -31,7 +31,7 @@ def _midnight(day: date, zone: ZoneInfo) -> datetime:
 
 def _value(text: str, source: str) -> date | datetime:
     value = zinc.decode_value(text.strip(), source)
-    if isinstance(value, datetime) or isinstance(value, date):
+    if isinstance(value, (datetime, date)):
         return value
     raise InputError(InputLocation(source, 1), f"range part {text.strip()!r} is neither a date nor a dateTime")
 
@@ -46,7 +46,9 @@ def parse(text: str, zone: ZoneInfo, now: datetime, source: str = "range") -> Sp
         return Span(_midnight(today - timedelta(days=1), zone), _midnight(today, zone))
     parts = raw.split(",")
     if len(parts) > 2 or not raw:
-        raise InputError(InputLocation(source, 1), f"range {raw!r}: expected today, yesterday, a date, date,date or dateTime,dateTime")
+        raise InputError(
+            InputLocation(source, 1), f"range {raw!r}: expected today, yesterday, a date, date,date or dateTime,dateTime"
+        )
     first = _value(parts[0], source)
     second = _value(parts[1], source) if len(parts) == 2 else None
     if isinstance(first, datetime):

@@ -101,7 +101,7 @@ def decode_hello(attrs: dict[str, str]) -> str:
 
 
 def _fields(message: str) -> dict[str, str]:
-    out = {}
+    out: dict[str, str] = {}
     for part in message.split(","):
         key, eq, value = part.partition("=")
         if eq and len(key) == 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -24,7 +24,9 @@ _NAME = re.compile(r"[a-z][A-Za-z0-9_]*")
 _UNIT_EXTRA = set("_$%/")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _TIME = re.compile(r"\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?")
-_DATETIME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)(Z|[+-]\d{2}:\d{2})(?: ([A-Za-z][A-Za-z0-9_+\-/]*))?")
+_DATETIME = re.compile(
+    r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)(Z|[+-]\d{2}:\d{2})(?: ([A-Za-z][A-Za-z0-9_+\-/]*))?"
+)
 _NUMBER = re.compile(r"-?\d[\d_]*(?:\.\d[\d_]*)?(?:[eE][+-]?\d+)?")
 _ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "$": "$", "`": "`"}
 
@@ -68,7 +70,7 @@ def datetime_text(value: datetime) -> str:
     """``2023-01-01T00:00:00Z UTC`` / ``2023-06-01T01:00:00+01:00 London``."""
     name = tz.haystack_name(str(value.tzinfo)) if isinstance(value.tzinfo, ZoneInfo) else "UTC"
     if not isinstance(value.tzinfo, ZoneInfo):
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
     text = value.isoformat(timespec="milliseconds" if value.microsecond else "seconds")
     if text.endswith("+00:00") and name == "UTC":
         text = text[:-6] + "Z"
@@ -250,7 +252,7 @@ class _Reader:
     def string(self) -> str:
         start = self.pos
         self.expect('"')
-        out = []
+        out: list[str] = []
         while True:
             if self.eof() or self.peek() == "\n":
                 raise self.fail("unterminated string", start)
@@ -277,7 +279,7 @@ class _Reader:
     def uri(self) -> Uri:
         start = self.pos
         self.expect("`")
-        out = []
+        out: list[str] = []
         while True:
             if self.eof() or self.peek() == "\n":
                 raise self.fail("unterminated uri", start)
@@ -318,7 +320,9 @@ class _Reader:
                 raise self.fail(f"bad time {m.group(0)!r}", start) from exc
         val = self.plain_number()
         unit_start = self.pos
-        while not self.eof() and (self.text[self.pos].isalpha() or self.text[self.pos] in _UNIT_EXTRA or ord(self.text[self.pos]) > 127):
+        while not self.eof() and (
+            self.text[self.pos].isalpha() or self.text[self.pos] in _UNIT_EXTRA or ord(self.text[self.pos]) > 127
+        ):
             self.pos += 1
         unit = self.text[unit_start : self.pos] or None
         return Number(val, unit)
