@@ -29,6 +29,7 @@ from orchestrator.planner import DesiredCluster, NodeSpec, Step, plan
 from orchestrator.runtime import etcd, ha, hasettings, local, supervisor
 from orchestrator.runtime.patroni import PatroniMember
 from orchestrator.runtime.ports import free_port, is_listening
+from orchestrator.serve import daemon as serve_daemon
 from orchestrator.spec import ClusterSpec
 from orchestrator.tasks import runner as tasks_runner
 from orchestrator.topology import COORDINATOR, WORKER, Credentials, Group, Layout, Member, Topology
@@ -261,6 +262,9 @@ def down(directory: Path, purge: bool = False, report: Report = _quiet) -> None:
         return
     topo = topology.load(directory)
     user = service_user(topo.service_user)
+    served = serve_daemon.stop_daemon(directory)  # a client of the servers stopped below
+    if served is not None:
+        report(f"buildsmart serve: stopped (pid {served})")
     stopped = tasks_runner.stop_daemon(directory)  # first: it works on the servers stopped below
     if stopped is not None:
         report(f"task runner: stopped (pid {stopped})")

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TTL_S = 60.0
 TOKEN_TTL_S = 8 * 3600.0
 BASIC_CACHE_TTL_S = 300.0
+RECHECK_S = 60.0  # a token's user is looked up again after this long: removed users lose access
 Lookup = Callable[[str], tuple[User, scram.Credentials] | None]
 
 
@@ -59,6 +60,7 @@ class Authenticator:
         self._lock = threading.Lock()
         self._handshakes: dict[str, tuple[float, scram.Hello | scram.FirstDone]] = {}
         self._tokens: dict[str, tuple[float, User]] = {}
+        self._checked: dict[str, float] = {}  # token -> when its user was last found in the catalog
         self._basic: dict[tuple[str, bytes], tuple[float, User]] = {}
 
     # -- the Haystack handshake on /about
@@ -119,6 +121,7 @@ class Authenticator:
         token = secrets.token_urlsafe(32)
         with self._lock:
             self._tokens[token] = (self.clock() + TOKEN_TTL_S, user)
+            self._checked[token] = self.clock()
         log.info("user %s logged in (rights %s)", user.name, user.rights)
         return token
 
@@ -130,11 +133,22 @@ class Authenticator:
                 self._tokens.pop(token, None)
                 return None
             self._tokens[token] = (now + TOKEN_TTL_S, entry[1])
+            stale = self._checked.get(token, 0.0) + RECHECK_S < now
+        if stale:
+            found = self.lookup(entry[1].name)
+            if found is None:
+                self.revoke(token)
+                return None
+            with self._lock:
+                self._checked[token] = now
+                self._tokens[token] = (now + TOKEN_TTL_S, found[0])  # rights may have changed
+            return found[0]
         return entry[1]
 
     def revoke(self, token: str) -> None:
         with self._lock:
             entry = self._tokens.pop(token, None)
+            self._checked.pop(token, None)
         if entry is not None:
             log.info("user %s logged out", entry[1].name)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -97,13 +98,15 @@ def building_day(pool: ConnectionPool, b: Building, day: date) -> dict[str, Any]
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    if isinstance(value, datetime):
+    if isinstance(value, datetime | date):
         return value.isoformat()
-    return value
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)  # Decimal, timedelta, enums: as text
 
 
 def status_json(snap: Snapshot) -> dict[str, Any]:
