@@ -77,14 +77,18 @@ def _nodes(s: Any) -> Iterator[Metric]:
 
 def _fragments(s: Any) -> Iterator[Metric]:
     rows = GaugeMetricFamily(
-        "buildsmart_fragment_rows", "Live rows of a fragment (statistics)", labels=["fragment", "node", "range_from", "range_to"]
+        "buildsmart_fragment_rows",
+        "Live rows of a fragment (statistics)",
+        labels=["fragment", "shard", "node", "range_from", "range_to"],
     )
     size = GaugeMetricFamily(
-        "buildsmart_fragment_bytes", "Bytes of a fragment (partitions and indexes)", labels=["fragment", "node"]
+        "buildsmart_fragment_bytes", "Bytes of a fragment (partitions and indexes)", labels=["fragment", "shard", "node"]
     )
-    parts = GaugeMetricFamily("buildsmart_fragment_time_partitions", "Time partitions of a fragment", labels=["fragment", "node"])
+    parts = GaugeMetricFamily(
+        "buildsmart_fragment_time_partitions", "Time partitions of a fragment", labels=["fragment", "shard", "node"]
+    )
     for f in s.fragments:
-        labels = [f.shard_name, f.node]
+        labels = [str(f.fragment_id), f.shard_name, f.node]
         if f.rows is not None:
             rows.add_metric([*labels, f.range_from or "", f.range_to or ""], float(f.rows))
         if f.bytes is not None:
