@@ -17,7 +17,7 @@ from phable.io.ph_zinc import ph_from_zinc
 from orchestrator.exceptions import InputError
 from orchestrator.serve import auth, hayson, ids, ranges, scram, tz, zinc
 from orchestrator.serve import filter as hfilter
-from orchestrator.serve.kinds import MARKER, Col, Grid, Number, Ref
+from orchestrator.serve.kinds import MARKER, Col, Grid, His, Number, Ref
 from orchestrator.serve.users import User
 
 LONDON = ZoneInfo("Europe/London")
@@ -153,3 +153,15 @@ def test_ids_and_time_zone_names() -> None:
 def test_error_grid_columns() -> None:
     g = Grid({"ver": "3.0"}, (Col("a", {}),), ({"a": 1},))
     assert zinc.encode_grid(g).splitlines()[1] == "a"
+
+
+@pytest.mark.parametrize("zone", ["Europe/London", "UTC", "America/St_Johns"])
+def test_his_fast_encoders_write_the_same_text_as_the_general_ones(zone: str) -> None:
+    z = ZoneInfo(zone)
+    start = datetime(2023, 3, 25, 22, tzinfo=UTC)  # across London's spring change
+    series = [(start + timedelta(hours=h), v) for h, v in enumerate([1.5, 2.0, 0.0, -3.25, 1e-7, 123456.0, 7.1])]
+    series.append((start + timedelta(hours=7, microseconds=250_000), 1.0))
+    his = His({"id": Ref("pt:b0:electricity", "b0 electricity"), "hisStart": start.astimezone(z)}, z, "kWh", series)
+    assert zinc.encode_his(his) == zinc.encode_grid(his.grid())
+    assert hayson.encode_his(his) == hayson.encode_grid(his.grid())
+    assert [r["ts"] for r in ph_from_json(json.loads(hayson.encode_his(his))).rows] == [ts for ts, _ in series]

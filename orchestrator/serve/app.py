@@ -40,9 +40,9 @@ from orchestrator.ingest.parse import Parsed, ReadingBatch, parser_for
 from orchestrator.serve import auth, dashboard, hayson, history, ids, ranges, scram, tz, users, zinc
 from orchestrator.serve import filter as hfilter
 from orchestrator.serve.intake import Intake
-from orchestrator.serve.kinds import EMPTY, Col, Grid, Number, Ref, Uri, error_grid
+from orchestrator.serve.kinds import EMPTY, Col, Grid, His, Number, Ref, Uri, error_grid
 from orchestrator.serve.metrics import Metrics
-from orchestrator.serve.records import Records
+from orchestrator.serve.records import UNIT, Records
 from orchestrator.serve.snapshot import StatusPoller
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,12 @@ def _wants_json(request: Request) -> bool:
     return "application/json" in accept and "text/zinc" not in accept.split("application/json")[0]
 
 
-def grid_response(request: Request, grid: Grid, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def grid_response(request: Request, grid: Grid | His, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     if _wants_json(request):
-        return Response(hayson.encode_grid(grid), status, headers, media_type=hayson.MEDIA_TYPE)
-    return Response(zinc.encode_grid(grid), status, headers, media_type=f"{zinc.MEDIA_TYPE}; charset=utf-8")
+        text = hayson.encode_his(grid) if isinstance(grid, His) else hayson.encode_grid(grid)
+        return Response(text, status, headers, media_type=hayson.MEDIA_TYPE)
+    text = zinc.encode_his(grid) if isinstance(grid, His) else zinc.encode_grid(grid)
+    return Response(text, status, headers, media_type=f"{zinc.MEDIA_TYPE}; charset=utf-8")
 
 
 async def request_grid(request: Request) -> Grid:
@@ -250,7 +252,7 @@ def _point(server: Server, ref: str) -> tuple[ids.PointKey, Any]:
     return key, server.records.catalogue().building(key.building)
 
 
-def op_his_read(server: Server, grid: Grid) -> Grid:
+def op_his_read(server: Server, grid: Grid) -> Grid | His:
     if not grid.rows:
         raise InputError(InputLocation("request", 1), "hisRead needs id and range")
     range_text = grid.rows[0].get("range", grid.meta.get("range"))
@@ -271,7 +273,7 @@ def op_his_read(server: Server, grid: Grid) -> Grid:
         ref, key, zone, span, source, rows = results[0]
         end = span.end if span.end is not None else (rows[-1][0].astimezone(zone) if rows else span.start)
         meta = {"id": Ref(ref, f"{key.building} {key.meter}"), "hisStart": span.start, "hisEnd": end}
-        return Grid.of(history.his_rows(rows, zone), meta, cols=["ts", "val"])
+        return His(meta, zone, UNIT, rows)
     # batch read: one ts column, v0..vN (Haystack's batch hisRead)
     merged: dict[datetime, dict[str, Any]] = {}
     for i, (_, _, zone, _, _, rows) in enumerate(results):
@@ -382,7 +384,6 @@ class Timing:
             self.metrics.requests.labels(path, scope["method"], str(status["code"])).observe(time.perf_counter() - started)
 
 
-
 def create_app(options: ServeOptions) -> Starlette:
     server = Server(options)
 
@@ -409,7 +410,7 @@ def create_app(options: ServeOptions) -> Starlette:
         return grid_response(request, _about(server))
 
     def haystack(
-        handler: Callable[[Server, Grid], Grid], right: users.Rights = "read"
+        handler: Callable[[Server, Grid], Grid | His], right: users.Rights = "read"
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             user = current_user(server, request)

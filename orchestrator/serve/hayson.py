@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from orchestrator.exceptions import ConfigError, InputError, InputLocation
 from orchestrator.serve import tz
-from orchestrator.serve.kinds import MARKER, NA, REMOVE, Col, Coord, Grid, Number, Ref, Symbol, Uri, XStr
+from orchestrator.serve.kinds import MARKER, NA, REMOVE, Col, Coord, Grid, His, Number, Ref, Symbol, Uri, XStr
 
 MEDIA_TYPE = "application/json"
 
@@ -86,6 +86,22 @@ def grid_to_json(grid: Grid) -> dict[str, Any]:
 
 def encode_grid(grid: Grid) -> str:
     return json.dumps(grid_to_json(grid), ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_his(his: His) -> str:
+    """A one-point history as JSON, written row by row (same document as ``encode_grid(his.grid())``)."""
+    head = encode_grid(Grid.of([], his.meta, cols=["ts", "val"]))
+    assert head.endswith('"rows":[]}')
+    name = json.dumps(tz.haystack_name(str(his.zone)))
+    unit = "" if his.unit is None else f',"unit":{json.dumps(his.unit, ensure_ascii=False)}'
+    rows = []
+    for text, (_, v) in zip(his.local_texts(), his.series, strict=True):
+        val = json.dumps(_number(v, his.unit), ensure_ascii=False, separators=(",", ":")) if not math.isfinite(v) else (
+            f'{{"_kind":"number","val":{int(v) if v == int(v) and abs(v) < 1e15 else repr(v)}{unit}}}'
+            if his.unit is not None else (str(int(v)) if v == int(v) and abs(v) < 1e15 else repr(v))
+        )  # fmt: skip
+        rows.append(f'{{"ts":{{"_kind":"dateTime","val":"{text}","tz":{name}}},"val":{val}}}')
+    return head[: -len("[]}")] + "[" + ",".join(rows) + "]}"
 
 
 class _Fault(Exception):

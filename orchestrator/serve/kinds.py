@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,36 @@ class Grid:
 
 
 EMPTY = Grid.of([])
+
+
+@dataclass(frozen=True)
+class His:
+    """A one-point history grid (columns ts, val) kept as its series: hisRead of a year is 8,760
+    rows, and building a dict and kind objects per row costs more than the query; the codecs
+    write it straight to text (zinc.encode_his, hayson.encode_his). ``grid()`` is the general form."""
+
+    meta: Mapping[str, Any]
+    zone: ZoneInfo
+    unit: str | None
+    series: Sequence[tuple[datetime, float]]  # (aware ts, value), in time order
+
+    def grid(self) -> Grid:
+        rows = [{"ts": ts.astimezone(self.zone), "val": Number(v, self.unit)} for ts, v in self.series]
+        return Grid.of(rows, self.meta, cols=["ts", "val"])
+
+    def local_texts(self) -> list[str]:
+        """Each ts as ISO 8601 in the point's zone, with its offset (``2023-06-01T01:00:00+01:00``)."""
+        out = []
+        offsets: dict[Any, str] = {}
+        for ts, _ in self.series:
+            local = ts.astimezone(self.zone)
+            off = local.utcoffset()
+            text = offsets.get(off)
+            if text is None:
+                text = offsets[off] = local.isoformat()[-6:] if off is not None else "+00:00"
+            naive = local.replace(tzinfo=None)
+            out.append((naive.isoformat(timespec="milliseconds") if naive.microsecond else naive.isoformat()) + text)
+        return out
 
 
 def error_grid(message: str, trace: str | None = None) -> Grid:

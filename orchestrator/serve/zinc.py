@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from orchestrator.exceptions import ConfigError, InputError, InputLocation
 from orchestrator.serve import tz
-from orchestrator.serve.kinds import MARKER, NA, REMOVE, Col, Coord, Grid, Number, Ref, Symbol, Uri, XStr
+from orchestrator.serve.kinds import MARKER, NA, REMOVE, Col, Coord, Grid, His, Number, Ref, Symbol, Uri, XStr
 
 MEDIA_TYPE = "text/zinc"
 _ID_CHARS = re.compile(r"[A-Za-z0-9_:\-.~]")
@@ -130,6 +130,20 @@ def encode_grid(grid: Grid) -> str:
     lines.append(",".join(c.name + (" " + _tags(c.meta) if c.meta else "") for c in cols))
     for row in grid.rows:
         lines.append(",".join("" if row.get(c.name) is None else encode_value(row[c.name]) for c in cols))
+    return "\n".join(lines) + "\n"
+
+
+def encode_his(his: His) -> str:
+    """A one-point history in Zinc, written row by row (same text as ``encode_grid(his.grid())``)."""
+    head = encode_grid(Grid.of([], his.meta, cols=["ts", "val"]))
+    name = tz.haystack_name(str(his.zone))
+    unit = his.unit or ""
+    utc = name == "UTC"
+    lines = [head.rstrip("\n")]
+    for text, (_, v) in zip(his.local_texts(), his.series, strict=True):
+        if utc and text.endswith("+00:00"):
+            text = text[:-6] + "Z"
+        lines.append(f"{text} {name},{number_text(v)}{unit if math.isfinite(v) else ''}")
     return "\n".join(lines) + "\n"
 
 
