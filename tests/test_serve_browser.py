@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import sync_playwright
 
 from orchestrator import cluster
 from orchestrator.osuser import service_user
@@ -26,8 +27,6 @@ FLAGS = [
     "--disable-sync",
 ]  # fmt: skip
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-
 
 @pytest.fixture(scope="module")
 def shots() -> Path:
@@ -40,7 +39,7 @@ def shots() -> Path:
 @pytest.fixture(scope="module")
 def page(front: Front) -> Iterator[object]:
     assert Path(CHROMIUM).exists(), "Debian's chromium is missing: scripts/setup.sh installs it"
-    with playwright_api.sync_playwright() as p:
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         pg = context.new_page()
