@@ -30,6 +30,7 @@ from orchestrator.runtime import ha, hasettings
 from orchestrator.runtime.layout import data_root as data_root
 from orchestrator.runtime.layout import local_members as local_members
 from orchestrator.runtime.ports import free_port
+from orchestrator.serve import daemon as serve_daemon
 from orchestrator.spec import ClusterSpec
 from orchestrator.tasks import runner as tasks_runner
 from orchestrator.topology import COORDINATOR, WORKER, Credentials, Group, Layout, Member, Topology
@@ -159,6 +160,9 @@ def down(directory: Path, purge: bool = False, report: Report = _quiet) -> None:
         report(f"no cluster in {directory}")
         return
     topo = topology.load(directory)
+    served = serve_daemon.stop_daemon(directory)  # a client of the servers stopped below
+    if served is not None:
+        report(f"buildsmart serve: stopped (pid {served})")
     stopped = tasks_runner.stop_daemon(directory)  # first: it works on the servers stopped below
     if stopped is not None:
         report(f"task runner: stopped (pid {stopped})")

@@ -10,13 +10,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator import cluster, metadata_store, topology
+from orchestrator import cluster, metadata_store, resources, topology
 from orchestrator.connections import app_target, connect, superuser_target
 from orchestrator.ingest.loader import IngestResult, ingest
 
 log = logging.getLogger(__name__)
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+SAMPLES = resources.path("samples")
 SAMPLE_READINGS = SAMPLES / "cambridge-2023-sample.csv.gz"
 SAMPLE_BUILDINGS = SAMPLES / "buildings.csv"
 DEMO_TZ = "Europe/London"

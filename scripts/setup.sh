@@ -3,7 +3,7 @@
 # etcd-server for the Patroni DCS, gcc and make for the extension's C module), a venv that the unprivileged service user can run (made from
 # /usr/bin/python3, because /root is 0700), and this checkout installed into it.
 #   scripts/setup.sh        runtime only
-#   scripts/setup.sh dev    with the test tools (pytest, ruff, mypy)
+#   scripts/setup.sh dev    with the test tools (pytest, ruff, mypy, phable, Playwright and Debian's chromium)
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${BUILDSMART_VENV:-/opt/bsdb-venv}
@@ -20,6 +20,8 @@ command -v make >/dev/null 2>&1 || apt_missing+=(make)
 command -v rsync >/dev/null 2>&1 || apt_missing+=(rsync)
 # the MQTT ingest tests and bench/mqtt.py start a real broker
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_missing+=(mosquitto)
+# the dashboard's tests drive Debian's chromium headless (Playwright cannot download browsers here)
+if [ "$EXTRAS" = dev ]; then [ -x /usr/bin/chromium ] || apt_missing+=(chromium); fi
 if ((${#apt_missing[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install ${apt_missing[*]} (apt-get)" >&2

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cluster
+from tests.front import front  # noqa: F401  (the front door's session fixture)
 from tests.harness import ClusterHandle, make_tmp_dir, start_cluster, stop_cluster
 
 # Two workers, five fragments: [MIN,b3) w1, [b3,b6) w2, [b6,t) w1, [t,u) w2, [u,MAX) w1.

@@ -11,6 +11,7 @@ from orchestrator.cli import energy_cmds as _energy_cmds  # noqa: F401
 from orchestrator.cli import ha_cmds as _ha_cmds  # noqa: F401
 from orchestrator.cli import ingest_cmds as _ingest_cmds  # noqa: F401
 from orchestrator.cli import metadata_cmds as _metadata_cmds  # noqa: F401
+from orchestrator.cli import serve_cmds as _serve_cmds  # noqa: F401
 from orchestrator.cli import tasks_cmds as _tasks_cmds  # noqa: F401
 from orchestrator.cli import upgrade_cmds as _upgrade_cmds  # noqa: F401
 from orchestrator.cli.app import app, main

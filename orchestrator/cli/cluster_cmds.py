@@ -16,6 +16,7 @@ from rich.table import Table
 from orchestrator import catalog, cluster, metadata_store, pgbin, status, topology
 from orchestrator.cli.app import DEFAULT_DIR, DirOpt, app, out, report, setup_logging
 from orchestrator.connections import app_target, superuser_target
+from orchestrator.serve import daemon as serve_daemon
 from orchestrator.spec import load_spec
 
 
@@ -38,6 +39,9 @@ def up(
         str | None, typer.Option(help="Mirror device metadata to this MongoDB replica set instead of a local server.")
     ] = None,
     no_mongo: Annotated[bool, typer.Option("--no-mongo", help="Start no local MongoDB-protocol server.")] = False,
+    serve: Annotated[
+        int | None, typer.Option("--serve", help="Also run `buildsmart serve` on this port (dashboard, Haystack API).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Create and start a local cluster (coordinator + workers), or restart the one in DIR."""
@@ -49,6 +53,9 @@ def up(
     creds = topology.load_credentials(directory.resolve())
     metadata_store.start(directory.resolve(), topo, creds, mongo_uri=mongo_uri, local_server=not no_mongo, report=report)
     report(f"[green]cluster up[/]: coordinator at {topo.coordinator.address}, {len(topo.workers)} workers")
+    if serve is not None:
+        pid = serve_daemon.start_daemon(directory, port=serve)
+        report(f"buildsmart serve running (pid {pid}): http://127.0.0.1:{serve}/ui/ (add a user: `buildsmart users add NAME`)")
     out.print(app_target(topo.coordinator, creds).uri())
 
 

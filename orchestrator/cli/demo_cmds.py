@@ -14,17 +14,24 @@ from rich.table import Table
 from orchestrator import demo
 from orchestrator.cli.app import DEFAULT_DIR, DirOpt, app, out, report, setup_logging
 from orchestrator.cli.ingest_cmds import summary
+from orchestrator.serve import daemon as serve_daemon
 
 
 @app.command("demo")
 def demo_cmd(
     directory: DirOpt = DEFAULT_DIR,
     workers: Annotated[int, typer.Option(help="Workers of a new cluster.")] = 3,
+    serve: Annotated[
+        int | None, typer.Option("--serve", help="Also run `buildsmart serve` on this port (dashboard, Haystack API).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Bring a local cluster up, load 12 real Cambridge buildings (2023), print answers; it stays up."""
     setup_logging(directory, verbose)
     answers = demo.run(directory, workers=workers, report=report)
+    if serve is not None:
+        pid = serve_daemon.start_daemon(directory, port=serve)
+        report(f"buildsmart serve running (pid {pid}): http://127.0.0.1:{serve}/ui/ (add a user: `buildsmart users add NAME`)")
     out.print(summary(answers.ingest))
 
     month = answers.month_start.strftime("%B %Y")

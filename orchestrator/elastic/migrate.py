@@ -28,15 +28,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator import catalog, topology
+from orchestrator import catalog, resources, topology
 from orchestrator.connections import Target, connect, superuser_target
 from orchestrator.exceptions import ConfigError, NodeError
 from orchestrator.fragments import SHARD_SCHEMA, Fragment
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-ALEMBIC_INI = REPO / "alembic.ini"
+ALEMBIC_INI = resources.path("alembic.ini")
 GID_PREFIX = "bsmig_"
 FAULT_ENV = "BUILDSMART_FAULT"  # tests: name of a point where the process kills itself
 _current: contextvars.ContextVar[Fleet] = contextvars.ContextVar("buildsmart_fleet")
@@ -236,7 +235,7 @@ def alembic_config(directory: Path) -> Any:
     if not ALEMBIC_INI.exists():
         raise ConfigError(f"{ALEMBIC_INI} is missing")
     cfg = Config(str(ALEMBIC_INI))
-    cfg.set_main_option("script_location", str(REPO / "migrations"))
+    cfg.set_main_option("script_location", str(resources.path("migrations")))
     cfg.attributes["buildsmart_dir"] = str(directory.resolve())
     return cfg
 

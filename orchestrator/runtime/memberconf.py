@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator import resources
 from orchestrator.exceptions import ConfigError
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "patroni" / "member.yml.tmpl"
+TEMPLATE = resources.path("patroni") / "member.yml.tmpl"
 
 
 @dataclass(frozen=True)

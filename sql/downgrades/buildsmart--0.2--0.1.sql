@@ -18,6 +18,7 @@ DROP TABLE buildsmart.rollup_partitions;
 DROP TABLE buildsmart.rollup_state;
 DROP TABLE buildsmart.rollup_changes;
 DROP FUNCTION buildsmart.replace_existing();
+DROP TABLE buildsmart.http_users;
 DROP TABLE buildsmart.restore_points;
 DROP FUNCTION buildsmart.fragment_try_switch_lock(integer[]);
 DROP TABLE buildsmart.twophase_decisions;

@@ -48,3 +48,5 @@ ALTER PROCEDURE pg_catalog.drop_old_time_partitions(regclass, timestamptz) SET s
 -- #include udfs/refresh_rollups/0.2.sql
 -- #include udfs/meter_gaps/0.2.sql
 -- #include udfs/gapfill/0.2.sql
+-- Users of the HTTP front door (`buildsmart serve`, orchestrator/serve/users.py).
+-- #include catalog/http_users.sql
