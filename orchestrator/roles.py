@@ -148,6 +148,11 @@ def ensure_roles(conn: psycopg.Connection, kind: NodeKind, creds: Credentials, d
     log.info("roles of %s database %s: application, ingest and fdw privileges set", kind.value, dbname)
 
 
+def _relation_exists(conn: psycopg.Connection, name: str) -> bool:
+    row = conn.execute("SELECT pg_catalog.to_regclass(%s) IS NOT NULL", (name,)).fetchone()
+    return bool(row and row[0])
+
+
 def _exists(conn: psycopg.Connection, role: str) -> bool:
     return conn.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
 
@@ -166,6 +171,9 @@ def grant_schema_objects(conn: psycopg.Connection, kind: NodeKind, creds: Creden
             tables = sql.SQL(", ").join(sql.Identifier("buildsmart", t) for t in CATALOG_READS)
             conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(tables, ingest))
             conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION buildsmart.fragment_write_lock(integer[]) TO {}").format(ingest))
+            # meters' canonical units: the loader converts readings sent in other units
+            if _relation_exists(conn, "public.meters"):
+                conn.execute(sql.SQL("GRANT SELECT ON public.meters TO {}").format(ingest))
         else:
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA buildsmart, {} TO {}, {}").format(shard, ingest, fdw))
             conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(ENSURE_PARTITIONS), ingest))
@@ -175,6 +183,10 @@ def grant_schema_objects(conn: psycopg.Connection, kind: NodeKind, creds: Creden
                 )
             )
             conn.execute(sql.SQL("GRANT {} ON ALL TABLES IN SCHEMA {} TO {}, {}").format(DML, shard, ingest, fdw))
+            # the loader notes what it wrote for the rollups, in the same transaction
+            if _relation_exists(conn, "buildsmart.rollup_changes"):
+                conn.execute(sql.SQL("GRANT INSERT ON buildsmart.rollup_changes TO {}").format(ingest))
+                conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE buildsmart.rollup_changes_change_id_seq TO {}").format(ingest))
 
 
 def grant_fragment(conn: psycopg.Connection, kind: NodeKind, creds: Credentials, table: sql.Identifier) -> None:

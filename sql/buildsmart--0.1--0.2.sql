@@ -364,6 +364,8 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+-- A trigger function: it fires without EXECUTE; nobody calls it directly.
+REVOKE EXECUTE ON FUNCTION buildsmart.bump_reference_version() FROM PUBLIC;
 -- udfs/register_delta/0.2.sql
 -- Consumption between two readings of a cumulative register (the documented rule):
 --   cur >= prev                              -> cur - prev
@@ -406,6 +408,8 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+-- A trigger function: it fires without EXECUTE; nobody calls it directly.
+REVOKE EXECUTE ON FUNCTION buildsmart.note_changes() FROM PUBLIC;
 -- udfs/refresh_rollups/0.2.sql
 -- Refresh the rollups of one fragment on its worker, next to its rows, without rescanning
 -- history: the changed ranges of buildsmart.rollup_changes (or, for a rebuild, every meter from

@@ -733,6 +733,8 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+-- A trigger function: it fires without EXECUTE; nobody calls it directly.
+REVOKE EXECUTE ON FUNCTION buildsmart.bump_reference_version() FROM PUBLIC;
 
 -- udfs/register_delta/latest.sql
 -- Consumption between two readings of a cumulative register (the documented rule):
@@ -777,6 +779,8 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+-- A trigger function: it fires without EXECUTE; nobody calls it directly.
+REVOKE EXECUTE ON FUNCTION buildsmart.note_changes() FROM PUBLIC;
 
 -- udfs/refresh_rollups/latest.sql
 -- Refresh the rollups of one fragment on its worker, next to its rows, without rescanning

@@ -57,8 +57,9 @@ def _worker_version(conn: psycopg.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def _ensure_table(conn: psycopg.Connection, table: str, columns: list[tuple[str, str, bool]], app_user: str) -> None:
-    """The worker copy with the coordinator's columns; re-made when they differ (a migration)."""
+def _ensure_table(conn: psycopg.Connection, table: str, columns: list[tuple[str, str, bool]], reader: str) -> None:
+    """The worker copy with the coordinator's columns; re-made when they differ (a migration).
+    ``reader``: the fdw role, which the coordinator's queries log in to workers as."""
     keys = REFERENCE_TABLES[table][0]
     current = coordinator_columns(conn, f"public.{table}") if _exists(conn, table) else None
     if current == columns:
@@ -68,7 +69,7 @@ def _ensure_table(conn: psycopg.Connection, table: str, columns: list[tuple[str,
     cols.append(sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, keys))))
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
     conn.execute(sql.SQL("CREATE TABLE {} ({})").format(ident, sql.SQL(", ").join(cols)))
-    conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(ident, sql.Identifier(app_user)))
+    conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(ident, sql.Identifier(reader)))
     conn.execute("UPDATE buildsmart.reference_version SET version = 0")  # filled below, in this transaction
     log.info("made the reference copy public.%s on this worker (%d columns)", table, len(columns))
 
@@ -113,7 +114,7 @@ def sync(nodes: NodeConnections, fragments: Sequence[Fragment], force: bool = Fa
             changed = 0
             for table, (keys, scope) in REFERENCE_TABLES.items():
                 cols = [c[0] for c in shape[table]]
-                _ensure_table(conn, table, shape[table], nodes.creds.app_user)
+                _ensure_table(conn, table, shape[table], nodes.creds.fdw_user)
                 have = _rows(conn, table, cols)
                 want = wanted[table]
                 gone = [k for k in have if k not in want]

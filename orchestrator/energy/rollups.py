@@ -258,7 +258,7 @@ def _ensure_built(nodes: NodeConnections, frag: Fragment, columns: dict[Kind, li
         for kind in KINDS:
             conn.execute(
                 sql.SQL("GRANT SELECT ON {} TO {}").format(
-                    sql.Identifier(SHARD_SCHEMA, rollup_table(frag.shard_name, kind)), sql.Identifier(nodes.creds.app_user)
+                    sql.Identifier(SHARD_SCHEMA, rollup_table(frag.shard_name, kind)), sql.Identifier(nodes.creds.fdw_user)
                 )
             )
         conn.execute(

@@ -11,3 +11,5 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+-- A trigger function: it fires without EXECUTE; nobody calls it directly.
+REVOKE EXECUTE ON FUNCTION buildsmart.bump_reference_version() FROM PUBLIC;

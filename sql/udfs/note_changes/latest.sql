@@ -19,3 +19,5 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+-- A trigger function: it fires without EXECUTE; nobody calls it directly.
+REVOKE EXECUTE ON FUNCTION buildsmart.note_changes() FROM PUBLIC;
