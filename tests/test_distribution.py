@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -382,38 +382,43 @@ def test_status_uses_statistics_unless_exact_and_shows_the_balancer(dcluster: Cl
         assert not catalog.balancer_state(conn).paused
 
 
+def _election_holders(conn: psycopg.Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.granted",
+        (tasks_runner.ELECTION_LOCK,),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what} within {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
 def test_one_runner_is_elected_and_another_takes_over(dcluster: ClusterHandle) -> None:
     first = tasks_runner.daemon_pid(dcluster.directory)
     assert first is not None
     log = dcluster.directory / "second-runner.log"
-    with log.open("wb") as fh:
-        second = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.tasks", str(dcluster.directory)], stdout=fh, stderr=subprocess.STDOUT
-        )
-    try:
-        with dcluster.coordinator() as conn:
-            time.sleep(3)
-            holder = conn.execute(
-                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.granted",
-                (tasks_runner.ELECTION_LOCK,),
-            ).fetchall()
-            assert len(holder) == 1 and holder[0][0].endswith(f":{first}")
-            assert "standing by" in log.read_text()
+    with dcluster.coordinator() as conn:
+        # the daemon holds the election before a second runner starts (it may just have been restarted)
+        _wait_for("the daemon holds the election", lambda: [h.split(":")[-1] for h in _election_holders(conn)] == [str(first)])
+        with log.open("wb") as fh:
+            second = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.tasks", str(dcluster.directory)], stdout=fh, stderr=subprocess.STDOUT
+            )
+        try:
+            _wait_for("the second runner stands by", lambda: "standing by" in log.read_text())
+            holders = _election_holders(conn)
+            assert len(holders) == 1 and holders[0].endswith(f":{first}"), holders
             tasks_runner.stop_daemon(dcluster.directory)
-            deadline = time.monotonic() + 30
-            while True:
-                holder = conn.execute(
-                    "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                    "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.granted",
-                    (tasks_runner.ELECTION_LOCK,),
-                ).fetchall()
-                if holder and holder[0][0].endswith(f":{second.pid}"):
-                    break
-                assert time.monotonic() < deadline, "the standby runner did not take over"
-                time.sleep(0.2)
-    finally:
-        second.terminate()
-        second.wait(30)
+            _wait_for(
+                "the standby runner takes over", lambda: [h.split(":")[-1] for h in _election_holders(conn)] == [str(second.pid)]
+            )
+        finally:
+            second.terminate()
+            second.wait(30)
     dcluster.run_cli("tasks", "start")
     assert tasks_runner.daemon_pid(dcluster.directory) is not None
