@@ -154,7 +154,14 @@ def main() -> None:
         vis = Visibility(directory, "%s", args.poll_ms / 1000)
         vis.thread.start()
         t0 = time.time()
-        total = run_phase(pubs, None, args.seconds, args.window)
+        sent: list[int] = []
+        publishing = threading.Thread(target=lambda: sent.append(run_phase(pubs, None, args.seconds, args.window)))
+        publishing.start()
+        time.sleep(min(2.0, args.seconds / 4))  # past the start-up
+        r1, t1 = vis.rows, time.time()
+        publishing.join()
+        r2, t2 = vis.rows, time.time()
+        total = sent[0]
         for p in pubs:
             p.wait_acked(120)
         t_end = wait_visible(vis, total, 300)
@@ -162,10 +169,16 @@ def main() -> None:
         vis.thread.join()
         for p in pubs:
             p.close()
-        rate = total / (t_end - t0)
+        # the rate the loader keeps up with while the publishers run (they share the cores); the
+        # backlog left in the broker when they stop is drained faster, so the end-to-end figure is higher
+        rate = (r2 - r1) / (t2 - t1)
         results["sustained_msgs_per_s"] = round(rate)
+        results["end_to_end_msgs_per_s"] = round(total / (t_end - t0))
         results["sustained_messages"] = total
-        print(f"(a) sustained: {total:,} messages in {t_end - t0:.1f} s = {rate:,.0f} messages/s end to end")
+        print(
+            f"(a) sustained: {rate:,.0f} messages/s committed while 8 publishers sent as fast as PUBACKs came back; "
+            f"{total:,} messages in {t_end - t0:.1f} s = {total / (t_end - t0):,.0f} messages/s to the last one visible"
+        )
         # (b) latency at 20/50/80 %
         for share in (0.2, 0.5, 0.8):
             tag = f"l{int(share * 100)}"
