@@ -187,10 +187,14 @@ def init_remote(directory: Path, spec: ClusterSpec, report: Report = _quiet) -> 
     """Set up servers we did not start (from a spec) and remember them in DIR."""
     directory = directory.resolve()
     topo = replace(spec.topology, runtime=spec.topology.runtime or "external")
-    if spec.app_password_generated and topology.exists(directory):
-        # Keep the password made the first time: user mappings on the coordinator hold it.
-        stored = topology.load_credentials(directory).app_password
-        spec = replace(spec, credentials=replace(spec.credentials, app_password=stored))
+    if topology.exists(directory):
+        # Keep the passwords made the first time: the user mappings on the coordinator hold the
+        # fdw role's, and clients hold the generated application password.
+        stored = topology.load_credentials(directory)
+        kept = replace(spec.credentials, ingest_password=stored.ingest_password, fdw_password=stored.fdw_password)
+        if spec.app_password_generated:
+            kept = replace(kept, app_password=stored.app_password)
+        spec = replace(spec, credentials=kept)
     for group in topo.groups:
         _prepare_remote_group(group, spec.credentials)
         report(f"{group.name}: reachable at {group.address}")
