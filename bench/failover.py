@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -132,6 +133,8 @@ def hosts_mode(rounds: int) -> int:
     if why is not None:
         print(f"--hosts: {why}")
         return 2
+    # a timeout's SIGTERM must still run the cleanup below (namespaces, their processes)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = ("h1", "h2", "h3")
     net = netns.Network(names)
     base = make_tmp_dir("bs-bench-hosts-")
