@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
 import threading
 import time
 import urllib.error
@@ -80,6 +81,7 @@ class EtcdHosts:
         raise AssertionError(f"etcd members on {hosts} not healthy within {timeout_s} s: {logs}")
 
 
+NAMESPACE = "/hosts-test/"
 REST_PORT = 8008
 PG_PORT = 5432
 
@@ -96,6 +98,7 @@ def start_patroni(
     superuser: tuple[str, str],
     rest: tuple[str, str],
     subnet: str,
+    etcd_user: tuple[str, str] | None = None,
 ) -> Path:
     """Render and start one Patroni member on ``host`` as the service user; returns its config."""
     address = net.address(host)
@@ -103,9 +106,11 @@ def start_patroni(
     member_dir.mkdir(parents=True)
     material = ca.host_material(host, address, member_dir / "tls")
     files = memberconf.TlsFiles(str(material.ca), str(material.own.cert), str(material.own.key))
+    client = tls.issue(ca.dir, member_dir / "tls", f"{name}-etcd", (), user, server=False)
+    etcd_client = memberconf.TlsFiles(str(material.ca), str(client.cert), str(client.key))
     conf = memberconf.MemberConf(
         scope=scope,
-        namespace="/hosts-test/",
+        namespace=NAMESPACE,
         name=name,
         restapi_listen=f"{address}:{REST_PORT}",
         restapi_address=f"{address}:{REST_PORT}",
@@ -125,6 +130,9 @@ def start_patroni(
         hba=tuple(hba_rules(networks=(subnet,), use_tls=True)),
         tls=files,
         etcd_tls=True,
+        etcd_client=etcd_client,
+        etcd_user=etcd_user[0] if etcd_user else None,
+        etcd_password=etcd_user[1] if etcd_user else None,
     )
     config = member_dir / "patroni.yml"
     fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -200,11 +208,15 @@ def make_group(net: netns.Network, base: Path, user: ServiceUser, hosts: Sequenc
     ca = HostCa(base, user)
     e = EtcdHosts(net, base, ca, hosts)
     e.wait_healthy()
-    g = HostGroup(net, ca, e, {"w1-0": hosts[0], "w1-1": hosts[1]})
+    # etcd authentication: each member's Patroni is a user confined to the cluster's prefix
+    members = {"w1-0": hosts[0], "w1-1": hosts[1]}
+    passwords = {m: secrets.token_urlsafe(16) for m in members}
+    etcdcluster.enable_auth(e.client(), secrets.token_urlsafe(16), {m: (passwords[m], NAMESPACE) for m in members})
+    g = HostGroup(net, ca, e, members)
     args = (ca, e, user, SUPERUSER, REST, net.subnet)
-    start_patroni(net, hosts[0], "w1-0", "w1", base, *args)
+    start_patroni(net, hosts[0], "w1-0", "w1", base, *args, etcd_user=("w1-0", passwords["w1-0"]))
     g.wait("w1-0 to lead", lambda: g.rest("w1-0", "/primary")[0] == 200, 90)
-    start_patroni(net, hosts[1], "w1-1", "w1", base, *args)
+    start_patroni(net, hosts[1], "w1-1", "w1", base, *args, etcd_user=("w1-1", passwords["w1-1"]))
     g.wait("w1-1 to stream as synchronous standby", lambda: g.rest("w1-1", "/sync")[0] == 200, 120)
     return g
 

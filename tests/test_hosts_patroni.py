@@ -16,10 +16,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from orchestrator.exceptions import NodeError
 from orchestrator.osuser import service_user
+from orchestrator.runtime import etcd
 from tests import netns
 from tests.harness import make_tmp_dir
-from tests.hosts_tools import HostGroup, Outcome, make_group, run_scenario
+from tests.hosts_tools import NAMESPACE, HostGroup, Outcome, leader, make_group, run_scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
 
@@ -59,3 +61,11 @@ def test_frozen_primary_host_resumes_after_promotion(group: HostGroup) -> None:
     """SIGSTOP of every process of the primary's host; it resumes after its replica was promoted
     and must not acknowledge anything that is then missing."""
     _check(run_scenario(group, "primary's host frozen", group.net.freeze, group.net.thaw))
+
+
+def test_members_reach_etcd_only_as_their_users(group: HostGroup) -> None:
+    """etcd authentication is on: without a user the DCS answers nothing, while the members
+    (each its own user, confined to the cluster's prefix) hold the leader key."""
+    with pytest.raises(NodeError, match="HTTP Error 40"):
+        etcd.get(group.etcd.client(), f"{NAMESPACE}w1/leader")
+    assert leader(group) in group.members

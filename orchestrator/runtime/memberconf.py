@@ -71,6 +71,9 @@ class MemberConf:
     # etcd over TLS with this host's client certificate (multi-host etcd); the local runtime's single
     # etcd listens on loopback over plain HTTP
     etcd_tls: bool = False
+    # the certificate presented to etcd: a client-only one without a common name (etcd's gateway
+    # refuses named client certificates once authentication is on; runtime/tls.py); None: ``tls``
+    etcd_client: TlsFiles | None = None
     etcd_user: str | None = None
     etcd_password: str | None = None
     timing: Timing = field(default_factory=Timing)
@@ -88,7 +91,7 @@ def values(c: MemberConf) -> dict[str, Any]:
         "authentication": _auth(c.restapi_user, c.restapi_password),
     }
     ctl: dict[str, Any] = {"authentication": _auth(c.restapi_user, c.restapi_password)}
-    etcd_tls = c.tls if c.etcd_tls else None
+    etcd_tls = (c.etcd_client or c.tls) if c.etcd_tls else None
     etcd3: dict[str, Any] = {"hosts": list(c.etcd_hosts), "protocol": "https" if etcd_tls else "http"}
     pg_user = _auth(c.superuser, c.superuser_password)
     auth: dict[str, Any] = {"superuser": dict(pg_user), "replication": dict(pg_user), "rewind": dict(pg_user)}
