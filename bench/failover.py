@@ -93,6 +93,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hosts", action="store_true", help="one group over network-namespace hosts")
     args = parser.parse_args()
+    # a timeout's SIGTERM must still run the cleanups below (cluster, namespaces and their processes)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.hosts:
         return hosts_mode(args.rounds)
     directory = make_tmp_dir("bs-bench-ha-") / "cluster"
@@ -133,8 +135,6 @@ def hosts_mode(rounds: int) -> int:
     if why is not None:
         print(f"--hosts: {why}")
         return 2
-    # a timeout's SIGTERM must still run the cleanup below (namespaces, their processes)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = ("h1", "h2", "h3")
     net = netns.Network(names)
     base = make_tmp_dir("bs-bench-hosts-")
