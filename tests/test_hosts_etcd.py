@@ -74,8 +74,9 @@ def cluster3() -> Iterator[Etcd3]:
         yield e
     finally:
         net.close()
-        assert not net.leftovers(), f"the harness left {net.leftovers()}"
+        left = net.leftovers()
         shutil.rmtree(base, ignore_errors=True)
+        assert not left, f"the harness left {left}"
 
 
 def _get(url: str, context: ssl.SSLContext | None) -> int:
