@@ -3,6 +3,12 @@ and rows lost (acknowledged but missing afterwards; must be 0), for crash (kill 
 postgres and Patroni), Patroni-only kill, and planned switchover, on a local HA cluster.
 
     /opt/bsdb-venv/bin/python bench/failover.py [--rounds 3]
+    /opt/bsdb-venv/bin/python bench/failover.py --hosts [--rounds 3]    (as root)
+
+``--hosts``: one Patroni group over three hosts made of network namespaces (tests/netns.py; etcd
+on all three, primary and synchronous replica on two, TLS everywhere) and, per scenario, the
+primary's host cut off then healed, crashed (every process killed) then restarted, frozen then
+thawed; the same measurements, from the writer in tests/hosts_tools.py.
 
 It starts its own cluster (coordinator + 2 workers, 1 synchronous replica each) in a temp dir and
 stops it at the end. The writer inserts 500-row batches through the coordinator, retrying a
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -84,7 +91,12 @@ def switchover(directory: Path, group: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hosts", action="store_true", help="one group over network-namespace hosts")
     args = parser.parse_args()
+    # a timeout's SIGTERM must still run the cleanups below (cluster, namespaces and their processes)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.hosts:
+        return hosts_mode(args.rounds)
     directory = make_tmp_dir("bs-bench-ha-") / "cluster"
     t = time.monotonic()
     cluster.up(directory, workers=2, split_points=["b3", "b6", "t", "u"], replicas=1, balancer_paused=True)
@@ -112,6 +124,38 @@ def main() -> int:
     finally:
         cluster.down(directory, purge=True)
         shutil.rmtree(directory.parent, ignore_errors=True)
+    return 0
+
+
+def hosts_mode(rounds: int) -> int:
+    from orchestrator.osuser import service_user
+    from tests import hosts_tools, netns
+
+    why = netns.available()
+    if why is not None:
+        print(f"--hosts: {why}")
+        return 2
+    names = ("h1", "h2", "h3")
+    net = netns.Network(names)
+    base = make_tmp_dir("bs-bench-hosts-")
+    try:
+        group = hosts_tools.make_group(net, base, service_user(), names)
+        print("group w1 over 3 namespace hosts (etcd on each; primary and sync replica on two; TLS)")
+        print(f"{'scenario':40} {'first write after fault (s)':28} {'longest write pause (s)':28} rows lost/doubled")
+        print(f"{'':40} {'median [min-max]':28} {'median [min-max]':28}")
+        scenarios = [
+            ("primary's host cut off, healed", net.cut, net.heal),
+            ("primary's host crashed, restarted", net.crash, net.restart),
+            ("primary's host frozen, thawed", net.freeze, net.thaw),
+        ]
+        for name, fault, recover in scenarios:
+            outcomes = [hosts_tools.run_scenario(group, name, fault, recover) for _ in range(rounds)]
+            cols = [_summary([o.resumed_s for o in outcomes]), _summary([o.pause_s for o in outcomes])]
+            bad = f"{sum(len(o.lost) for o in outcomes)}/{sum(o.doubled for o in outcomes)}"
+            print(f"{name:40} {cols[0]:28} {cols[1]:28} {bad}", flush=True)
+    finally:
+        net.close()
+        shutil.rmtree(base, ignore_errors=True)
     return 0
 
 

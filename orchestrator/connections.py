@@ -73,6 +73,7 @@ class Target:
         if primary:
             params["target_session_attrs"] = "read-write"
         params.update(self.tls_params())
+        params.update(LIVENESS_PARAMS)
         if options:
             params["options"] = options
         return make_conninfo("", **params)
@@ -86,6 +87,22 @@ class Target:
         query = ({"target_session_attrs": "read-write"} if "," in self.hosts else {}) | self.tls_params()
         suffix = f"?{urlencode(query, safe='/')}" if query else ""
         return f"postgresql://{quote(self.user, safe='')}:{quote(self.password, safe='')}@{hostports}/{self.dbname}{suffix}"
+
+
+TLS_OPTIONS = frozenset({"sslmode", "sslrootcert", "sslcertmode"})
+
+# A server cut off by the network never answers, and a connection waiting for it (the orchestrator's,
+# an FDW server's, a subscription's) would wait on its socket for the kernel's ~15 minutes of
+# retransmissions: keepalives end an idle wait after about 11 s, tcp_user_timeout a wait with
+# unacknowledged data after 30 s (long enough for a busy server's full receive window). See
+# docs/hosts.md; on one host neither ever fires.
+LIVENESS_PARAMS: dict[str, str] = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
 
 
 def tls_params(ca_file: str | None) -> dict[str, str]:

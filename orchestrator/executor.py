@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from orchestrator import catalog, extension, roles
-from orchestrator.connections import tls_params
+from orchestrator.connections import LIVENESS_PARAMS, tls_params
 from orchestrator.exceptions import NodeError
 from orchestrator.fragments import DISTRIBUTED_TABLE, SHARD_SCHEMA, Fragment
 from orchestrator.nodeconn import NodeConnections
@@ -140,7 +140,7 @@ def _ensure_foreign_server(nodes: NodeConnections, step: EnsureForeignServer) ->
         # the coordinator verifies every worker it connects to against the cluster CA (runtime/tls.py)
         tls = tls_params(nodes.creds.ca_file)
         stmt = sql.SQL("CREATE SERVER {} FOREIGN DATA WRAPPER postgres_fdw OPTIONS ({})").format(
-            server, _server_options({**address, **FDW_OPTIONS, **tls})
+            server, _server_options({**address, **FDW_OPTIONS, **tls, **LIVENESS_PARAMS})
         )
     else:
         # Repointing a server is an ALTER, no foreign table changes: queries follow at once.

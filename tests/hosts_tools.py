@@ -4,11 +4,19 @@ runtime/tls.py (one certificate per host, for its address)."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
-import ssl
+import secrets
+import threading
 import time
-from collections.abc import Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import psycopg
 
 from orchestrator import pgbin
 from orchestrator.osuser import ServiceUser
@@ -73,6 +81,7 @@ class EtcdHosts:
         raise AssertionError(f"etcd members on {hosts} not healthy within {timeout_s} s: {logs}")
 
 
+NAMESPACE = "/hosts-test/"
 REST_PORT = 8008
 PG_PORT = 5432
 
@@ -89,6 +98,7 @@ def start_patroni(
     superuser: tuple[str, str],
     rest: tuple[str, str],
     subnet: str,
+    etcd_user: tuple[str, str] | None = None,
 ) -> Path:
     """Render and start one Patroni member on ``host`` as the service user; returns its config."""
     address = net.address(host)
@@ -96,9 +106,11 @@ def start_patroni(
     member_dir.mkdir(parents=True)
     material = ca.host_material(host, address, member_dir / "tls")
     files = memberconf.TlsFiles(str(material.ca), str(material.own.cert), str(material.own.key))
+    client = tls.issue(ca.dir, member_dir / "tls", f"{name}-etcd", (), user, server=False)
+    etcd_client = memberconf.TlsFiles(str(material.ca), str(client.cert), str(client.key))
     conf = memberconf.MemberConf(
         scope=scope,
-        namespace="/hosts-test/",
+        namespace=NAMESPACE,
         name=name,
         restapi_listen=f"{address}:{REST_PORT}",
         restapi_address=f"{address}:{REST_PORT}",
@@ -118,6 +130,9 @@ def start_patroni(
         hba=tuple(hba_rules(networks=(subnet,), use_tls=True)),
         tls=files,
         etcd_tls=True,
+        etcd_client=etcd_client,
+        etcd_user=etcd_user[0] if etcd_user else None,
+        etcd_password=etcd_user[1] if etcd_user else None,
     )
     config = member_dir / "patroni.yml"
     fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -130,5 +145,187 @@ def start_patroni(
     return config
 
 
-def rest_context(ca: HostCa) -> ssl.SSLContext:
-    return ca.context
+@dataclass
+class HostGroup:
+    """One Patroni group over namespace hosts, and how to reach its members."""
+
+    net: netns.Network
+    ca: HostCa
+    etcd: EtcdHosts
+    members: dict[str, str] = field(default_factory=dict)  # member -> host
+
+    def rest(self, member: str, path: str) -> tuple[int, dict[str, object]]:
+        url = f"https://{self.net.address(self.members[member])}:{REST_PORT}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=self.ca.context) as resp:
+                return int(resp.status), json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return 0, {}
+
+    def conninfo(self, member: str | None = None) -> str:
+        hosts = [self.members[member]] if member else list(self.members.values())
+        addrs = ",".join(self.net.address(h) for h in hosts)
+        ports = ",".join(str(PG_PORT) for _ in hosts)
+        return (
+            f"host={addrs} port={ports} dbname=postgres user={SUPERUSER[0]} password={SUPERUSER[1]} "
+            f"sslmode=verify-full sslrootcert={self.ca.ca} sslcertmode=disable connect_timeout=2 "
+            # a cut-off server never answers: without these a client waits on its socket forever
+            "tcp_user_timeout=3000 keepalives_idle=2 keepalives_interval=1 keepalives_count=2"
+            + ("" if member else " target_session_attrs=read-write")
+        )
+
+    def wait(self, what: str, check: object, timeout_s: float) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if callable(check) and check():
+                return time.monotonic() - started
+            time.sleep(0.2)
+        logs = {m: (self.etcd.members[0].directory.parent / m / "patroni.log").read_text()[-1500:] for m in self.members}
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: {logs}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One fault of the primary's host under the writer."""
+
+    scenario: str
+    resumed_s: float  # fault -> first write acknowledged by the new primary
+    pause_s: float  # longest gap between acknowledged writes
+    acked: int
+    lost: tuple[int, ...]  # acknowledged, missing afterwards
+    doubled: int  # rows present more than once
+
+
+SUPERUSER = ("buildsmart_admin", "hosts-test-secret")
+REST = ("buildsmart", "rest-secret")
+
+
+def make_group(net: netns.Network, base: Path, user: ServiceUser, hosts: Sequence[str]) -> HostGroup:
+    """etcd on every host of ``hosts``; group w1 with its primary on the first, its synchronous
+    replica on the second."""
+    ca = HostCa(base, user)
+    e = EtcdHosts(net, base, ca, hosts)
+    e.wait_healthy()
+    # etcd authentication: each member's Patroni is a user confined to the cluster's prefix
+    members = {"w1-0": hosts[0], "w1-1": hosts[1]}
+    passwords = {m: secrets.token_urlsafe(16) for m in members}
+    etcdcluster.enable_auth(e.client(), secrets.token_urlsafe(16), {m: (passwords[m], NAMESPACE) for m in members})
+    g = HostGroup(net, ca, e, members)
+    args = (ca, e, user, SUPERUSER, REST, net.subnet)
+    start_patroni(net, hosts[0], "w1-0", "w1", base, *args, etcd_user=("w1-0", passwords["w1-0"]))
+    g.wait("w1-0 to lead", lambda: g.rest("w1-0", "/primary")[0] == 200, 90)
+    start_patroni(net, hosts[1], "w1-1", "w1", base, *args, etcd_user=("w1-1", passwords["w1-1"]))
+    g.wait("w1-1 to stream as synchronous standby", lambda: g.rest("w1-1", "/sync")[0] == 200, 120)
+    return g
+
+
+class Writer(threading.Thread):
+    """Inserts one row per attempt through a multi-host, read-write conninfo and records what the
+    server acknowledged, and when. An attempt that gets no answer within ATTEMPT_S is abandoned
+    with its connection (a frozen host's kernel still acknowledges TCP, so no socket timeout
+    fires); if that server answers later, its acknowledgement still counts."""
+
+    ATTEMPT_S = 3.0
+
+    def __init__(self, conninfo: str) -> None:
+        super().__init__(daemon=True)
+        self.conninfo = conninfo
+        self.acked: list[tuple[int, float]] = []
+        self.by_host: dict[int, str] = {}  # row -> address of the server that acknowledged it
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def _attempt(self, conn: psycopg.Connection, row: int, failed: threading.Event) -> None:
+        try:
+            conn.execute("INSERT INTO acks (id) VALUES (%s)", (row,))
+            with self.lock:
+                self.acked.append((row, time.monotonic()))
+                self.by_host[row] = conn.info.host
+        except psycopg.Error:
+            failed.set()
+
+    def run(self) -> None:
+        conn: psycopg.Connection | None = None
+        row = 0
+        while not self.stop.is_set():
+            row += 1
+            try:
+                if conn is None:
+                    conn = psycopg.connect(self.conninfo, autocommit=True)
+            except psycopg.Error:
+                time.sleep(0.1)
+                continue
+            failed = threading.Event()
+            attempt = threading.Thread(target=self._attempt, args=(conn, row, failed), daemon=True)
+            attempt.start()
+            attempt.join(self.ATTEMPT_S)
+            if attempt.is_alive() or failed.is_set():
+                conn = None  # abandoned (or broken): the next attempt connects afresh
+                time.sleep(0.1)
+            time.sleep(0.01)
+
+
+def leader(group: HostGroup) -> str:
+    leaders = [m for m in group.members if group.rest(m, "/primary")[0] == 200]
+    assert len(leaders) == 1, f"expected one primary, found {leaders}"
+    return leaders[0]
+
+
+def run_scenario(group: HostGroup, what: str, fault: Callable[[str], None], recover: Callable[[str], None]) -> Outcome:
+    """Fault the primary's host under a writer, recover it; check the promotion, the rejoin and
+    every acknowledged row."""
+    old_leader = leader(group)
+    new_leader = next(m for m in group.members if m != old_leader)
+    host = group.members[old_leader]
+    # only the synchronous standby may be promoted: a replica that rejoined a moment ago is not yet
+    group.wait(f"{new_leader} to be the synchronous standby", lambda: group.rest(new_leader, "/sync")[0] == 200, 60)
+    with psycopg.connect(group.conninfo(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS acks (id bigint PRIMARY KEY)")
+        conn.execute("TRUNCATE acks")
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+        streams = conn.execute("SELECT s.ssl FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)").fetchall()
+        assert streams == [(True,)], f"the replica must stream over TLS: {streams}"
+    writer = Writer(group.conninfo())
+    writer.start()
+    try:
+        group.wait("first writes", lambda: len(writer.acked) > 20, 30)
+        fault_at = time.monotonic()
+        fault(host)
+        try:
+            group.wait(f"{new_leader} to be promoted", lambda: group.rest(new_leader, "/primary")[0] == 200, 60)
+            new_host = group.net.address(group.members[new_leader])
+
+            def resumed_at() -> float | None:
+                with writer.lock:
+                    return next((t for i, t in writer.acked if t > fault_at and writer.by_host[i] == new_host), None)
+
+            group.wait("writes to resume on the new primary", lambda: resumed_at() is not None, 30)
+            resumed = (resumed_at() or 0.0) - fault_at
+        finally:
+            recover(host)
+        group.wait(f"{old_leader} to rejoin as a replica", lambda: group.rest(old_leader, "/replica")[0] == 200, 120)
+        group.wait("more writes after the recovery", lambda: writer.acked[-1][1] > time.monotonic() - 1, 30)
+    finally:
+        writer.stop.set()
+        writer.join(10)
+    with writer.lock:
+        acked = [i for i, _ in writer.acked]
+    times = sorted(t for _, t in writer.acked)
+    pause = max(b - a for a, b in itertools.pairwise(times))
+    with psycopg.connect(group.conninfo(), autocommit=True) as conn:
+        present = [r[0] for r in conn.execute("SELECT id FROM acks").fetchall()]
+    lost = sorted(set(acked) - set(present))
+    old = group.conninfo(old_leader)
+
+    def rejoined_with_every_row() -> bool:
+        try:
+            with psycopg.connect(old, autocommit=True) as c:
+                rows = {r[0] for r in c.execute("SELECT id FROM acks").fetchall()}
+                return set(acked) <= rows and c.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        except psycopg.Error:
+            return False
+
+    group.wait("the rejoined old primary to hold every acknowledged row", rejoined_with_every_row, 60)
+    return Outcome(what, resumed, pause, len(acked), tuple(lost), len(present) - len(set(present)))

@@ -180,8 +180,9 @@ def test_failover_refuses_a_replica_that_is_not_the_synchronous_standby() -> Non
     assert choose_failover("w1", "w1-0", members, "w1-0", True).candidate is None
 
 
-def test_failover_cli_refuses_without_force(ha_dir: Path) -> None:
-    """On the session's Patroni cluster: `failover GROUP --to <not the sync standby>` is refused."""
+def test_failover_refuses_the_leader_and_unknown_members_on_a_live_group(ha_dir: Path) -> None:
+    """On the session's Patroni cluster (one replica, so no non-synchronous replica to refuse: the
+    pure test above covers that): promoting the leader or a member that does not exist is refused."""
     from orchestrator import runtime, topology
     from orchestrator.runtime import ha
 

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -44,12 +44,13 @@ from psycopg import sql
 from orchestrator import catalog, cluster, pgbin, roles, topology
 from orchestrator.backup import archive, barman, decide, ops, repo
 from orchestrator.backup.decide import RestorePoint
+from orchestrator.connections import TLS_OPTIONS, tls_params
 from orchestrator.elastic import jobs, move, split
 from orchestrator.elastic.context import open_cluster
 from orchestrator.exceptions import ClusterStateError, ConfigError, NodeError
 from orchestrator.osuser import ServiceUser, run_as, service_user
 from orchestrator.planner import NodeSpec
-from orchestrator.runtime import ha, hasettings, local
+from orchestrator.runtime import ha, hasettings, local, tls
 from orchestrator.runtime.ports import free_port
 from orchestrator.topology import COORDINATOR, Credentials, Group, Layout, Member, Topology
 
@@ -91,8 +92,10 @@ def new_topology(point: RestorePoint, user: ServiceUser, replicas: int | None) -
     return Topology(name, tuple(groups), Layout((), point.time_interval), user.name)
 
 
-def _write_sealed_config(data: Path, port: int, socket_dir: Path, superuser: str, user: ServiceUser) -> None:
-    settings = dict(local.SERVER_SETTINGS, **archive.ARCHIVE_SETTINGS, port=str(port))
+def _write_sealed_config(
+    data: Path, port: int, socket_dir: Path, superuser: str, user: ServiceUser, material: tls.Material | None
+) -> None:
+    settings = dict(local.SERVER_SETTINGS, **archive.ARCHIVE_SETTINGS, **local.tls_settings(material), port=str(port))
     (data / "postgresql.buildsmart.conf").write_text(
         "# written by buildsmart (restore)\n" + "\n".join(f"{k} = {v}" for k, v in sorted(settings.items())) + "\n"
     )
@@ -114,9 +117,9 @@ def _write_sealed_config(data: Path, port: int, socket_dir: Path, superuser: str
     os.chmod(data, 0o700)
 
 
-def _unseal_config(data: Path, user: ServiceUser) -> None:
+def _unseal_config(data: Path, user: ServiceUser, use_tls: bool) -> None:
     (data / "postgresql.restore.conf").unlink(missing_ok=True)
-    (data / "pg_hba.conf").write_text("\n".join(local.hba_rules()) + "\n")
+    (data / "pg_hba.conf").write_text("\n".join(local.hba_rules(use_tls=use_tls)) + "\n")
     auto = data / "postgresql.auto.conf"
     if auto.exists():
         kept = [ln for ln in auto.read_text().splitlines() if ln.split("=", 1)[0].strip() not in RECOVERY_KEYS]
@@ -188,6 +191,7 @@ def _rewrite_node(conn: psycopg.Connection, group: Group, topo: Topology, creds:
                         server, sql.Literal(worker.hosts), sql.Literal(worker.ports)
                     )
                 )
+                _set_tls_options(conn, spec.server_name, creds.ca_file)
                 # the user mapping is made again by setup when `up` starts the cluster (new passfile)
                 conn.execute(sql.SQL("DROP USER MAPPING IF EXISTS FOR PUBLIC SERVER {}").format(server))
             conn.execute(
@@ -238,6 +242,21 @@ def restore(
         ) from exc
 
 
+def _set_tls_options(conn: psycopg.Connection, server_name: str, ca_file: str | None) -> None:
+    """The foreign server verifies workers against the restored cluster's CA (the original's
+    options named the original's CA), or speaks plain when the restored cluster has no TLS."""
+    row = conn.execute("SELECT srvoptions FROM pg_catalog.pg_foreign_server WHERE srvname = %s", (server_name,)).fetchone()
+    present = {o.split("=", 1)[0] for o in (row[0] if row and row[0] else [])}
+    want = tls_params(ca_file)
+    changes = [
+        sql.SQL("{} {} {}").format(sql.SQL("SET" if k in present else "ADD"), sql.Identifier(k), sql.Literal(v))
+        for k, v in want.items()
+    ]
+    changes += [sql.SQL("DROP {}").format(sql.Identifier(k)) for k in sorted(TLS_OPTIONS & present - set(want))]
+    if changes:
+        conn.execute(sql.SQL("ALTER SERVER {} OPTIONS ({})").format(sql.Identifier(server_name), sql.SQL(", ").join(changes)))
+
+
 def _restore(r: repo.Repository, point: RestorePoint, new_dir: Path, replicas: int | None, report: Report) -> RestoreResult:
     started = time.monotonic()
     missing = sorted(set(point.lsns) - set(r.groups()))
@@ -246,12 +265,14 @@ def _restore(r: repo.Repository, point: RestorePoint, new_dir: Path, replicas: i
     user = service_user()
     topo = new_topology(point, user, replicas)
     roles = point.roles or {"superuser": "buildsmart_admin", "app_user": "buildsmart_app"}
-    creds = Credentials.generate(roles["superuser"], roles["app_user"])
     new_dir.mkdir(parents=True, exist_ok=True)
     backups = ops.all_backups(r)
     barman.cron(r, user)  # WAL still in incoming/ (the point's segment) is filed before recovery
     root = cluster.data_root(new_dir, user)
     user.chown(root)
+    # the restored cluster gets its own CA when the server build has TLS (as `up` does)
+    material = tls.ensure_local(root / "tls", topo.cluster_name, user) if pgbin.has_ssl() else None
+    creds = replace(Credentials.generate(roles["superuser"], roles["app_user"]), ca_file=str(material.ca) if material else None)
     firsts = [(g, lm) for g, lm in cluster.local_members(new_dir, topo, user) if lm.member == g.members[0]]
     socket_dir = Path(tempfile.mkdtemp(prefix="bsr-", dir="/tmp"))
     os.chmod(socket_dir, 0o700)
@@ -262,7 +283,7 @@ def _restore(r: repo.Repository, point: RestorePoint, new_dir: Path, replicas: i
         for i, (group, lm) in enumerate(firsts, 1):
             report(f"[{i}/{len(firsts)}] {group.name}: restoring base backup ...")
             backup_id = _recover_group(r, point, backups, group, lm, user)
-            _write_sealed_config(lm.data_dir, lm.member.port, socket_dir, creds.superuser, user)
+            _write_sealed_config(lm.data_dir, lm.member.port, socket_dir, creds.superuser, user, material)
             report(f"[{i}/{len(firsts)}] {group.name}: base backup {backup_id} restored; replaying WAL to {point.name}")
         for _group, lm in firsts:
             try:
@@ -282,12 +303,14 @@ def _restore(r: repo.Repository, point: RestorePoint, new_dir: Path, replicas: i
     for line in lines:
         log.info("restore: %s", line)
     for _group, lm in firsts:
-        _unseal_config(lm.data_dir, user)
+        _unseal_config(lm.data_dir, user, material is not None)
+    member_counts = {len(g.members) for g in topo.groups}
+    topo = replace(topo, runtime="patroni" if max(member_counts) > 1 else "plain")
     topology.save_credentials(new_dir, creds)
     topology.save(new_dir, topo)
-    member_counts = {len(g.members) for g in topo.groups}
     if max(member_counts) > 1:
-        hasettings.save(new_dir, ha.new_settings(topo, max(member_counts) - 1, "on"))
+        tls_dir = str(material.ca.parent) if material else None
+        hasettings.save(new_dir, replace(ha.new_settings(topo, max(member_counts) - 1, "on"), tls_dir=tls_dir))
     report(f"starting the restored cluster in {new_dir} ...")
     cluster.up(new_dir, report=report)
     closed = _close_open_jobs(new_dir, point)

@@ -8,9 +8,8 @@ whoever started the servers. Below it, each runtime knows how members come to ex
 * ``plain``    (runtime/plain.py): one pg_ctl server per node on this host (``up --replicas 0``);
 * ``patroni``  (runtime/localha.py): local Patroni groups, a local etcd and the failover supervisor
   (``up``, the default);
-* ``hosts``    (runtime/hosts.py): every host runs its own members under its own agent
-  (``buildsmart host up --spec cluster.toml --host NAME``, under systemd); the orchestrator, from any
-  host, starts and stops nothing there;
+* ``hosts``    (planned, docs/hosts.md; no runtime registered yet): every host runs its own members
+  under its own agent; the orchestrator, from any host, starts and stops nothing there;
 * ``external`` (runtime/hosts.py): servers someone else runs (``init --spec`` of plain servers,
   docker compose).
 

@@ -8,6 +8,7 @@ written through etcd's JSON gateway (/v3/kv/...) so no client library is needed.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import shutil
@@ -148,13 +149,13 @@ def _request(url: str, path: str, body: dict[str, Any], context: ssl.SSLContext 
 
 
 # etcd checks a password with bcrypt (tens of ms): keep each member's token until it is refused
-_TOKENS: dict[tuple[str, str], str] = {}
+_TOKENS: dict[tuple[str, str, str], str] = {}
 
 
 def _token(client: Client, url: str, fresh: bool) -> str | None:
     if client.user is None:
         return None
-    key = (url, client.user)
+    key = (url, client.user, hashlib.sha256((client.password or "").encode()).hexdigest())  # a token per credentials
     if fresh or key not in _TOKENS:
         auth = {"name": client.user, "password": client.password or ""}
         _TOKENS[key] = str(_request(url, "/v3/auth/authenticate", auth, client.context, None).get("token"))
@@ -175,6 +176,16 @@ def _post(endpoint: Endpoint, path: str, body: dict[str, Any]) -> dict[str, Any]
         except (OSError, ValueError) as exc:
             errors.append(f"{url}: {exc}")
     raise NodeError(f"no etcd member answered {path}: {'; '.join(errors)}")
+
+
+def call(url: Endpoint, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Any call of etcd's v3 JSON gateway (``/v3/auth/...``), through the same endpoint failover."""
+    return _post(url, path, body)
+
+
+def encode(text: str) -> str:
+    """Keys and values travel base64-encoded through the JSON gateway."""
+    return _b64(text)
 
 
 def get(url: Endpoint, key: str) -> str | None:

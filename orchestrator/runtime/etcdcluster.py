@@ -15,11 +15,14 @@ member with it (under its agent, or in the network-namespace tests).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.runtime import tls
+from orchestrator.runtime import etcd, tls
+
+log = logging.getLogger(__name__)
 
 CLIENT_PORT = 2379
 PEER_PORT = 2380
@@ -84,3 +87,26 @@ def member_argv(
             "--peer-cert-file", cert, "--peer-key-file", key, "--peer-trusted-ca-file", ca, "--peer-client-cert-auth",
         ]  # fmt: skip
     return argv
+
+
+def _prefix_end(prefix: str) -> str:
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def enable_auth(client: etcd.Client, root_password: str, users: Mapping[str, tuple[str, str]]) -> None:
+    """Turn etcd's authentication on: a root user, and for each ``user -> (password, key prefix)``
+    a role that may read and write that prefix only (the orchestrator, and each host's Patroni
+    under its own name: ``MemberConf.etcd_user``). Clients reach etcd through its JSON gateway,
+    which does not pass the client certificate's name on, so users authenticate with a password
+    (a token per member, runtime/etcd.py Client) on top of the certificate TLS demands. Run once."""
+    etcd.call(client, "/v3/auth/role/add", {"name": "root"})
+    etcd.call(client, "/v3/auth/user/add", {"name": "root", "password": root_password})
+    etcd.call(client, "/v3/auth/user/grant", {"user": "root", "role": "root"})
+    for name, (password, prefix) in users.items():
+        perm = {"permType": "READWRITE", "key": etcd.encode(prefix), "range_end": etcd.encode(_prefix_end(prefix))}
+        etcd.call(client, "/v3/auth/role/add", {"name": name})
+        etcd.call(client, "/v3/auth/role/grant", {"name": name, "perm": perm})
+        etcd.call(client, "/v3/auth/user/add", {"name": name, "password": password})
+        etcd.call(client, "/v3/auth/user/grant", {"user": name, "role": name})
+    etcd.call(client, "/v3/auth/enable", {})
+    log.info("etcd authentication enabled for %s", ", ".join(sorted(users)))

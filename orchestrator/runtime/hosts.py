@@ -1,6 +1,6 @@
 """Runtimes whose servers the orchestrator does not start: ``external`` (servers someone else
-runs: ``init --spec`` of plain servers, docker compose) and ``hosts`` (each host runs its own
-members under ``buildsmart host up``; see runtime/hostagent.py).
+runs: ``init --spec`` of plain servers, docker compose); ``hosts`` (each host runs its own
+members under its own agent) is planned here (docs/hosts.md).
 
 From the orchestrator's side both only *reach* servers, through PostgreSQL, Patroni's REST API and
 etcd: no /proc, no pid files, no data directories of other hosts."""

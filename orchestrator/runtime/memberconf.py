@@ -1,8 +1,9 @@
 """The Patroni configuration of one member, as data (:class:`MemberConf`), rendered into
-``patroni/member.yml.tmpl``: the one renderer behind the local runtime, the per-host agent
-(``buildsmart host up``) and the docker compose files (orchestrator/compose.py), so the three
-cannot drift. Sections are written as JSON, which is valid YAML: every value is quoted and
-escaped correctly whatever it contains."""
+``patroni/member.yml.tmpl``: the one renderer behind the local runtime, the docker compose
+members (docker/patroni/render.py) and the members of the hosts tests (tests/hosts_tools.py),
+so they cannot drift; a per-host agent (not built yet, docs/hosts.md) is meant to use it too.
+Sections are written as JSON, which is valid YAML: every value is quoted and escaped correctly
+whatever it contains."""
 
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ class MemberConf:
     # etcd over TLS with this host's client certificate (multi-host etcd); the local runtime's single
     # etcd listens on loopback over plain HTTP
     etcd_tls: bool = False
+    # the certificate presented to etcd: a client-only one without a common name (etcd's gateway
+    # refuses named client certificates once authentication is on; runtime/tls.py); None: ``tls``
+    etcd_client: TlsFiles | None = None
     etcd_user: str | None = None
     etcd_password: str | None = None
     timing: Timing = field(default_factory=Timing)
@@ -88,7 +92,7 @@ def values(c: MemberConf) -> dict[str, Any]:
         "authentication": _auth(c.restapi_user, c.restapi_password),
     }
     ctl: dict[str, Any] = {"authentication": _auth(c.restapi_user, c.restapi_password)}
-    etcd_tls = c.tls if c.etcd_tls else None
+    etcd_tls = (c.etcd_client or c.tls) if c.etcd_tls else None
     etcd3: dict[str, Any] = {"hosts": list(c.etcd_hosts), "protocol": "https" if etcd_tls else "http"}
     pg_user = _auth(c.superuser, c.superuser_password)
     auth: dict[str, Any] = {"superuser": dict(pg_user), "replication": dict(pg_user), "rewind": dict(pg_user)}

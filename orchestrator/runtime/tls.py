@@ -119,6 +119,21 @@ def _san(names: Sequence[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
+def _subject(name: str, server: bool) -> x509.Name:
+    """A server certificate is named by its common name. A client-only certificate carries no
+    common name: etcd refuses every request through its JSON gateway (which Patroni and we use)
+    from a client certificate with one once authentication is on, since the gateway cannot pass
+    the name on; users then authenticate by password."""
+    if server:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "BuildSmartDB"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, name),
+        ]
+    )
+
+
 def issue(
     ca_dir: Path, out_dir: Path, name: str, addresses: Sequence[str], owner: ServiceUser | None = None, *, server: bool = True
 ) -> CertPaths:
@@ -134,7 +149,7 @@ def issue(
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .subject_name(_subject(name, server))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
