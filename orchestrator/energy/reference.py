@@ -109,6 +109,10 @@ def sync(nodes: NodeConnections, fragments: Sequence[Fragment], force: bool = Fa
         if not force and _worker_version(conn) == version and all(_exists(conn, t) for t in REFERENCE_TABLES):
             continue
         with conn.transaction():
+            # one sync per worker at a time (the task runner and an import's CLI), then look again
+            conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(1112755530, 0)")
+            if not force and _worker_version(conn) == version and all(_exists(conn, t) for t in REFERENCE_TABLES):
+                continue
             touched_buildings: set[str] = set()
             touched_meters: set[tuple[str, str]] = set()
             changed = 0
