@@ -50,7 +50,8 @@ def test_wheel_in_a_clean_venv_runs_up_ingest_serve_and_down() -> None:
         run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(REPO), "-w", str(tmp / "dist")], cwd=elsewhere)
         wheel = next((tmp / "dist").glob("buildsmartdb-*.whl"))
         run(["/usr/bin/python3", "-m", "venv", str(venv)], cwd=elsewhere)
-        run([str(venv / "bin" / "pip"), "install", "-q", "--no-compile", "--disable-pip-version-check", str(wheel)], cwd=elsewhere)
+        pip = [str(venv / "bin" / "pip"), "install", "-q", "--no-compile", "--disable-pip-version-check"]
+        run([*pip, str(wheel)], cwd=elsewhere)
 
         where = run(
             [str(venv / "bin" / "python"), "-c",
