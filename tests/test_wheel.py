@@ -4,7 +4,7 @@ compiled at ``up`` from the packaged sources), ingests the packaged sample, serv
 again, ``down`` stopping the server too — run
 from a directory outside the checkout, so nothing is read from it.
 
-Slow (about 2-3 minutes, most of it pip installing the dependencies into the new venv)."""
+Slow (4-6 minutes on the shared 2-core machine, most of it pip installing the dependencies)."""
 
 from __future__ import annotations
 
