@@ -6,7 +6,7 @@ For each case: p50 and p99 latency and requests per second over --seconds of clo
 (each client sends its next request when the previous answer has arrived), and the ratio HTTP/SQL.
 The HTTP clients keep one connection each (http.client) and a bearer token from a SCRAM login by
 phable; the answer is JSON (Hayson), read in full but not decoded, as a client that forwards it
-would. The SQL clients run the exact query hisRead runs (orchestrator/serve/history.py HIS_SQL)
+would. The SQL clients run the query a direct client writes (orchestrator/serve/history.py HIS_SQL: ts, kwh)
 and fetch every row, as psycopg does.
 
 Usage (a fresh local cluster, no replicas, the real meter b0 electricity 2019-2023):

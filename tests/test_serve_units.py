@@ -161,7 +161,7 @@ def test_his_fast_encoders_write_the_same_text_as_the_general_ones(zone: str) ->
     start = datetime(2023, 3, 25, 22, tzinfo=UTC)  # across London's spring change
     series = [(start + timedelta(hours=h), v) for h, v in enumerate([1.5, 2.0, 0.0, -3.25, 1e-7, 123456.0, 7.1])]
     series.append((start + timedelta(hours=7, microseconds=250_000), 1.0))
-    his = His({"id": Ref("pt:b0:electricity", "b0 electricity"), "hisStart": start.astimezone(z)}, z, "kWh", series)
+    his = His.of({"id": Ref("pt:b0:electricity", "b0 electricity"), "hisStart": start.astimezone(z)}, z, "kWh", series)
     assert zinc.encode_his(his) == zinc.encode_grid(his.grid())
     assert hayson.encode_his(his) == hayson.encode_grid(his.grid())
     assert [r["ts"] for r in ph_from_json(json.loads(hayson.encode_his(his))).rows] == [ts for ts, _ in series]

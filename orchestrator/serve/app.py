@@ -262,6 +262,14 @@ def op_his_read(server: Server, grid: Grid) -> Grid | His:
         )
     refs = [_ref_of(r.get("id"), "id") for r in grid.rows]
     now = datetime.now(UTC)
+    if len(refs) == 1:  # the usual case: straight to text (kinds.His)
+        key, building = _point(server, refs[0])
+        zone = tz.zone_of_building(building.time_zone)
+        span = ranges.parse(range_text, zone, now)
+        texts, values = history.source_for(span).local(server.data, key, span, zone)
+        end = span.end if span.end is not None else (datetime.fromisoformat(texts[-1]) if texts else span.start)
+        meta = {"id": Ref(refs[0], f"{key.building} {key.meter}"), "hisStart": span.start, "hisEnd": end.astimezone(zone)}
+        return His(meta, zone, UNIT, values, texts=texts)
     results = []
     for ref in refs:
         key, building = _point(server, ref)
@@ -269,11 +277,6 @@ def op_his_read(server: Server, grid: Grid) -> Grid | His:
         span = ranges.parse(range_text, zone, now)
         source = history.source_for(span)
         results.append((ref, key, zone, span, source, source.rows(server.data, key, span)))
-    if len(results) == 1:
-        ref, key, zone, span, source, rows = results[0]
-        end = span.end if span.end is not None else (rows[-1][0].astimezone(zone) if rows else span.start)
-        meta = {"id": Ref(ref, f"{key.building} {key.meter}"), "hisStart": span.start, "hisEnd": end}
-        return His(meta, zone, UNIT, rows)
     # batch read: one ts column, v0..vN (Haystack's batch hisRead)
     merged: dict[datetime, dict[str, Any]] = {}
     for i, (_, _, zone, _, _, rows) in enumerate(results):

@@ -95,7 +95,7 @@ def encode_his(his: His) -> str:
     name = json.dumps(tz.haystack_name(str(his.zone)))
     unit = "" if his.unit is None else f',"unit":{json.dumps(his.unit, ensure_ascii=False)}'
     rows = []
-    for text, (_, v) in zip(his.local_texts(), his.series, strict=True):
+    for text, v in zip(his.local_texts(), his.values, strict=True):
         val = json.dumps(_number(v, his.unit), ensure_ascii=False, separators=(",", ":")) if not math.isfinite(v) else (
             f'{{"_kind":"number","val":{int(v) if v == int(v) and abs(v) < 1e15 else repr(v)}{unit}}}'
             if his.unit is not None else (str(int(v)) if v == int(v) and abs(v) < 1e15 else repr(v))

@@ -28,12 +28,25 @@ HIS_SQL = (
     "AND (%(end)s::timestamptz IS NULL OR ts < %(end)s) ORDER BY ts"
 )
 
+# The same rows with each ts already as ISO 8601 text in the point's zone (the transaction's
+# TimeZone), milliseconds only when there are any: what the Haystack codecs write, without a
+# datetime object per row in Python.
+LOCAL_SQL = (
+    "SELECT to_char(ts, 'YYYY-MM-DD\"T\"HH24:MI:SS') || CASE WHEN date_part('microseconds', ts)::bigint %% 1000000 <> 0 "
+    "THEN to_char(ts, '.MS') ELSE '' END || to_char(ts, 'TZH:TZM'), kwh FROM public.readings "
+    "WHERE building = %(b)s AND meter = %(m)s AND ts >= %(start)s AND (%(end)s::timestamptz IS NULL OR ts < %(end)s) ORDER BY ts"
+)
+
 
 class HistorySource(Protocol):
     @property
     def name(self) -> str: ...
 
     def rows(self, pool: ConnectionPool, point: PointKey, span: Span) -> list[tuple[datetime, float]]: ...
+
+    def local(self, pool: ConnectionPool, point: PointKey, span: Span, zone: ZoneInfo) -> tuple[list[str], list[float]]:
+        """The span's times as ISO 8601 text in ``zone`` (with offsets) and the values."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,13 @@ class Readings:
         with pool.connection() as conn:
             params = {"b": point.building, "m": point.meter, "start": span.start, "end": span.end}
             return [(r[0], float(r[1])) for r in conn.execute(HIS_SQL, params).fetchall()]
+
+    def local(self, pool: ConnectionPool, point: PointKey, span: Span, zone: ZoneInfo) -> tuple[list[str], list[float]]:
+        params = {"b": point.building, "m": point.meter, "start": span.start, "end": span.end}
+        with pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_catalog.set_config('TimeZone', %s, true)", (zone.key,))
+            rows = conn.execute(LOCAL_SQL, params).fetchall()
+        return [r[0] for r in rows], [float(r[1]) for r in rows]
 
 
 READINGS = Readings()

@@ -96,24 +96,36 @@ EMPTY = Grid.of([])
 
 @dataclass(frozen=True)
 class His:
-    """A one-point history grid (columns ts, val) kept as its series: hisRead of a year is 8,760
-    rows, and building a dict and kind objects per row costs more than the query; the codecs
-    write it straight to text (zinc.encode_his, hayson.encode_his). ``grid()`` is the general form."""
+    """A one-point history grid (columns ts, val) kept as columns: hisRead of a year is 8,760 rows,
+    and building a dict and kind objects per row costs more than the query; the codecs write it
+    straight to text (zinc.encode_his, hayson.encode_his). ``grid()`` is the general form.
+
+    The times are either aware datetimes (``times``) or already ISO 8601 text in the point's zone
+    with its offset (``texts``, as PostgreSQL formats them for hisRead: no datetime objects)."""
 
     meta: Mapping[str, Any]
     zone: ZoneInfo
     unit: str | None
-    series: Sequence[tuple[datetime, float]]  # (aware ts, value), in time order
+    values: Sequence[float]
+    times: Sequence[datetime] = ()
+    texts: Sequence[str] | None = None
+
+    @staticmethod
+    def of(meta: Mapping[str, Any], zone: ZoneInfo, unit: str | None, series: Sequence[tuple[datetime, float]]) -> His:
+        return His(meta, zone, unit, [v for _, v in series], [ts for ts, _ in series])
 
     def grid(self) -> Grid:
-        rows = [{"ts": ts.astimezone(self.zone), "val": Number(v, self.unit)} for ts, v in self.series]
+        times = self.times if self.texts is None else [datetime.fromisoformat(t) for t in self.texts]
+        rows = [{"ts": ts.astimezone(self.zone), "val": Number(v, self.unit)} for ts, v in zip(times, self.values, strict=True)]
         return Grid.of(rows, self.meta, cols=["ts", "val"])
 
-    def local_texts(self) -> list[str]:
+    def local_texts(self) -> Sequence[str]:
         """Each ts as ISO 8601 in the point's zone, with its offset (``2023-06-01T01:00:00+01:00``)."""
+        if self.texts is not None:
+            return self.texts
         out = []
         offsets: dict[Any, str] = {}
-        for ts, _ in self.series:
+        for ts in self.times:
             local = ts.astimezone(self.zone)
             off = local.utcoffset()
             text = offsets.get(off)

@@ -140,7 +140,7 @@ def encode_his(his: His) -> str:
     unit = his.unit or ""
     utc = name == "UTC"
     lines = [head.rstrip("\n")]
-    for text, (_, v) in zip(his.local_texts(), his.series, strict=True):
+    for text, v in zip(his.local_texts(), his.values, strict=True):
         if utc and text.endswith("+00:00"):
             text = text[:-6] + "Z"
         lines.append(f"{text} {name},{number_text(v)}{unit if math.isfinite(v) else ''}")
