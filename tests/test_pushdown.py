@@ -300,7 +300,9 @@ def test_any_table_laid_out_like_readings_is_distributed(main_cluster: ClusterHa
                             "sum(kwh) AS kwh FROM bsdata.{} GROUP BY 1, 2, 3"
                         ).format(sql.Identifier(remote), sql.Identifier(f.shard_name))
                     )
-                    w.execute(sql.SQL("GRANT SELECT ON bsdata.{} TO {}").format(sql.Identifier(remote), sql.Identifier(app)))
+                    # the coordinator reads workers as the fdw role (its user mapping)
+                    fdw = sql.Identifier(main_cluster.creds.fdw_user)
+                    w.execute(sql.SQL("GRANT SELECT ON bsdata.{} TO {}").format(sql.Identifier(remote), fdw))
                 coord.execute(
                     sql.SQL(
                         "CREATE FOREIGN TABLE bsdata.{} PARTITION OF public.{} {} SERVER {} "

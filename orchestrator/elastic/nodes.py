@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
+import psycopg
 from psycopg import sql
 
 from orchestrator import cluster, roles, runtime, topology
 from orchestrator.connections import connect, superuser_target
 from orchestrator.elastic import balancer
 from orchestrator.elastic.context import Elastic
+from orchestrator.energy import rollups
 from orchestrator.exceptions import BuildSmartError, ClusterStateError, ConfigError
 from orchestrator.topology import WORKER, Group, Member
+
+ROLLUP_WAIT_S = 120.0  # for the rollups of drained fragments to follow them (a full rebuild each)
 
 log = logging.getLogger(__name__)
 Report = Callable[[str], None]
@@ -100,6 +105,32 @@ def drain_node(el: Elastic, name: str, report: Report = lambda _: None) -> int:
     return moved
 
 
+def _tables_on_server(coord: psycopg.Connection, server: str) -> list[str]:
+    rows = coord.execute(
+        "SELECT ft.ftrelid::regclass::text FROM pg_catalog.pg_foreign_table ft "
+        "JOIN pg_catalog.pg_foreign_server s ON s.oid = ft.ftserver WHERE s.srvname = %s",
+        (server,),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _wait_for_rollups_to_leave(el: Elastic, name: str, server: str, report: Report) -> None:
+    """The rollups of fragments drained off ``name`` follow them (rebuilt on the new node, the
+    coordinator's partitions switched), as the rollups task would do; until then their foreign
+    tables still use the node's server, which cannot be dropped."""
+    deadline = time.monotonic() + ROLLUP_WAIT_S
+    while tables := _tables_on_server(el.coord, server):
+        if time.monotonic() > deadline:
+            raise ClusterStateError(
+                f"{name}: foreign tables still use server {server} after {ROLLUP_WAIT_S:.0f} s ({', '.join(tables[:5])}); "
+                f"nothing was removed; rerun `buildsmart node remove {name}`"
+            )
+        report(f"{name}: moving the rollups of its former fragments ({len(tables)} table(s) left)")
+        rollups.reconcile(el.nodes)
+        if _tables_on_server(el.coord, server):
+            time.sleep(1.0)
+
+
 def remove_node(el: Elastic, name: str, drain: bool = False, report: Report = lambda _: None) -> None:
     group = el.topo.group(name)
     if group.role != WORKER:
@@ -111,6 +142,8 @@ def remove_node(el: Elastic, name: str, drain: bool = False, report: Report = la
         drain_node(el, name, report)
     coord = el.coord
     server = coord.execute("SELECT server_name FROM buildsmart.nodes WHERE name = %s", (name,)).fetchone()
+    if server and server[0]:
+        _wait_for_rollups_to_leave(el, name, server[0], report)
     with coord.transaction():
         if server and server[0]:
             coord.execute(sql.SQL("DROP USER MAPPING IF EXISTS FOR PUBLIC SERVER {}").format(sql.Identifier(server[0])))

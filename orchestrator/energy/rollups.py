@@ -130,6 +130,19 @@ def _state(conn: psycopg.Connection, shard: str) -> BuiltState | None:
     return None if row is None else BuiltState(str(row[0]), int(row[1]), *row[2:])
 
 
+def follows_layout(conn: psycopg.Connection, frag: Fragment) -> bool:
+    """Whether this worker's rollups of ``frag`` were built from its current table and range. After a
+    split or move they follow once the rollups task has trimmed or rebuilt them (until then they
+    are not attached where they would be wrong, and `check` leaves them alone)."""
+    state = _state(conn, frag.shard_name)
+    return (
+        state is not None
+        and state.fragment_oid == _fragment_oid(conn, frag.shard_name)
+        and (state.range_from, state.range_to, state.ts_from, state.ts_to)
+        == (frag.range_from, frag.range_to, frag.ts_from, frag.ts_to)
+    )
+
+
 # ---------------------------------------------------------------- refresh
 
 
