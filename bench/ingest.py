@@ -48,7 +48,7 @@ import psycopg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator import cluster, topology  # noqa: E402
+from orchestrator import cluster, pgbin, topology  # noqa: E402
 from orchestrator.connections import app_target, connect, superuser_target  # noqa: E402
 from orchestrator.osuser import service_user  # noqa: E402
 from orchestrator.runtime import local  # noqa: E402
@@ -347,7 +347,9 @@ def report(rows: int, times: dict[str, tuple[float, int, float, float]], args: a
         rss = f"{peak / 2**20:.0f} MB" if peak else ""
         cpus = f"{cpu:.1f} / {srv:.1f} s" if key != "base" else ""
         print(f"{names[key]:56} {seconds:>8.1f} {rate:>10,.0f} {ratio:>7} {target:>7} {rss:>9} {cpus:>19}")
-    print("transport: TCP over 127.0.0.1 for every route; peak RSS summed over the ingest's processes")
+    tls = "the clusters use TLS (verify-full) between all processes" if pgbin.has_ssl() else "no TLS anywhere"
+    print(f"transport: TCP over 127.0.0.1 for every route; the baseline has no TLS, {tls}")
+    print("peak RSS: summed over the ingest's processes")
 
 
 if __name__ == "__main__":

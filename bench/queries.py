@@ -380,7 +380,9 @@ def main() -> None:
         root = cluster.data_root(directory, service_user(topo.service_user))
         cluster_pm = server_pids([root / (m.data_dir or m.name) / "data" for g in topo.groups for m in g.members])
         clus_dsn = cluster_dsn(directory)
-        print("transport: TCP on 127.0.0.1 without TLS on both sides; client TimeZone UTC")
+        tls = topology.load_credentials(directory).ca_file is not None
+        cluster_transport = "TLS (verify-full) for the client and between nodes" if tls else "no TLS"
+        print(f"transport: TCP on 127.0.0.1; plain server: no TLS; cluster: {cluster_transport}; client TimeZone UTC")
 
         selected = [q for q in QUERIES if not args.only or q.name in args.only.split(",")]
         results = []
