@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orchestrator.runtime.identity import read_pid_file
 from orchestrator.runtime.ports import free_port
 from tests.harness import REPO, make_tmp_dir
 
@@ -73,7 +74,8 @@ def test_wheel_in_a_clean_venv_runs_up_ingest_serve_and_down() -> None:
             cwd=elsewhere, stdin=PASSWORD + "\n")  # fmt: skip
         again = run([bs, "serve", "--detach", "--port", str(port), "--dir", str(directory)], cwd=elsewhere)
         assert "running (pid" in again  # the one `up --serve` started, not a second one
-        pid = int((directory / "serve.pid").read_text())
+        pid, _started = read_pid_file(directory / "serve.pid")  # "PID START-TIME" (process identity)
+        assert pid is not None
         url = f"http://127.0.0.1:{port}"
         auth = {"Authorization": "Basic " + base64.b64encode(f"ops:{PASSWORD}".encode()).decode()}
         assert fetch(f"{url}/api/about")[0] == 401
