@@ -58,7 +58,7 @@ class Visibility:
     def _run(self) -> None:
         while not self.stop.is_set():
             try:
-                with connect(self.target, "bench-mqtt", autocommit=True) as conn:
+                with connect(self.target, "bench-mqtt", autocommit=True, search_path=None) as conn:
                     while not self.stop.is_set():
                         self._poll(conn)
                         time.sleep(self.poll_s)

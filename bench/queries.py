@@ -164,7 +164,7 @@ def plain_server(workdir: Path, path: Path) -> tuple[str, local.LocalMember]:
 def cluster_dsn(directory: Path, admin: bool = False) -> str:
     topo, creds = topology.load(directory), topology.load_credentials(directory)
     target = superuser_target(topo.coordinator, creds) if admin else app_target(topo.coordinator, creds)
-    return target.conninfo("bench")
+    return target.conninfo("bench", search_path=None)  # a client session: the default search_path
 
 
 def start_cluster(directory: Path, path: Path, replicas: int, split_at: Sequence[str] | None) -> None:

@@ -263,7 +263,7 @@ def main() -> None:
             mv_s = materialize(plain)
             print(f"plain server: materialized views refreshed in {mv_s:.1f} s (each refresh recomputes everything)")
             topo, creds = topology.load(live_dir), topology.load_credentials(live_dir)
-            with connect(app_target(topo.coordinator, creds), "bench", autocommit=True) as clus:
+            with connect(app_target(topo.coordinator, creds), "bench", autocommit=True, search_path=None) as clus:
                 clus.execute("SET TimeZone = 'UTC'")
                 for q in questions(args.building, args.year, args.month, args.day):
                     raw_ms, raw_rows = timed(plain, q.raw, args.runs)
