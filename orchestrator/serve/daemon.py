@@ -74,8 +74,9 @@ def start_daemon(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/api/about"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if _running(directory) is None:
-            raise NodeError(f"buildsmart serve exited at start; see {directory / LOG_FILE}")
+        # plain liveness here: just after the fork the child does not carry its own command line yet
+        if not identity.alive(pid):
+            raise NodeError(f"buildsmart serve exited at start: {_log_tail(directory)}; see {directory / LOG_FILE}")
         try:
             urllib.request.urlopen(url, timeout=2)
         except urllib.error.HTTPError:
@@ -91,6 +92,15 @@ def start_daemon(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
         )
     log.info("started buildsmart serve for %s on %s:%d (pid %d)", directory, host, port, pid)
     return pid
+
+
+def _log_tail(directory: Path, lines: int = 3) -> str:
+    """The last lines of the server's log, for an error message (why it stopped)."""
+    try:
+        tail = (directory / LOG_FILE).read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return "no log"
+    return " | ".join(tail) or "empty log"
 
 
 def stop_daemon(directory: Path, timeout_s: float = 30.0) -> int | None:
