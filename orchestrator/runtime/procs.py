@@ -61,6 +61,12 @@ def running(pid_file: Path, executable: str | Path, arguments: Sequence[Sequence
     return identity.child(pid_file, executable, arguments, what)
 
 
+def module_daemon(pid_file: Path, module: str, directory: Path, what: str) -> identity.Verified | None:
+    """A daemon we started with :func:`python_module` for a cluster directory, verified: this
+    interpreter, ``-m MODULE`` and ``DIR`` in its arguments, the start time in ``pid_file``."""
+    return running(pid_file, sys.executable, [("-m", module), (str(directory),)], what)
+
+
 def stop(v: identity.Verified | None, timeout_s: float = 30.0, sig: int = signal.SIGTERM) -> bool:
     """Stop a verified child (SIGKILL after ``timeout_s``); False when there was none."""
     return v is not None and identity.stop(v, timeout_s, sig)

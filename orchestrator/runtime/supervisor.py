@@ -229,7 +229,7 @@ def _mtime(directory: Path) -> tuple[float, float]:
 def _running(directory: Path) -> identity.Verified | None:
     """The supervisor of DIR, verified: our interpreter, ``-m orchestrator.runtime.supervisor DIR``
     and the start time recorded with its PID."""
-    return procs.running(directory / PID_FILE, sys.executable, [("-m", MARKER), (str(directory),)], "failover supervisor")
+    return procs.module_daemon(directory / PID_FILE, MARKER, directory, "failover supervisor")
 
 
 def start_daemon(directory: Path) -> int:

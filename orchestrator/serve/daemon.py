@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +42,7 @@ def run(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, sta
 
 def _running(directory: Path) -> identity.Verified | None:
     """The server of this directory, verified (exe, ``-m orchestrator.serve DIR``, start time)."""
-    return procs.running(directory / PID_FILE, sys.executable, [("-m", MARKER), (str(directory),)], "buildsmart serve")
+    return procs.module_daemon(directory / PID_FILE, MARKER, directory, "buildsmart serve")
 
 
 def daemon_pid(directory: Path) -> int | None:

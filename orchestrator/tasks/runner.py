@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +215,7 @@ class TaskRunner:
 
 def _running(directory: Path) -> identity.Verified | None:
     """The task runner of this directory, verified (exe, ``-m orchestrator.tasks DIR``, start time)."""
-    return procs.running(directory / PID_FILE, sys.executable, [("-m", MARKER), (str(directory),)], "task runner")
+    return procs.module_daemon(directory / PID_FILE, MARKER, directory, "task runner")
 
 
 def daemon_pid(directory: Path) -> int | None:
