@@ -41,3 +41,11 @@ def test_old_leader_waits_for_the_election_then_rejoins() -> None:
 def test_restart_backs_off() -> None:
     recent = MemberView("w1-1", False, None, 1.0, 0.5)
     assert decide(GroupSnapshot("w1", "w1-0", (view("w1-0"), recent))).kind == "none"
+
+
+def test_with_every_patroni_alive_the_leader_does_not_matter() -> None:
+    """Why the supervisor reads the leader key only when a Patroni is down: with all alive, every
+    leader value (none, a member, a stranger) gives the same decision."""
+    members = (view("w1-0"), view("w1-1", postmaster=None), view("w1-2", postmaster=7))
+    for leader in (None, "w1-0", "w1-1", "w1-2", "elsewhere"):
+        assert decide(GroupSnapshot("w1", leader, members)).kind == "none"
