@@ -251,21 +251,24 @@ def _ensure_built(nodes: NodeConnections, frag: Fragment, columns: dict[Kind, li
     """Triggers and tables of a fragment, and a full build when its rollups were made from another
     table (or never). Returns "built", "waiting" or None (already current)."""
     conn = nodes.get(frag.node)
-    missing = _missing_triggers(conn, frag.shard_name)
-    if missing:
+    if _missing_triggers(conn, frag.shard_name):
         try:
             with conn.transaction():
                 conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal("2s")))
+                _lock_fragment_rollups(conn, frag.shard_name)
+                missing = _missing_triggers(conn, frag.shard_name)  # again, under the lock
                 for name in missing:
                     conn.execute(change_trigger_ddl(frag.shard_name, name))
         except psycopg.errors.LockNotAvailable:
             return "waiting"
-        log.info("added the rollup change triggers of %s on %s", frag.shard_name, frag.node)
-    oid = _fragment_oid(conn, frag.shard_name)
-    state = _state(conn, frag.shard_name)
-    if state is not None and state.fragment_oid == oid and (state.ts_from, state.ts_to) == (frag.ts_from, frag.ts_to):
-        return None
+        if missing:
+            log.info("added the rollup change triggers of %s on %s", frag.shard_name, frag.node)
     with conn.transaction():
+        _lock_fragment_rollups(conn, frag.shard_name)
+        oid = _fragment_oid(conn, frag.shard_name)
+        state = _state(conn, frag.shard_name)
+        if state is not None and state.fragment_oid == oid and (state.ts_from, state.ts_to) == (frag.ts_from, frag.ts_to):
+            return None
         for stmt in worker_tables_ddl(frag.shard_name, columns):
             conn.execute(stmt)
         for kind in KINDS:
@@ -284,6 +287,13 @@ def _ensure_built(nodes: NodeConnections, frag: Fragment, columns: dict[Kind, li
     refresh_fragment(conn, frag, full=True)
     log.info("built the rollups of %s %s on %s", frag.shard_name, frag.describe_range(), frag.node)
     return "built"
+
+
+def _lock_fragment_rollups(conn: psycopg.Connection, shard: str) -> None:
+    """The task runner and a command (`demo`, `rollups refresh`) may reconcile the same fragment at
+    once; CREATE ... IF NOT EXISTS is not safe against that (a duplicate key in pg_type), so one
+    builds under this lock and the other then finds the work done."""
+    conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext(%s))", (f"buildsmart.rollups:{shard}",))
 
 
 def reconcile(nodes: NodeConnections) -> ReconcileResult:
