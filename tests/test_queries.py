@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from orchestrator.catalog import load_fragments
@@ -225,6 +226,71 @@ def test_copy_through_the_coordinator_replaces_existing_readings(main_cluster: C
             copy.write_row((b, "el", "2023-06-01 01:00+00", 7.0))
         got = conn.execute("SELECT kwh FROM readings WHERE building = %s ORDER BY ts", (b,)).fetchall()
     assert got == [(3.0,), (7.0,)]
+
+
+def test_copy_streams_to_every_fragment_at_once_and_keeps_postgres_semantics(main_cluster: ClusterHandle, token: str) -> None:
+    """COPY FROM STDIN outside a transaction block goes through the extension's COPY router (one
+    COPY per fragment on its worker, all streaming at once) rather than postgres_fdw's batch
+    INSERTs: the router says so at DEBUG1. Its rows equal what the postgres_fdw path stores; a bad
+    value, or a row no fragment holds, fails the whole COPY with the line, storing nothing; inside
+    a transaction block PostgreSQL's own COPY runs and rolls back with the transaction."""
+    first, last = f"a{token}", f"z{token}"  # the first and the last fragment
+    rows = [
+        (b, m, f"2023-07-0{d} {h:02d}:00+00", float(d * 100 + h))
+        for b in (first, last)
+        for m in ("el", "gas")
+        for d in (1, 2)
+        for h in range(24)
+    ]
+    notices: list[str] = []
+    with main_cluster.coordinator(admin=False) as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("SET client_min_messages = debug1")
+        with conn.cursor().copy("COPY readings (building, meter, ts, kwh) FROM STDIN") as copy:
+            for r in rows:
+                copy.write_row(r)
+        conn.execute("SET client_min_messages = notice")
+        routed = [n for n in notices if n.startswith("buildsmart: COPY readings streamed")]
+        expected = rf"buildsmart: COPY readings streamed {len(rows)} rows to 2 of \d+ fragments"
+        assert len(routed) == 1 and re.fullmatch(expected, routed[0]), notices
+        got = conn.execute(
+            "SELECT building, meter, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI'), kwh FROM readings "
+            "WHERE building IN (%s, %s) ORDER BY 1, 2, 3",
+            (first, last),
+        ).fetchall()
+        assert [(b, m, t, k) for b, m, t, k in got] == sorted((b, m, t[:16], k) for b, m, t, k in rows)
+
+        # the same rows through postgres_fdw (router off) store the same values
+        conn.execute("SET buildsmart.enable_copy_router = off")
+        with conn.cursor().copy("COPY readings (building, meter, ts, kwh) FROM STDIN") as copy:
+            for b, m, t, k in rows:
+                copy.write_row((b, m + "2", t, k))
+        conn.execute("RESET buildsmart.enable_copy_router")
+        same = conn.execute(
+            "SELECT count(*) FROM readings a JOIN readings b ON (a.building, a.meter || '2', a.ts, a.kwh) = "
+            "(b.building, b.meter, b.ts, b.kwh) WHERE a.building IN (%s, %s) AND a.meter IN ('el', 'gas')",
+            (first, last),
+        ).fetchone()
+        assert same == (len(rows),)
+
+        # a bad value on line 3: nothing of the COPY is stored, on any fragment
+        bad = f"{first}\tbad\t2023-08-01 00:00+00\t1\n{last}\tbad\t2023-08-01 00:00+00\t2\n{last}\tbad\t2023-08-01 01:00+00\tx\n"
+        copy_in = "COPY readings FROM STDIN"
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation) as err, conn.cursor().copy(copy_in) as copy:
+            copy.write(bad)
+        assert "line 3" in str(err.value.diag.context), err.value.diag.context
+        # a row without a building: PostgreSQL's partition routing error
+        with pytest.raises(psycopg.errors.CheckViolation, match="no partition"), conn.cursor().copy(copy_in) as copy:
+            copy.write(f"{first}\tbad\t2023-08-01 00:00+00\t1\n\\N\tbad\t2023-08-01 00:00+00\t2\n")
+        assert conn.execute("SELECT count(*) FROM readings WHERE meter = 'bad'").fetchone() == (0,)
+
+        # inside a transaction block: PostgreSQL's COPY, undone by the rollback
+        conn.execute("BEGIN")
+        with conn.cursor().copy("COPY readings FROM STDIN") as copy:
+            copy.write_row((first, "tx", "2023-08-01 00:00+00", 1.0))
+        assert conn.execute("SELECT count(*) FROM readings WHERE meter = 'tx'").fetchone() == (1,)
+        conn.execute("ROLLBACK")
+        assert conn.execute("SELECT count(*) FROM readings WHERE meter = 'tx'").fetchone() == (0,)
 
 
 def test_join_with_buildings_reads_only_the_matching_fragments(main_cluster: ClusterHandle, loaded: str) -> None:

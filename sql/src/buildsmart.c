@@ -31,9 +31,14 @@ _PG_init(void)
 	DefineCustomBoolVariable("buildsmart.log_pushdown",
 							 "Logs (at LOG) why a query on the distributed table was or was not pushed down.",
 							 NULL, &bs_log_pushdown, false, PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("buildsmart.enable_copy_router",
+							 "Streams COPY FROM STDIN into the distributed table to every fragment's worker at once.",
+							 "Off: PostgreSQL's COPY routes rows through postgres_fdw batch inserts.",
+							 &bs_enable_copy_router, true, PGC_USERSET, 0, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("buildsmart");
 
 	bs_remote_init();
 	bs_executor_init();
 	bs_planner_init();
+	bs_copy_router_init();
 }

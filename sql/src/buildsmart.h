@@ -18,6 +18,7 @@
  *   dist_join.c       joins with buildings prune fragments by the buildings filter
  *   remote.c          connections to workers: settings, transactions, cancel, errors
  *   replace_trigger.c latest-wins row trigger of fragments (writes through the coordinator)
+ *   copy_router.c     COPY FROM STDIN into the distributed table, streamed to every fragment
  */
 #ifndef BUILDSMART_H
 #define BUILDSMART_H
@@ -161,5 +162,25 @@ extern PGresult *bs_conn_get_result(BsConn *c);
 extern void bs_conn_finish(BsConn *c);
 extern void bs_conn_abandon(BsConn *c);
 extern void bs_report_remote_error(int elevel, PGresult *res, BsConn *c, const char *sql);
+extern BsConn *bs_open_private_conn(Oid serverid, const char *application_name);
+extern void bs_close_private_conn(BsConn *c);
+
+/* where a row goes (dist_planner.c), for the COPY router (copy_router.c) */
+typedef struct BsRoute
+{
+	Oid			relid;			/* coordinator foreign table */
+	char	   *qualified_name; /* the same table on its worker */
+	Const	   *lower;			/* building range [lower, upper); NULL constvalue = open */
+	Const	   *upper;
+	bool		time_piece;		/* part of a building split by time */
+	Const	   *ts_lower;		/* its time range */
+	Const	   *ts_upper;
+} BsRoute;
+extern List *bs_routing_fragments(Oid dist);
+extern bool bs_building_in_range(Const *lower, Const *upper, Datum building);
+
+/* COPY router (copy_router.c) */
+extern bool bs_enable_copy_router;
+extern void bs_copy_router_init(void);
 
 #endif							/* BUILDSMART_H */

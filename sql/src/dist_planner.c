@@ -1808,3 +1808,43 @@ bs_planner_init(void)
 	prev_set_rel_pathlist = set_rel_pathlist_hook;
 	set_rel_pathlist_hook = bs_set_rel_pathlist;
 }
+
+/* ---------------------------------------------------------------- routing (COPY router) */
+
+/* The fragments of a distributed table as routing entries; NIL when the layout is not plain. */
+List *
+bs_routing_fragments(Oid dist)
+{
+	const char *reason = NULL;
+	List	   *frags = bs_load_fragments(dist, &reason);
+	List	   *out = NIL;
+	ListCell   *lc;
+
+	foreach(lc, frags)
+	{
+		BsFragment *f = lfirst(lc);
+		BsRoute    *r = palloc0(sizeof(BsRoute));
+
+		r->relid = f->relid;
+		r->qualified_name = f->qualified_name;
+		r->lower = f->lower;
+		r->upper = f->upper;
+		r->time_piece = f->time_piece;
+		r->ts_lower = f->ts_lower;
+		r->ts_upper = f->ts_upper;
+		out = lappend(out, r);
+	}
+	if (out == NIL && bs_log_pushdown)
+		elog(LOG, "buildsmart: COPY not routed: %s", reason ? reason : "no fragments");
+	return out;
+}
+
+bool
+bs_building_in_range(Const *lower, Const *upper, Datum building)
+{
+	if (lower != NULL && !lower->constisnull && bs_cmp_c(building, lower->constvalue) < 0)
+		return false;
+	if (upper != NULL && !upper->constisnull && bs_cmp_c(building, upper->constvalue) >= 0)
+		return false;
+	return true;
+}

@@ -85,6 +85,7 @@ struct BsConn
 
 static HTAB *bs_conns = NULL;
 static uint32 bs_wait_event = 0;
+static const char *bs_connect_appname = "buildsmart:pushdown";
 
 static void bs_xact_callback(XactEvent event, void *arg);
 static void bs_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
@@ -205,7 +206,7 @@ bs_connect(BsConn *c, ForeignServer *server, UserMapping *um)
 		}
 	}
 	keywords[i] = "application_name";
-	values[i++] = "buildsmart:pushdown";
+	values[i++] = bs_connect_appname;
 	keywords[i] = NULL;
 	values[i] = NULL;
 
@@ -658,4 +659,42 @@ bs_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 		if (c->conn != NULL && c->busy)
 			bs_conn_abandon(c);
 	}
+}
+
+/*
+ * A connection of its own for one stream (the COPY router): not cached, no statements kept, no
+ * part in the transaction callbacks; the caller ends its remote transaction and closes it (closing
+ * with a transaction open rolls it back). Same server and user mapping options, same checks.
+ */
+BsConn *
+bs_open_private_conn(Oid serverid, const char *application_name)
+{
+	BsConn	   *c = palloc0(sizeof(BsConn));
+	ForeignServer *server = GetForeignServer(serverid);
+	UserMapping *um = GetUserMapping(GetUserId(), serverid);
+
+	bs_ensure_hash();			/* registers the wait event */
+	c->key.serverid = serverid;
+	c->key.userid = GetUserId();
+	strlcpy(c->name, server->servername, sizeof(c->name));
+	bs_connect_appname = application_name;
+	PG_TRY();
+	{
+		bs_connect(c, server, um);
+	}
+	PG_FINALLY();
+	{
+		bs_connect_appname = "buildsmart:pushdown";
+	}
+	PG_END_TRY();
+	return c;
+}
+
+void
+bs_close_private_conn(BsConn *c)
+{
+	if (c->conn != NULL)
+		libpqsrv_disconnect(c->conn);
+	c->conn = NULL;
+	pfree(c);
 }
