@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator import cluster, pgbin, topology  # noqa: E402
+from orchestrator.catalog import load_fragments  # noqa: E402
 from orchestrator.connections import app_target, connect, superuser_target  # noqa: E402
 from orchestrator.osuser import service_user  # noqa: E402
 from orchestrator.runtime import local  # noqa: E402
@@ -318,6 +319,30 @@ def pgbench(dsn_parts: dict[str, str], script: str, seconds: int, workdir: Path)
     return float(match.group(1))
 
 
+def worker_insert_ceiling(directory: Path, seconds: int, workdir: Path) -> tuple[str, float]:
+    """pgbench of the INSERT straight into the fragment of one building on its worker's primary."""
+    topo, creds = topology.load(directory), topology.load_credentials(directory)
+    with connect(superuser_target(topo.coordinator, creds), "bench:ceiling", autocommit=True) as coord:
+        frag = next(f for f in load_fragments(coord) if f.ts_from is None and f.ts_to is None)
+        row = coord.execute(
+            "SELECT building FROM public.readings WHERE building >= coalesce(%s, '') "
+            "AND (%s::text IS NULL OR building < %s) LIMIT 1",
+            (frag.range_from, frag.range_to, frag.range_to),
+        ).fetchone()
+    assert row is not None
+    target = superuser_target(topo.group(frag.node), creds)
+    parts = parse_dsn(target.conninfo("bench", search_path=None))
+    script = (
+        "\\set u random(1, 2500000000000)\n"
+        f"INSERT INTO bsdata.{frag.shard_name} (building, meter, ts, kwh) VALUES ('{row[0]}', 'pgbench', "
+        "'2024-06-01 00:00+00'::timestamptz + :u * interval '1 microsecond', 1.5);\n"
+    )
+    tps = pgbench(parts, script, seconds, workdir)
+    with connect(superuser_target(topo.group(frag.node), creds), "bench:ceiling", autocommit=True) as conn:
+        conn.execute(f"DELETE FROM bsdata.{frag.shard_name} WHERE meter = 'pgbench'")
+    return frag.node, tps
+
+
 def parse_dsn(dsn: str) -> dict[str, str]:
     return dict(psycopg.conninfo.conninfo_to_dict(dsn))  # type: ignore[arg-type]
 
@@ -418,6 +443,12 @@ def main() -> None:
             print(
                 f"  single-row INSERT:          plain {tps_plain:,.0f} tps, cluster {tps_cluster:,.0f} tps, "
                 f"x{tps_cluster / tps_plain:.2f}"
+            )
+            node, tps_worker = worker_insert_ceiling(directory, args.pgbench_seconds, workdir)
+            print(
+                f"  the same INSERT straight into one fragment on worker {node} (no coordinator; its "
+                f"synchronous replica, trigger and TLS as in the cluster): {tps_worker:,.0f} tps, "
+                f"x{tps_worker / tps_plain:.2f} of plain: the ceiling for any coordinator write path on this machine"
             )
     finally:
         if started_cluster is not None:
