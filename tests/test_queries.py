@@ -214,6 +214,26 @@ def test_rolled_back_insert_in_a_transaction_leaves_nothing(main_cluster: Cluste
         assert conn.execute("SELECT count(*) FROM readings WHERE building = %s", (b,)).fetchone() == (0,)
 
 
+def test_update_or_delete_postgres_fdw_would_run_by_ctid_is_refused(main_cluster: ClusterHandle, token: str) -> None:
+    """A DELETE/UPDATE that postgres_fdw cannot send whole would delete by ctid, which repeats in
+    every time partition of a fragment (rows of other months would go too): it is refused with a
+    hint, nothing changes; the same statement with constants runs on the worker."""
+    b = f"g{token}"
+    with main_cluster.coordinator(admin=False) as conn:
+        # the first row of two fresh months: the same ctid (0,1) in two time partitions
+        for ts in ("2023-01-01 00:00+00", "2023-02-01 00:00+00"):
+            conn.execute("INSERT INTO readings VALUES (%s, 'el', %s, 1)", (b, ts))
+        for stmt in (
+            "DELETE FROM readings WHERE building = %s AND ts < '2023-01-15' AND ts < now()",
+            "UPDATE readings SET kwh = random() WHERE building = %s AND ts < '2023-01-15'",
+        ):
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match="cannot run on the workers as one statement"):
+                conn.execute(stmt, (b,))
+        assert conn.execute("SELECT count(*), sum(kwh) FROM readings WHERE building = %s", (b,)).fetchone() == (2, 2.0)
+        assert conn.execute("DELETE FROM readings WHERE building = %s AND ts < '2023-01-15'", (b,)).rowcount == 1
+        assert conn.execute("SELECT ts::date::text FROM readings WHERE building = %s", (b,)).fetchall() == [("2023-02-01",)]
+
+
 def test_copy_through_the_coordinator_replaces_existing_readings(main_cluster: ClusterHandle, token: str) -> None:
     """COPY through the coordinator: the fragments' C trigger lets the last value of a key win,
     also for a key repeated inside the same COPY."""

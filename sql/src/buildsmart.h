@@ -19,6 +19,7 @@
  *   remote.c          connections to workers: settings, transactions, cancel, errors
  *   replace_trigger.c latest-wins row trigger of fragments (writes through the coordinator)
  *   copy_router.c     COPY FROM STDIN into the distributed table, streamed to every fragment
+ *   modify_guard.c    refuses UPDATE/DELETE that postgres_fdw would run by ctid on a fragment
  */
 #ifndef BUILDSMART_H
 #define BUILDSMART_H
@@ -178,6 +179,9 @@ typedef struct BsRoute
 } BsRoute;
 extern List *bs_routing_fragments(Oid dist);
 extern bool bs_building_in_range(Const *lower, Const *upper, Datum building);
+
+/* UPDATE/DELETE that postgres_fdw would run by ctid (modify_guard.c) */
+extern void bs_check_fragment_modify(PlannedStmt *stmt);
 
 /* COPY router (copy_router.c) */
 extern bool bs_enable_copy_router;

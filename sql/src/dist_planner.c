@@ -1797,6 +1797,8 @@ bs_planner(Query *parse, const char *query_string, int cursorOptions, ParamListI
 	}
 	if (stmt == NULL)
 		stmt = bs_next_planner(parse, query_string, cursorOptions, boundParams);
+	if (parse->commandType == CMD_UPDATE || parse->commandType == CMD_DELETE || parse->hasModifyingCTE)
+		bs_check_fragment_modify(stmt);
 	return stmt;
 }
 
