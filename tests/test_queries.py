@@ -302,6 +302,9 @@ def test_copy_streams_to_every_fragment_at_once_and_keeps_postgres_semantics(mai
         # a row without a building: PostgreSQL's partition routing error
         with pytest.raises(psycopg.errors.CheckViolation, match="no partition"), conn.cursor().copy(copy_in) as copy:
             copy.write(f"{first}\tbad\t2023-08-01 00:00+00\t1\n\\N\tbad\t2023-08-01 00:00+00\t2\n")
+        # a row a worker refuses (kwh is NOT NULL there): its error, and the other stream rolled back
+        with pytest.raises(psycopg.errors.NotNullViolation), conn.cursor().copy(copy_in) as copy:
+            copy.write(f"{first}\tbad\t2023-08-01 00:00+00\t1\n{last}\tbad\t2023-08-01 00:00+00\t\\N\n")
         assert conn.execute("SELECT count(*) FROM readings WHERE meter = 'bad'").fetchone() == (0,)
 
         # inside a transaction block: PostgreSQL's COPY, undone by the rollback

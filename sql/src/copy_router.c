@@ -97,10 +97,12 @@ bs_copy_send_buffer(BsCopyStream *s)
 	if (s->buf.len == 0)
 		return;
 	if (PQputCopyData(bs_conn_pg(s->conn), s->buf.data, s->buf.len) != 1)
-		ereport(ERROR,
-				(errcode(ERRCODE_CONNECTION_FAILURE),
-				 errmsg("could not send COPY data to node %s: %s", bs_conn_name(s->conn),
-						pchomp(PQerrorMessage(bs_conn_pg(s->conn))))));
+	{
+		/* the worker ended the COPY with an error (a row it refused): report its error */
+		PGresult   *res = libpqsrv_get_result_last(bs_conn_pg(s->conn), PG_WAIT_EXTENSION);
+
+		bs_report_remote_error(ERROR, res, s->conn, "COPY");
+	}
 	resetStringInfo(&s->buf);
 }
 
