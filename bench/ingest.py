@@ -6,8 +6,9 @@
   (b)       `buildsmart ingest FILE` into a default cluster: `up --workers 3`, one synchronous
             replica per node (Patroni)
   (b0)      the same with `--replicas 0` (one plain server per node)
-  (c)       `COPY readings FROM STDIN` through the coordinator of the (b) cluster (postgres_fdw
-            batch inserts; the workers' per-row BEFORE INSERT replace trigger keeps latest-wins)
+  (c)       `COPY readings FROM STDIN` through the coordinator of the (b) cluster, autocommit as
+            `psql \\copy` runs it: the extension's COPY router streams to every fragment's worker
+            (the workers' per-row BEFORE INSERT replace trigger keeps latest-wins)
 
 The clusters are default clusters (`up` with no layout): `buildsmart ingest` pre-splits the
 empty cluster from the file's building counts (issue 9's automatic layout). The balancer is paused
@@ -185,11 +186,13 @@ def buildsmart_ingest(directory: Path, path: Path) -> tuple[float, int, float]:
 
 
 def coordinator_copy(directory: Path, path: Path) -> float:
-    """(c) COPY into the coordinator's readings: postgres_fdw routes rows to the foreign partitions."""
+    """(c) COPY into the coordinator's readings as `psql \\copy` runs it (a statement of its own,
+    autocommit): the extension's COPY router streams the rows to every fragment's worker. (Inside a
+    transaction block PostgreSQL's COPY routes them through postgres_fdw instead.)"""
     topo, creds = topology.load(directory), topology.load_credentials(directory)
-    with connect(app_target(topo.coordinator, creds), "bench:copy") as conn:
+    with connect(app_target(topo.coordinator, creds), "bench:copy", autocommit=True) as conn:
         started = time.monotonic()
-        with conn.transaction(), conn.cursor().copy("COPY public.readings FROM STDIN (FORMAT csv)") as copy:
+        with conn.cursor().copy("COPY public.readings FROM STDIN (FORMAT csv)") as copy:
             copy_stream(copy, path)
         return time.monotonic() - started
 
