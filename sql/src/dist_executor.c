@@ -41,6 +41,7 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "utils/sortsupport.h"
 #include "utils/tuplesort.h"
 
 bool		bs_xact_wrote_through_fdw = false;
@@ -64,6 +65,7 @@ typedef struct BsRun
 	int64		rows;			/* rows received (EXPLAIN ANALYZE) */
 	instr_time	sent;
 	double		ms;				/* time to the first result (EXPLAIN ANALYZE) */
+	bool		in_order;		/* the whole result comes in the query's ORDER BY */
 } BsRun;
 
 typedef struct BsScanState
@@ -133,6 +135,15 @@ typedef struct BsScanState
 	TupleTableSlot *sort_slot;
 	Tuplesortstate *sort;
 	bool		sorted;
+
+	/* merge of ordered results: the current row of each run */
+	int			merge_cap;		/* runs the arrays below hold */
+	bool		merging;		/* started for this execution */
+	int			merge_last;		/* run whose row was returned last, or -1 */
+	SortSupport merge_keys;
+	TupleTableSlot **merge_slots;
+	MemoryContext *merge_cxts;
+	bool	   *merge_has;
 } BsScanState;
 
 static Node *bs_create_state(CustomScan *cscan);
@@ -526,8 +537,12 @@ bs_assign_runs(BsScanState *s, ExprContext *econtext)
 		char	   *merged;
 
 		if (list_length(run->fragments) <= 1)
+		{
+			run->in_order = true;	/* one fragment's statement ends in the query's ORDER BY */
 			continue;
+		}
 		merged = s->merge ? bs_merged_statement(s, run) : NULL;
+		run->in_order = merged != NULL;
 		if (merged != NULL)
 			run->sql = merged;
 		else					/* parenthesised UNION ALL branches need an outer plain SELECT */
@@ -841,6 +856,109 @@ bs_same_distinct_key(BsScanState *s, TupleTableSlot *slot)
 	return false;
 }
 
+/* The next row of run r into its merge slot, in that run's own memory. */
+static bool
+bs_merge_advance(BsScanState *s, int r)
+{
+	MemoryContext old;
+	bool		got;
+
+	MemoryContextReset(s->merge_cxts[r]);
+	old = MemoryContextSwitchTo(s->merge_cxts[r]);
+	got = bs_next_row(s, &s->runs[r], s->merge_slots[r]);
+	MemoryContextSwitchTo(old);
+	return got;
+}
+
+static int
+bs_merge_cmp(BsScanState *s, TupleTableSlot *a, TupleTableSlot *b)
+{
+	int			k;
+
+	for (k = 0; k < s->nsort; k++)
+	{
+		bool		na,
+					nb;
+		Datum		da = slot_getattr(a, s->sort_attno[k], &na);
+		Datum		db = slot_getattr(b, s->sort_attno[k], &nb);
+		int			c = ApplySortComparator(da, na, db, nb, &s->merge_keys[k]);
+
+		if (c != 0)
+			return c;
+	}
+	return 0;
+}
+
+/*
+ * Merge of results that each arrive in the query's ORDER BY (every run's statement sorts the
+ * whole of its result): the smallest current row of the runs, a few comparisons per row instead
+ * of sorting everything again on the coordinator.
+ */
+static TupleTableSlot *
+bs_merge_next(BsScanState *s)
+{
+	int			best = -1;
+	int			r;
+
+	if (!s->merging)
+	{
+		if (s->merge_cap < s->nruns)
+		{
+			EState	   *estate = s->css.ss.ps.state;
+			TupleDesc	desc = s->css.ss.ss_ScanTupleSlot->tts_tupleDescriptor;
+			MemoryContext old = MemoryContextSwitchTo(estate->es_query_cxt);
+			int			k;
+
+			s->merge_keys = palloc0(sizeof(SortSupportData) * s->nsort);
+			for (k = 0; k < s->nsort; k++)
+			{
+				SortSupport ss = &s->merge_keys[k];
+
+				ss->ssup_cxt = estate->es_query_cxt;
+				ss->ssup_collation = s->sort_coll[k];
+				ss->ssup_nulls_first = s->sort_nf[k];
+				ss->ssup_attno = s->sort_attno[k];
+				PrepareSortSupportFromOrderingOp(s->sort_op[k], ss);
+			}
+			s->merge_slots = palloc(sizeof(TupleTableSlot *) * s->nruns);
+			s->merge_cxts = palloc(sizeof(MemoryContext) * s->nruns);
+			s->merge_has = palloc0(sizeof(bool) * s->nruns);
+			for (r = 0; r < s->nruns; r++)
+			{
+				s->merge_slots[r] = ExecAllocTableSlot(&estate->es_tupleTable, desc, &TTSOpsVirtual);
+				s->merge_cxts[r] = AllocSetContextCreate(estate->es_query_cxt, "buildsmart merge row",
+														 ALLOCSET_SMALL_SIZES);
+			}
+			s->merge_cap = s->nruns;
+			MemoryContextSwitchTo(old);
+		}
+		for (r = 0; r < s->nruns; r++)
+			s->merge_has[r] = bs_merge_advance(s, r);
+		s->merging = true;
+	}
+	else if (s->merge_last >= 0)
+		s->merge_has[s->merge_last] = bs_merge_advance(s, s->merge_last);
+	for (r = 0; r < s->nruns; r++)
+		if (s->merge_has[r] && (best < 0 || bs_merge_cmp(s, s->merge_slots[r], s->merge_slots[best]) < 0))
+			best = r;
+	s->merge_last = best;
+	return best < 0 ? NULL : s->merge_slots[best];
+}
+
+/* Do all runs return their rows in the query's ORDER BY (so a merge suffices)? */
+static bool
+bs_runs_in_order(BsScanState *s)
+{
+	int			r;
+
+	if (s->redistinct > 0)
+		return false;
+	for (r = 0; r < s->nruns; r++)
+		if (!s->runs[r].in_order)
+			return false;
+	return true;
+}
+
 static TupleTableSlot *
 bs_exec_pushdown(BsScanState *s)
 {
@@ -856,7 +974,15 @@ bs_exec_pushdown(BsScanState *s)
 		if (s->count >= 0 && s->returned >= s->count)
 			return NULL;
 		ResetExprContext(econtext);
-		if (s->nsort > 0 && s->nfrags_used > 1)
+		if (s->nsort > 0 && s->nfrags_used > 1 && (s->merging || bs_runs_in_order(s)))
+		{
+			TupleTableSlot *next = bs_merge_next(s);
+
+			got = next != NULL;
+			if (got)
+				slot = next;
+		}
+		else if (s->nsort > 0 && s->nfrags_used > 1)
 		{
 			if (!s->sorted)
 			{
@@ -1049,6 +1175,7 @@ bs_rescan(CustomScanState *node)
 	}
 	bs_finish_runs(s);
 	s->sorted = false;
+	s->merging = false;
 	s->started = false;
 }
 
