@@ -146,7 +146,7 @@ extern char *bs_deparse_query(Query *query);
 extern char *bs_deparse_skip_scan(Query *query, Oid fragment, const char *qualified_name,
 								  bool ts_desc, int limit_param);
 extern char *bs_deparse_latest_n(Query *query, Oid fragment, const char *qualified_name,
-								 bool ts_desc, const char *limit_text);
+								 const char *limit_text);
 extern void bs_set_transmission_modes(int *nestlevel);
 extern void bs_reset_transmission_modes(int nestlevel);
 extern bool bs_type_is_builtin(Oid typid);

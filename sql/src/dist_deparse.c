@@ -580,12 +580,12 @@ bs_deparse_skip_scan(Query *query, Oid fragment, const char *qualified_name, boo
  * time partition, so PostgreSQL cannot read its monthly partitions newest first and stop, but the
  * primary key (building, meter, ts) read backwards gives each meter's rows in ts order. Equivalent
  * to the query when its first sort key is ts: a row among the first n in (ts, ...) order is among
- * the first n of its own key in ts order (each key has at most one row per ts). The planner only
- * uses it when the quals fix the building, so the key walk is one index descent per meter.
+ * the first n of its own key in that order, which each key's subquery uses (ts first, so the
+ * index order serves it). The planner only uses it when the quals fix the building, so the key
+ * walk is one index descent per meter.
  */
 char *
-bs_deparse_latest_n(Query *query, Oid fragment, const char *qualified_name, bool ts_desc,
-					const char *limit_text)
+bs_deparse_latest_n(Query *query, Oid fragment, const char *qualified_name, const char *limit_text)
 {
 	List	   *ctx;
 	StringInfoData buf;
@@ -622,11 +622,14 @@ bs_deparse_latest_n(Query *query, Oid fragment, const char *qualified_name, bool
 			appendStringInfoString(&buf, deparse_expression((Node *) tle->expr, ctx, true, false));
 			first = false;
 		}
+		/*
+		 * Each key's rows in the query's whole order (ts first, so its index order serves): then
+		 * no row of the answer is cut off even when a key has several rows at one ts.
+		 */
 		appendStringInfo(&buf,
 						 " FROM bs_keys k CROSS JOIN LATERAL (SELECT * FROM %s readings "
-						 "WHERE readings.building = k.building AND readings.meter = k.meter%s "
-						 "ORDER BY readings.ts%s LIMIT %s) readings ORDER BY ",
-						 qualified_name, quals.data, ts_desc ? " DESC" : "", limit_text);
+						 "WHERE readings.building = k.building AND readings.meter = k.meter%s ORDER BY ",
+						 qualified_name, quals.data);
 		first = true;
 		foreach(lc, query->sortClause)
 		{
@@ -635,6 +638,19 @@ bs_deparse_latest_n(Query *query, Oid fragment, const char *qualified_name, bool
 			TypeCacheEntry *tc = lookup_type_cache(exprType((Node *) tle->expr), TYPECACHE_GT_OPR);
 
 			/* the planner checked that each operator is its type's default < or > */
+			appendStringInfo(&buf, "%s(%s)%s NULLS %s", first ? "" : ", ",
+							 deparse_expression((Node *) tle->expr, ctx, true, false),
+							 sgc->sortop == tc->gt_opr ? " DESC" : "", sgc->nulls_first ? "FIRST" : "LAST");
+			first = false;
+		}
+		appendStringInfo(&buf, " LIMIT %s) readings ORDER BY ", limit_text);
+		first = true;
+		foreach(lc, query->sortClause)
+		{
+			SortGroupClause *sgc = lfirst(lc);
+			TargetEntry *tle = get_sortgroupclause_tle(sgc, query->targetList);
+			TypeCacheEntry *tc = lookup_type_cache(exprType((Node *) tle->expr), TYPECACHE_GT_OPR);
+
 			appendStringInfo(&buf, "%s%d%s NULLS %s", first ? "" : ", ", tle->resno,
 							 sgc->sortop == tc->gt_opr ? " DESC" : "", sgc->nulls_first ? "FIRST" : "LAST");
 			first = false;

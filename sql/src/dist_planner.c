@@ -1073,7 +1073,7 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 		if (skip.applies)
 			sql = bs_deparse_skip_scan(wq, f->relid, f->qualified_name, skip.ts_desc, limit_param);
 		else if (latest.applies)
-			sql = bs_deparse_latest_n(wq, f->relid, f->qualified_name, latest.ts_desc, limit_text);
+			sql = bs_deparse_latest_n(wq, f->relid, f->qualified_name, limit_text);
 		else
 			sql = bs_deparse_query(wq);
 		bs_add_fragment(&fl, f, sql);
