@@ -677,9 +677,40 @@ bs_skip_scan_shape(Query *q, Index dist_rti, AttrNumber a_building, AttrNumber a
 /*
  * Rows of one building in ts order with a LIMIT (the latest n readings of a building, ORDER BY
  * ts DESC, meter LIMIT n): each meter's newest rows by the primary key read backwards, then the
- * query's own ORDER BY and LIMIT (bs_deparse_latest_n). Every sort key must use its type's default
+ * query's own ORDER BY and LIMIT (bs_deparse_latest_n). Not for one meter (meter = ...): the
+ * worker reads that from the primary key as it is, without walking the meters. Every sort key must use its type's default
  * ordering so that the worker can sort by position.
  */
+/* Does a top-level condition fix this text column to one value (column = expression without columns)? */
+static bool
+bs_fixed_by_quals(Node *quals, Index dist_rti, AttrNumber attno)
+{
+	ListCell   *lc;
+
+	foreach(lc, make_ands_implicit((Expr *) quals))
+	{
+		OpExpr	   *op = lfirst(lc);
+		Node	   *l,
+				   *r;
+
+		if (!IsA(op, OpExpr) || op->opno != TextEqualOperator || list_length(op->args) != 2)
+			continue;
+		l = bs_strip(linitial(op->args));
+		r = bs_strip(lsecond(op->args));
+		if (IsA(r, Var) && !IsA(l, Var))
+		{
+			Node	   *t = l;
+
+			l = r;
+			r = t;
+		}
+		if (IsA(l, Var) && ((Var *) l)->varno == (int) dist_rti && ((Var *) l)->varattno == attno &&
+			((Var *) l)->varlevelsup == 0 && !contain_vars_of_level(r, 0) && !contain_volatile_functions(r))
+			return true;
+	}
+	return false;
+}
+
 static BsSkipScan
 bs_latest_n_shape(Query *q, BsShape shape, Index dist_rti, AttrNumber a_ts, List *prune_kinds, bool direct,
 				  bool limited)
@@ -692,6 +723,9 @@ bs_latest_n_shape(Query *q, BsShape shape, Index dist_rti, AttrNumber a_ts, List
 	if (!bs_enable_skip_scan || !direct || !limited || shape != BS_SHAPE_ROWS || q->hasTargetSRFs ||
 		q->distinctClause != NIL || q->sortClause == NIL || list_length(q->rtable) != 1 ||
 		!list_member_int(prune_kinds, BS_PRUNE_EQ))
+		return r;
+	/* one meter: its primary key read backwards already gives the rows in ts order */
+	if (bs_fixed_by_quals(q->jointree->quals, dist_rti, get_attnum(rt_fetch(dist_rti, q->rtable)->relid, "meter")))
 		return r;
 	s1 = linitial(q->sortClause);
 	t1 = get_sortgroupclause_tle(s1, q->targetList);
