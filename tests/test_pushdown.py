@@ -332,3 +332,70 @@ def test_any_table_laid_out_like_readings_is_distributed(main_cluster: ClusterHa
             for f in frags:
                 with main_cluster.worker(f.node) as w:
                     w.execute(sql.SQL("DROP TABLE IF EXISTS bsdata.{}").format(sql.Identifier(f"{table}_f{f.fragment_id}")))
+
+
+def test_latest_rows_of_a_building_read_each_meter_newest_first(main_cluster: ClusterHandle, plain: str, dataset: str) -> None:
+    """ORDER BY ts [DESC], ... LIMIT n on one building reads each meter's rows in ts order by the
+    primary key on the worker (EXPLAIN says so) instead of sorting all of the building's rows; the
+    answers, in order, equal the plain server's, with OFFSET, extra quals, ascending order, NULLS
+    placement and a prepared generic plan whose building and LIMIT are parameters."""
+    building = f"c{dataset}"
+    shapes = [
+        "SELECT meter, ts, kwh FROM readings WHERE building = %s ORDER BY ts DESC, meter LIMIT 24",
+        "SELECT meter, ts, kwh FROM readings WHERE building = %s ORDER BY ts DESC, meter DESC LIMIT 5 OFFSET 7",
+        "SELECT ts, meter, kwh * 2 AS k FROM readings WHERE building = %s AND kwh > 450 ORDER BY ts, meter LIMIT 30",
+        "SELECT meter, ts FROM readings WHERE building = %s AND ts < '2023-03-26 01:30+00' "
+        "ORDER BY ts DESC, nullif(meter, 'gas') NULLS FIRST LIMIT 9",
+    ]
+    with main_cluster.coordinator(admin=False) as conn, psycopg.connect(plain, autocommit=True) as ref:
+        for query in shapes:
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (VERBOSE, COSTS OFF) " + query, (building,)))
+            assert "Runs on: workers" in plan and "rows of each meter in ts order by index" in plan, plan
+            assert "bs_keys" in plan, plan  # the Remote SQL walks the meters
+            got, want = conn.execute(query, (building,)).fetchall(), ref.execute(query, (building,)).fetchall()
+            assert want and got == want, (query, got[:5], want[:5])
+        # without a building the shape is not used (the key walk would visit every meter of the fragment), nor for
+        # one meter (the worker reads that meter's primary key backwards as it is)
+        for other in (
+            "SELECT ts FROM readings ORDER BY ts DESC LIMIT 3",
+            f"SELECT ts, kwh FROM readings WHERE building = '{building}' AND meter = 'el' ORDER BY ts DESC LIMIT 1",
+        ):
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (COSTS OFF) " + other))
+            assert "Runs on: workers" in plan and "in ts order by index" not in plan, plan
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        conn.execute(
+            "PREPARE latest(text, bigint) AS SELECT meter, ts, kwh FROM readings WHERE building = $1 "
+            "ORDER BY ts DESC, meter LIMIT $2"
+        )
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (VERBOSE, COSTS OFF) EXECUTE latest('x', 3)"))
+        assert "rows of each meter in ts order by index" in plan, plan
+        for b, n in ((building, 11), (f"z{dataset}", 40)):
+            got = conn.execute(psycopg.sql.SQL("EXECUTE latest({}, {})").format(b, n)).fetchall()
+            want = ref.execute(
+                "SELECT meter, ts, kwh FROM readings WHERE building = %s ORDER BY ts DESC, meter LIMIT %s", (b, n)
+            ).fetchall()
+            assert len(want) == n and got == want, (b, got[:3], want[:3])
+
+
+def test_fragments_of_a_node_run_as_one_statement(main_cluster: ClusterHandle, plain: str, dataset: str) -> None:
+    """A node holding several of the fragments a query reads gets one statement over the UNION ALL
+    of its fragment tables (planned, aggregated and sorted once, one set of parallel workers), not
+    one sub-statement per fragment; answers equal the plain server's, also when the query
+    qualifies its columns with the table's name or an alias."""
+    queries = [
+        "SELECT building, sum(kwh) AS total FROM readings WHERE building LIKE %s GROUP BY building ORDER BY total DESC LIMIT 3",
+        "SELECT readings.building, readings.meter, readings.ts FROM readings WHERE readings.building LIKE %s "
+        "AND readings.kwh > 800 ORDER BY 1, 2, 3",
+        "SELECT r.building, count(*) FROM readings r WHERE r.building LIKE %s GROUP BY 1 ORDER BY 1",
+    ]
+    with main_cluster.coordinator(admin=False) as conn, psycopg.connect(plain, autocommit=True) as ref:
+        for query in queries:
+            args = (f"%{dataset}%",)
+            plan = [r[0] for r in conn.execute("EXPLAIN (VERBOSE, COSTS OFF) " + query, args)]
+            several = [ln for ln in plan if ln.strip().startswith("Node ") and ", " in ln.partition(": ")[2]]
+            assert several, "\n".join(plan)  # the main cluster has more fragments than workers
+            node = several[0].strip().split(" ")[1].rstrip(":")
+            remote = next(ln for ln in plan if ln.strip().startswith(f"Remote SQL ({node})"))
+            assert "bs_union" not in remote and remote.count(" FROM (SELECT building, meter, ts, kwh FROM bsdata.") == 1, remote
+            got, want = conn.execute(query, args).fetchall(), ref.execute(query, args).fetchall()
+            assert want and _equal(got, want, ordered=True), (query, got[:3], want[:3])

@@ -85,6 +85,12 @@ def worker_tables_ddl(shard: str, columns: dict[Kind, list[tuple[str, str, bool]
         out.append(
             sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({}, building)").format(sql.Identifier(f"{name}_time"), table, by_time)
         )
+        if kind == "daily":
+            # one building's days of a year (the daily profile) without reading its other years: the
+            # primary key leads with meter, and a building's rows are spread over the table
+            out.append(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (building, day)").format(sql.Identifier(f"{name}_day"), table)
+            )
     return out
 
 

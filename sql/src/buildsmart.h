@@ -88,6 +88,7 @@ enum
 	BS_INT_LEAF,				/* partial query under a combine plan: rows only, child = fallback */
 	BS_INT_INSERT,				/* an INSERT routed to one fragment */
 	BS_INT_REDISTINCT,			/* DISTINCT ON again on the coordinator over this many sort keys */
+	BS_INT_MERGE,				/* a node's fragments may be read as one FROM item (one statement) */
 	BS_INT_COUNT
 };
 
@@ -146,6 +147,8 @@ extern Node *bs_extract_params(Node *node, BsShipContext *ctx);
 extern char *bs_deparse_query(Query *query);
 extern char *bs_deparse_skip_scan(Query *query, Oid fragment, const char *qualified_name,
 								  bool ts_desc, int limit_param);
+extern char *bs_deparse_latest_n(Query *query, Oid fragment, const char *qualified_name,
+								 const char *limit_text);
 extern void bs_set_transmission_modes(int *nestlevel);
 extern void bs_reset_transmission_modes(int nestlevel);
 extern bool bs_type_is_builtin(Oid typid);

@@ -33,6 +33,7 @@
 #include "utils/lsyscache.h"
 #include "utils/ruleutils.h"
 #include "utils/syscache.h"
+#include "utils/typcache.h"
 
 #define BS_SCHEMA "buildsmart"
 
@@ -558,6 +559,103 @@ bs_deparse_skip_scan(Query *query, Oid fragment, const char *qualified_name, boo
 						 ts_desc ? " DESC" : "");
 		if (limit_param > 0)
 			appendStringInfo(&buf, " LIMIT $%d", limit_param);
+	}
+	PG_FINALLY();
+	{
+		bs_reset_transmission_modes(nest);
+	}
+	PG_END_TRY();
+	return buf.data;
+}
+
+/*
+ * The newest (or oldest) n rows of a fragment in ts order, per (building, meter):
+ *
+ *   WITH RECURSIVE bs_keys AS (first key passing the quals UNION ALL next key after it)
+ *   SELECT <targets> FROM bs_keys k CROSS JOIN LATERAL
+ *     (n rows of that key WHERE <quals> ORDER BY ts [DESC] LIMIT n) readings
+ *   ORDER BY <the query's sort keys, by position> LIMIT n
+ *
+ * instead of reading and sorting every row that passes the quals: a fragment table keeps a DEFAULT
+ * time partition, so PostgreSQL cannot read its monthly partitions newest first and stop, but the
+ * primary key (building, meter, ts) read backwards gives each meter's rows in ts order. Equivalent
+ * to the query when its first sort key is ts: a row among the first n in (ts, ...) order is among
+ * the first n of its own key in that order, which each key's subquery uses (ts first, so the
+ * index order serves it). The planner only uses it when the quals fix the building, so the key
+ * walk is one index descent per meter.
+ */
+char *
+bs_deparse_latest_n(Query *query, Oid fragment, const char *qualified_name, const char *limit_text)
+{
+	List	   *ctx;
+	StringInfoData buf;
+	StringInfoData quals;
+	ListCell   *lc;
+	bool		first = true;
+	int			nest;
+
+	bs_set_transmission_modes(&nest);
+	PG_TRY();
+	{
+		ctx = deparse_context_for("readings", fragment);
+		initStringInfo(&quals);
+		if (query->jointree->quals != NULL)
+			appendStringInfo(&quals, " AND (%s)", deparse_expression(query->jointree->quals, ctx, true, false));
+		initStringInfo(&buf);
+		appendStringInfo(&buf,
+						 "WITH RECURSIVE bs_keys(building, meter) AS ("
+						 "(SELECT readings.building, readings.meter FROM %s readings WHERE true%s "
+						 "ORDER BY readings.building, readings.meter LIMIT 1) "
+						 "UNION ALL "
+						 "SELECT n.building, n.meter FROM bs_keys k CROSS JOIN LATERAL "
+						 "(SELECT readings.building, readings.meter FROM %s readings "
+						 "WHERE (readings.building, readings.meter) > (k.building, k.meter)%s "
+						 "ORDER BY readings.building, readings.meter LIMIT 1) n) "
+						 "SELECT ",
+						 qualified_name, quals.data, qualified_name, quals.data);
+		foreach(lc, query->targetList)
+		{
+			TargetEntry *tle = lfirst(lc);
+
+			if (!first)
+				appendStringInfoString(&buf, ", ");
+			appendStringInfoString(&buf, deparse_expression((Node *) tle->expr, ctx, true, false));
+			first = false;
+		}
+		/*
+		 * Each key's rows in the query's whole order (ts first, so its index order serves): then
+		 * no row of the answer is cut off even when a key has several rows at one ts.
+		 */
+		appendStringInfo(&buf,
+						 " FROM bs_keys k CROSS JOIN LATERAL (SELECT * FROM %s readings "
+						 "WHERE readings.building = k.building AND readings.meter = k.meter%s ORDER BY ",
+						 qualified_name, quals.data);
+		first = true;
+		foreach(lc, query->sortClause)
+		{
+			SortGroupClause *sgc = lfirst(lc);
+			TargetEntry *tle = get_sortgroupclause_tle(sgc, query->targetList);
+			TypeCacheEntry *tc = lookup_type_cache(exprType((Node *) tle->expr), TYPECACHE_GT_OPR);
+
+			/* the planner checked that each operator is its type's default < or > */
+			appendStringInfo(&buf, "%s(%s)%s NULLS %s", first ? "" : ", ",
+							 deparse_expression((Node *) tle->expr, ctx, true, false),
+							 sgc->sortop == tc->gt_opr ? " DESC" : "", sgc->nulls_first ? "FIRST" : "LAST");
+			first = false;
+		}
+		appendStringInfo(&buf, " LIMIT %s) readings ORDER BY ", limit_text);
+		first = true;
+		foreach(lc, query->sortClause)
+		{
+			SortGroupClause *sgc = lfirst(lc);
+			TargetEntry *tle = get_sortgroupclause_tle(sgc, query->targetList);
+			TypeCacheEntry *tc = lookup_type_cache(exprType((Node *) tle->expr), TYPECACHE_GT_OPR);
+
+			appendStringInfo(&buf, "%s%d%s NULLS %s", first ? "" : ", ", tle->resno,
+							 sgc->sortop == tc->gt_opr ? " DESC" : "", sgc->nulls_first ? "FIRST" : "LAST");
+			first = false;
+		}
+		appendStringInfo(&buf, " LIMIT %s", limit_text);
 	}
 	PG_FINALLY();
 	{

@@ -15,6 +15,7 @@
  */
 #include "buildsmart.h"
 
+#include "access/relation.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
@@ -38,7 +39,9 @@
 #include "utils/datum.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "utils/sortsupport.h"
 #include "utils/tuplesort.h"
 
 bool		bs_xact_wrote_through_fdw = false;
@@ -55,12 +58,14 @@ typedef struct BsRun
 	char	   *node;			/* foreign server name */
 	char	   *sql;			/* the statement sent */
 	List	   *fragments;		/* names, for EXPLAIN */
+	List	   *frag_idx;		/* their positions in frag_oids / frag_sql */
 	PGresult   *res;			/* current result */
 	int			row;			/* next row of res */
 	bool		done;			/* all results read */
 	int64		rows;			/* rows received (EXPLAIN ANALYZE) */
 	instr_time	sent;
 	double		ms;				/* time to the first result (EXPLAIN ANALYZE) */
+	bool		in_order;		/* the whole result comes in the query's ORDER BY */
 } BsRun;
 
 typedef struct BsScanState
@@ -84,6 +89,7 @@ typedef struct BsScanState
 	bool		binary;
 	bool		leaf;
 	bool		insert;
+	bool		merge;			/* BS_INT_MERGE */
 	int64		processed;		/* rows inserted (INSERT) */
 	bool		counted;		/* ... and added to es_processed */
 	int			cursor_options;
@@ -129,6 +135,15 @@ typedef struct BsScanState
 	TupleTableSlot *sort_slot;
 	Tuplesortstate *sort;
 	bool		sorted;
+
+	/* merge of ordered results: the current row of each run */
+	int			merge_cap;		/* runs the arrays below hold */
+	bool		merging;		/* started for this execution */
+	int			merge_last;		/* run whose row was returned last, or -1 */
+	SortSupport merge_keys;
+	TupleTableSlot **merge_slots;
+	MemoryContext *merge_cxts;
+	bool	   *merge_has;
 } BsScanState;
 
 static Node *bs_create_state(CustomScan *cscan);
@@ -219,6 +234,7 @@ bs_create_state(CustomScan *cscan)
 	s->cursor_options = list_nth_int(ints, BS_INT_CURSOR_OPTIONS);
 	s->leaf = list_nth_int(ints, BS_INT_LEAF);
 	s->insert = list_nth_int(ints, BS_INT_INSERT);
+	s->merge = list_nth_int(ints, BS_INT_MERGE);
 	s->prune_kinds = list_nth(priv, BS_PRIV_PRUNE_KIND);
 	s->note = strVal(list_nth(priv, BS_PRIV_NOTE));
 	s->nsort = list_length(sattno);
@@ -378,6 +394,97 @@ bs_param_value(Datum v, bool isnull, Oid type, bool binary, const char **value, 
 	}
 }
 
+/* Does an alias follow a FROM item, rather than the next clause of the statement? */
+static bool
+bs_alias_follows(const char *after)
+{
+	static const char *const clauses[] = {"WHERE", "GROUP", "HAVING", "WINDOW", "ORDER", "LIMIT", "OFFSET",
+	"FETCH", "FOR", NULL};
+	int			len = 0;
+	int			k;
+
+	if (*after != ' ')
+		return false;
+	after++;
+	while (after[len] && after[len] != ' ' && after[len] != ')')
+		len++;
+	for (k = 0; clauses[k]; k++)
+		if ((int) strlen(clauses[k]) == len && strncmp(after, clauses[k], len) == 0)
+			return false;
+	return len > 0;
+}
+
+/*
+ * One statement for all the fragments a node holds: the first fragment's statement with its table
+ * replaced by the UNION ALL of the node's fragment tables, so the worker plans, sorts, aggregates
+ * and starts parallel workers once instead of once per fragment. Only for statements that are the
+ * query itself (not the skip scans) and fragments that are not time pieces: then every group, key
+ * or window of the query lies within one fragment, so reading them together gives the rows the
+ * fragments would give one by one (LIMIT included: the coordinator merges and limits again).
+ * NULL when the statement does not name its table exactly once.
+ */
+static char *
+bs_merged_statement(BsScanState *s, BsRun *run)
+{
+	int			first = linitial_int(run->frag_idx);
+	Oid			frag = list_nth_oid(s->frag_oids, first);
+	const char *sql = strVal(list_nth(s->frag_sql, first));
+	char	   *name = get_rel_name(frag);
+	char	   *from = psprintf(" FROM %s", quote_qualified_identifier(get_namespace_name(get_rel_namespace(frag)), name));
+	const char *hit = strstr(sql, from);
+	const char *after;
+	StringInfoData cols;
+	StringInfoData buf;
+	TupleDesc	desc;
+	Relation	rel;
+	ListCell   *lc;
+	int			a;
+
+	if (hit == NULL)
+		return NULL;
+	after = hit + strlen(from);
+	if ((*after != ' ' && *after != ')' && *after != '\0') || strstr(after, from) != NULL)
+		return NULL;
+	foreach(lc, run->frag_idx)
+	{
+		int			i = lfirst_int(lc);
+
+		if (!((Const *) list_nth(s->frag_ts_lower, i))->constisnull ||
+			!((Const *) list_nth(s->frag_ts_upper, i))->constisnull)
+			return NULL;
+	}
+	/* the columns by name: the worker tables of a node may differ in column order */
+	initStringInfo(&cols);
+	rel = relation_open(frag, AccessShareLock);
+	desc = RelationGetDescr(rel);
+	for (a = 0; a < desc->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+
+		if (att->attisdropped)
+			continue;
+		appendStringInfo(&cols, "%s%s", cols.len > 0 ? ", " : "", quote_identifier(NameStr(att->attname)));
+	}
+	relation_close(rel, AccessShareLock);
+	initStringInfo(&buf);
+	appendBinaryStringInfo(&buf, sql, hit - sql);
+	appendStringInfoString(&buf, " FROM (");
+	foreach(lc, run->frag_idx)
+	{
+		Oid			f = list_nth_oid(s->frag_oids, lfirst_int(lc));
+
+		appendStringInfo(&buf, "%sSELECT %s FROM %s", foreach_current_index(lc) > 0 ? " UNION ALL " : "", cols.data,
+						 quote_qualified_identifier(get_namespace_name(get_rel_namespace(f)), get_rel_name(f)));
+	}
+	/* the table's own name stays its alias (columns may be qualified by it), unless it has one */
+	if (bs_alias_follows(after))
+		appendStringInfoChar(&buf, ')');
+	else
+		appendStringInfo(&buf, ") %s", quote_identifier(name));
+	appendStringInfoString(&buf, after);
+	return buf.data;
+}
+
 /*
  * Which fragments this execution reads, grouped into one statement per worker (no I/O): the
  * building and time pruning values are evaluated here.
@@ -419,16 +526,26 @@ bs_assign_runs(BsScanState *s, ExprContext *econtext)
 		else
 			run->sql = psprintf("(%s) UNION ALL (%s)", run->sql, sql);
 		run->fragments = lappend(run->fragments, get_rel_name(frag));
+		run->frag_idx = lappend_int(run->frag_idx, i);
 	}
 	if (s->shape == BS_SHAPE_SINGLE && s->nfrags_used > 1)
 		elog(ERROR, "buildsmart: a single-fragment plan selected %d fragments", s->nfrags_used);
 
-	/* parenthesised UNION ALL branches need the outer statement to be a plain SELECT */
 	for (r = 0; r < s->nruns; r++)
 	{
 		BsRun	   *run = &s->runs[r];
+		char	   *merged;
 
-		if (list_length(run->fragments) > 1)
+		if (list_length(run->fragments) <= 1)
+		{
+			run->in_order = true;	/* one fragment's statement ends in the query's ORDER BY */
+			continue;
+		}
+		merged = s->merge ? bs_merged_statement(s, run) : NULL;
+		run->in_order = merged != NULL;
+		if (merged != NULL)
+			run->sql = merged;
+		else					/* parenthesised UNION ALL branches need an outer plain SELECT */
 			run->sql = psprintf("SELECT * FROM (%s) bs_union", run->sql);
 	}
 }
@@ -739,6 +856,109 @@ bs_same_distinct_key(BsScanState *s, TupleTableSlot *slot)
 	return false;
 }
 
+/* The next row of run r into its merge slot, in that run's own memory. */
+static bool
+bs_merge_advance(BsScanState *s, int r)
+{
+	MemoryContext old;
+	bool		got;
+
+	MemoryContextReset(s->merge_cxts[r]);
+	old = MemoryContextSwitchTo(s->merge_cxts[r]);
+	got = bs_next_row(s, &s->runs[r], s->merge_slots[r]);
+	MemoryContextSwitchTo(old);
+	return got;
+}
+
+static int
+bs_merge_cmp(BsScanState *s, TupleTableSlot *a, TupleTableSlot *b)
+{
+	int			k;
+
+	for (k = 0; k < s->nsort; k++)
+	{
+		bool		na,
+					nb;
+		Datum		da = slot_getattr(a, s->sort_attno[k], &na);
+		Datum		db = slot_getattr(b, s->sort_attno[k], &nb);
+		int			c = ApplySortComparator(da, na, db, nb, &s->merge_keys[k]);
+
+		if (c != 0)
+			return c;
+	}
+	return 0;
+}
+
+/*
+ * Merge of results that each arrive in the query's ORDER BY (every run's statement sorts the
+ * whole of its result): the smallest current row of the runs, a few comparisons per row instead
+ * of sorting everything again on the coordinator.
+ */
+static TupleTableSlot *
+bs_merge_next(BsScanState *s)
+{
+	int			best = -1;
+	int			r;
+
+	if (!s->merging)
+	{
+		if (s->merge_cap < s->nruns)
+		{
+			EState	   *estate = s->css.ss.ps.state;
+			TupleDesc	desc = s->css.ss.ss_ScanTupleSlot->tts_tupleDescriptor;
+			MemoryContext old = MemoryContextSwitchTo(estate->es_query_cxt);
+			int			k;
+
+			s->merge_keys = palloc0(sizeof(SortSupportData) * s->nsort);
+			for (k = 0; k < s->nsort; k++)
+			{
+				SortSupport ss = &s->merge_keys[k];
+
+				ss->ssup_cxt = estate->es_query_cxt;
+				ss->ssup_collation = s->sort_coll[k];
+				ss->ssup_nulls_first = s->sort_nf[k];
+				ss->ssup_attno = s->sort_attno[k];
+				PrepareSortSupportFromOrderingOp(s->sort_op[k], ss);
+			}
+			s->merge_slots = palloc(sizeof(TupleTableSlot *) * s->nruns);
+			s->merge_cxts = palloc(sizeof(MemoryContext) * s->nruns);
+			s->merge_has = palloc0(sizeof(bool) * s->nruns);
+			for (r = 0; r < s->nruns; r++)
+			{
+				s->merge_slots[r] = ExecAllocTableSlot(&estate->es_tupleTable, desc, &TTSOpsVirtual);
+				s->merge_cxts[r] = AllocSetContextCreate(estate->es_query_cxt, "buildsmart merge row",
+														 ALLOCSET_SMALL_SIZES);
+			}
+			s->merge_cap = s->nruns;
+			MemoryContextSwitchTo(old);
+		}
+		for (r = 0; r < s->nruns; r++)
+			s->merge_has[r] = bs_merge_advance(s, r);
+		s->merging = true;
+	}
+	else if (s->merge_last >= 0)
+		s->merge_has[s->merge_last] = bs_merge_advance(s, s->merge_last);
+	for (r = 0; r < s->nruns; r++)
+		if (s->merge_has[r] && (best < 0 || bs_merge_cmp(s, s->merge_slots[r], s->merge_slots[best]) < 0))
+			best = r;
+	s->merge_last = best;
+	return best < 0 ? NULL : s->merge_slots[best];
+}
+
+/* Do all runs return their rows in the query's ORDER BY (so a merge suffices)? */
+static bool
+bs_runs_in_order(BsScanState *s)
+{
+	int			r;
+
+	if (s->redistinct > 0)
+		return false;
+	for (r = 0; r < s->nruns; r++)
+		if (!s->runs[r].in_order)
+			return false;
+	return true;
+}
+
 static TupleTableSlot *
 bs_exec_pushdown(BsScanState *s)
 {
@@ -754,7 +974,15 @@ bs_exec_pushdown(BsScanState *s)
 		if (s->count >= 0 && s->returned >= s->count)
 			return NULL;
 		ResetExprContext(econtext);
-		if (s->nsort > 0 && s->nfrags_used > 1)
+		if (s->nsort > 0 && s->nfrags_used > 1 && (s->merging || bs_runs_in_order(s)))
+		{
+			TupleTableSlot *next = bs_merge_next(s);
+
+			got = next != NULL;
+			if (got)
+				slot = next;
+		}
+		else if (s->nsort > 0 && s->nfrags_used > 1)
 		{
 			if (!s->sorted)
 			{
@@ -947,6 +1175,7 @@ bs_rescan(CustomScanState *node)
 	}
 	bs_finish_runs(s);
 	s->sorted = false;
+	s->merging = false;
 	s->started = false;
 }
 

@@ -38,6 +38,7 @@
 #include "optimizer/pathnode.h"
 #include "optimizer/paths.h"
 #include "optimizer/planner.h"
+#include "utils/typcache.h"
 #include "optimizer/restrictinfo.h"
 #include "rewrite/rewriteManip.h"
 #include "parser/parsetree.h"
@@ -674,6 +675,77 @@ bs_skip_scan_shape(Query *q, Index dist_rti, AttrNumber a_building, AttrNumber a
 }
 
 /*
+ * Rows of one building in ts order with a LIMIT (the latest n readings of a building, ORDER BY
+ * ts DESC, meter LIMIT n): each meter's newest rows by the primary key read backwards, then the
+ * query's own ORDER BY and LIMIT (bs_deparse_latest_n). Not for one meter (meter = ...): the
+ * worker reads that from the primary key as it is, without walking the meters. Every sort key must use its type's default
+ * ordering so that the worker can sort by position.
+ */
+/* Does a top-level condition fix this text column to one value (column = expression without columns)? */
+static bool
+bs_fixed_by_quals(Node *quals, Index dist_rti, AttrNumber attno)
+{
+	ListCell   *lc;
+
+	foreach(lc, make_ands_implicit((Expr *) quals))
+	{
+		OpExpr	   *op = lfirst(lc);
+		Node	   *l,
+				   *r;
+
+		if (!IsA(op, OpExpr) || op->opno != TextEqualOperator || list_length(op->args) != 2)
+			continue;
+		l = bs_strip(linitial(op->args));
+		r = bs_strip(lsecond(op->args));
+		if (IsA(r, Var) && !IsA(l, Var))
+		{
+			Node	   *t = l;
+
+			l = r;
+			r = t;
+		}
+		if (IsA(l, Var) && ((Var *) l)->varno == (int) dist_rti && ((Var *) l)->varattno == attno &&
+			((Var *) l)->varlevelsup == 0 && !contain_vars_of_level(r, 0) && !contain_volatile_functions(r))
+			return true;
+	}
+	return false;
+}
+
+static BsSkipScan
+bs_latest_n_shape(Query *q, BsShape shape, Index dist_rti, AttrNumber a_ts, List *prune_kinds, bool direct,
+				  bool limited)
+{
+	BsSkipScan	r = {false, false};
+	SortGroupClause *s1;
+	TargetEntry *t1;
+	ListCell   *lc;
+
+	if (!bs_enable_skip_scan || !direct || !limited || shape != BS_SHAPE_ROWS || q->hasTargetSRFs ||
+		q->distinctClause != NIL || q->sortClause == NIL || list_length(q->rtable) != 1 ||
+		!list_member_int(prune_kinds, BS_PRUNE_EQ))
+		return r;
+	/* one meter: its primary key read backwards already gives the rows in ts order */
+	if (bs_fixed_by_quals(q->jointree->quals, dist_rti, get_attnum(rt_fetch(dist_rti, q->rtable)->relid, "meter")))
+		return r;
+	s1 = linitial(q->sortClause);
+	t1 = get_sortgroupclause_tle(s1, q->targetList);
+	if (!bs_is_column(q, dist_rti, 0, (Node *) t1->expr, a_ts))
+		return r;
+	foreach(lc, q->sortClause)
+	{
+		SortGroupClause *sgc = lfirst(lc);
+		TargetEntry *tle = get_sortgroupclause_tle(sgc, q->targetList);
+		TypeCacheEntry *tc = lookup_type_cache(exprType((Node *) tle->expr), TYPECACHE_LT_OPR | TYPECACHE_GT_OPR);
+
+		if (!OidIsValid(sgc->sortop) || (sgc->sortop != tc->lt_opr && sgc->sortop != tc->gt_opr))
+			return r;
+	}
+	r.applies = true;
+	r.ts_desc = (s1->sortop == lookup_type_cache(exprType((Node *) t1->expr), TYPECACHE_GT_OPR)->gt_opr);
+	return r;
+}
+
+/*
  * The output expressions as EXPLAIN shows them: Vars of the RTE_GROUP entry become the
  * expressions they stand for, and window functions plain calls (their window is on the worker).
  * Never evaluated on the coordinator.
@@ -924,6 +996,8 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 	bool		has_limit = direct && (q->limitCount != NULL || q->limitOffset != NULL);
 	int			limit_param = 0;
 	BsSkipScan	skip = {false, false};
+	BsSkipScan	latest = {false, false};
+	char	   *limit_text = NULL;
 	BsFragLists fl = {0};
 	List	   *sort_attno = NIL,
 			   *sort_op = NIL,
@@ -1013,6 +1087,14 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 
 	if (direct)
 		skip = bs_skip_scan_shape(q, a->dist_rti, a->a_building, a->a_meter, a->a_ts);
+	if (!skip.applies)
+	{
+		if (wq->limitCount != NULL && IsA(wq->limitCount, Const) && !((Const *) wq->limitCount)->constisnull)
+			limit_text = psprintf(INT64_FORMAT, DatumGetInt64(((Const *) wq->limitCount)->constvalue));
+		else if (limit_param > 0)
+			limit_text = psprintf("$%d", limit_param);
+		latest = bs_latest_n_shape(q, a->shape, a->dist_rti, a->a_ts, a->prune_kinds, direct, limit_text != NULL);
+	}
 	foreach(lc, a->fragments)
 	{
 		BsFragment *f = lfirst(lc);
@@ -1024,6 +1106,8 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 		r->inh = true;			/* no ONLY: the worker table is partitioned by time */
 		if (skip.applies)
 			sql = bs_deparse_skip_scan(wq, f->relid, f->qualified_name, skip.ts_desc, limit_param);
+		else if (latest.applies)
+			sql = bs_deparse_latest_n(wq, f->relid, f->qualified_name, limit_text);
 		else
 			sql = bs_deparse_query(wq);
 		bs_add_fragment(&fl, f, sql);
@@ -1080,6 +1164,7 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 	list_nth_cell(ints, BS_INT_SKIP_SCAN)->int_value = skip.applies;
 	list_nth_cell(ints, BS_INT_LEAF)->int_value = !direct;
 	list_nth_cell(ints, BS_INT_REDISTINCT)->int_value = redistinct;
+	list_nth_cell(ints, BS_INT_MERGE)->int_value = !skip.applies && !latest.applies;
 
 	initStringInfo(&note);
 	if (extra_note)
@@ -1089,6 +1174,8 @@ bs_build_scan(Query *q, BsAnalysis *a, bool direct, int cursorOptions, const cha
 							   a->shape == BS_SHAPE_BUILDING ? "grouped by building" : "single fragment");
 	if (skip.applies)
 		appendStringInfoString(&note, ", latest per meter by index skip scan");
+	if (latest.applies)
+		appendStringInfoString(&note, ", rows of each meter in ts order by index");
 	if (redistinct > 0)
 		appendStringInfoString(&note, ", DISTINCT ON again across the time pieces of a building");
 
