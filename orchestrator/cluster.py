@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import psycopg
 from psycopg import sql
 
@@ -171,13 +173,48 @@ def down(directory: Path, purge: bool = False, report: Report = _quiet) -> None:
     _purge(directory, purge, report)
 
 
+PURGE_WAIT_S = 30.0
+
+
 def _purge(directory: Path, purge: bool, report: Report) -> None:
     if purge:
         nodes = directory / "nodes"
+        root = nodes.resolve() if nodes.exists() else nodes
+        deadline = time.monotonic() + PURGE_WAIT_S
+        while (still := _live_postmasters(root)) and time.monotonic() < deadline:
+            time.sleep(0.2)  # a server that was told to stop may still be writing its shutdown checkpoint
+        if still:
+            # never delete data under a running server (e.g. one started by another installation,
+            # whose binaries our identity check does not accept, so the stop above left it)
+            listing = ", ".join(f"pid {pid} ({path})" for pid, path in still)
+            raise ClusterStateError(
+                f"not purging {directory}: PostgreSQL still runs on its data ({listing}); stop it "
+                "(`buildsmart down` from the installation that started it, or pg_ctl stop -D ...) and run down --purge again"
+            )
         if nodes.is_symlink():
-            shutil.rmtree(nodes.resolve(), ignore_errors=True)
-        shutil.rmtree(directory)
+            shutil.rmtree(nodes.resolve(), onerror=_gone_is_fine)
+        shutil.rmtree(directory, onerror=_gone_is_fine)
         report(f"purged {directory}")
+
+
+def _gone_is_fine(func: Callable[..., object], path: str, exc_info: tuple[type[BaseException], BaseException, object]) -> None:
+    """rmtree: a file that disappeared meanwhile (a server removing its pid file on exit) is fine."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
+
+
+def _live_postmasters(nodes: Path) -> list[tuple[int, Path]]:
+    """Servers whose postmaster.pid under ``nodes`` names a live process working in that data
+    directory (its cwd), whoever's binaries they are."""
+    found = []
+    for pidfile in sorted(nodes.glob("**/postmaster.pid")) if nodes.is_dir() else []:
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            if psutil.Process(pid).cwd() == str(pidfile.parent.resolve()):
+                found.append((pid, pidfile.parent))
+        except (OSError, ValueError, IndexError, psutil.Error):
+            continue
+    return found
 
 
 # ---------------------------------------------------------------- remote nodes
