@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from psycopg import sql
 
 from orchestrator import cluster
 from orchestrator.osuser import service_user
@@ -79,21 +80,23 @@ def whole() -> Iterator[Whole]:
 def test_ingest_and_queries_through_the_coordinator_fdw_over_tls(whole: Whole, tmp_path: Path) -> None:
     rows = [("alpha", "el", "2023-01-01 00:00:00+00", 1.5), ("zulu", "el", "2023-01-01 00:00:00+00", 2.5)]
     whole.handle.run_cli("ingest", str(write_csv(tmp_path / "r.csv", rows)))
-    with whole.handle.coordinator() as conn:
+    coord = [m.host for m in whole.handle.topology.coordinator.members]
+    with whole.handle.coordinator() as conn:  # open while the workers are checked: its FDW sessions live
         got = conn.execute("SELECT building, kwh FROM readings WHERE building IN ('alpha', 'zulu') ORDER BY 1").fetchall()
         plan = "\n".join(r[0] for r in conn.execute("EXPLAIN SELECT count(*) FROM readings").fetchall())
-    assert got == [("alpha", 1.5), ("zulu", 2.5)]
-    assert "BuildSmart Distributed" in plan and "Runs on: workers" in plan, plan
-    for worker, building in (("w1", "alpha"), ("w2", "zulu")):
-        with whole.handle.worker(worker) as conn:
-            assert conn.execute("SELECT count(*) FROM bsdata.readings WHERE building = %s", (building,)).fetchone() == (1,)
-            # the coordinator's FDW sessions reach this worker over TLS, from the coordinator's hosts
-            coord = tuple(m.host for m in whole.handle.topology.coordinator.members)
-            ssl = conn.execute(
-                "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE host(a.client_addr) = ANY(%s)",
-                (list(coord),),
-            ).fetchall()
-            assert ssl and all(r == (True,) for r in ssl), ssl
+        assert got == [("alpha", 1.5), ("zulu", 2.5)]
+        assert "BuildSmart Distributed" in plan and "Runs on: workers" in plan, plan
+        # split point "m": fragment 1 (buildings < m) on w1, fragment 2 on w2
+        for worker, fragment, building in (("w1", "readings_f1", "alpha"), ("w2", "readings_f2", "zulu")):
+            with whole.handle.worker(worker) as wconn:
+                stored = wconn.execute(sql.SQL("SELECT building FROM bsdata.{}").format(sql.Identifier(fragment))).fetchall()
+                assert stored == [(building,)]
+                # the coordinator's sessions on this worker (the query above) came over TLS from its hosts
+                ssl = wconn.execute(
+                    "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE host(a.client_addr) = ANY(%s)",
+                    (coord,),
+                ).fetchall()
+                assert ssl and all(r == (True,) for r in ssl), ssl
 
 
 def _scenario(whole: Whole, group: str, fault: Callable[[], str], recover: Callable[[str], None]) -> tuple[float, int]:
