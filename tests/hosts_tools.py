@@ -293,14 +293,16 @@ def make_group(net: netns.Network, base: Path, user: ServiceUser, hosts: Sequenc
     return make_cluster(net, base, user, hosts, {"w1": (hosts[0], hosts[1])}).groups["w1"]
 
 
-def kill_primary(group: HostGroup) -> None:
+def kill_primary(group: HostGroup) -> float:
     """kill -9 of the primary's Patroni and postmaster, found by verified identity (the host and
-    its agent stay up)."""
+    its agent stay up); returns the monotonic time of the kill."""
     pm = agent.patroni_member(group.specs[leader(group)])
     victims = [pm.patroni(), pm.postmaster()]
+    killed_at = time.monotonic()
     for v in victims:
         assert v is not None, f"{pm.name}: Patroni or postmaster not running"
         identity.send(v, signal.SIGKILL)
+    return killed_at
 
 
 class Writer(threading.Thread):

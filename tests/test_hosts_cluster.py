@@ -99,24 +99,34 @@ def test_ingest_and_queries_through_the_coordinator_fdw_over_tls(whole: Whole, t
                 assert ssl and all(r == (True,) for r in ssl), ssl
 
 
-def _scenario(whole: Whole, group: str, fault: Callable[[], str], recover: Callable[[str], None]) -> tuple[float, int]:
-    """Writer through the coordinator; fault (returns the faulted host); wait for writes to
-    resume; recover; wait for the old primary to rejoin; every acknowledged row exactly once."""
+# split point "m": buildings of w1 sort before it, of w2 after it; the coordinator holds none
+PREFIX = {"w1": "a", "w2": "t", "coordinator": "t"}
+
+
+def _scenario(
+    whole: Whole, group: str, fault: Callable[[], tuple[str, float]], recover: Callable[[str], None]
+) -> tuple[float, int]:
+    """Writer through the coordinator, into buildings of ``group``'s rows (the coordinator: any);
+    fault (returns the faulted host and the time of the fault); wait for writes to resume;
+    recover; wait for the old primary to rejoin; every acknowledged row exactly once."""
     g = whole.group(group)
     directory = whole.handle.directory
-    prefix = f"t{uuid.uuid4().hex[:8]}_"
+    prefix = f"{PREFIX[group]}{uuid.uuid4().hex[:8]}_"
     old = leader(g)
     writer = ha_tools.Writer(directory, prefix, rows=100).start()
     try:
         writer.wait_acked(10, 60)
-        t0 = time.monotonic()
-        host = fault()
+        host, t0 = fault()
+        # a batch begun before the fault took effect may still commit: count from after it
+        t1 = time.monotonic()
         try:
-            deadline = time.monotonic() + 90
-            while writer.recovery_after(t0) is None and time.monotonic() < deadline:
+            g.wait(f"a new primary of {group}", lambda: _primary(g) not in (None, old), 90)
+            deadline = time.monotonic() + 60
+            while writer.recovery_after(t1) is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-            resumed = writer.recovery_after(t0)
-            assert resumed is not None, f"writes did not resume within 90 s: {writer.failures_after(t0)[-3:]}"
+            after = writer.recovery_after(t1)
+            assert after is not None, f"writes did not resume within 60 s: {writer.failures_after(t1)[-3:]}"
+            resumed = after + (t1 - t0)
         finally:
             recover(host)
         g.wait(f"{old} to rejoin as a replica", lambda: g.rest(old, "/replica")[0] == 200, 180)
@@ -132,13 +142,17 @@ def _scenario(whole: Whole, group: str, fault: Callable[[], str], recover: Calla
     return resumed, acked
 
 
+def _primary(g: HostGroup) -> str | None:
+    found = [m for m in g.members if g.rest(m, "/primary")[0] == 200]
+    return found[0] if len(found) == 1 else None
+
+
 def test_worker_primary_killed_with_agent_alive(whole: Whole) -> None:
     g = whole.group("w1")
 
-    def fault() -> str:
+    def fault() -> tuple[str, float]:
         host = g.members[leader(g)]
-        kill_primary(g)
-        return host
+        return host, kill_primary(g)
 
     resumed, _ = _scenario(whole, "w1", fault, lambda _h: None)
     # target 1 s (bench/failover.py --hosts, medians of 3); slack for a loaded machine, far below the lease
@@ -148,10 +162,11 @@ def test_worker_primary_killed_with_agent_alive(whole: Whole) -> None:
 def test_coordinator_primary_host_crash(whole: Whole) -> None:
     g = whole.group("coordinator")
 
-    def fault() -> str:
+    def fault() -> tuple[str, float]:
         host = g.members[leader(g)]
+        t = time.monotonic()
         g.net.crash(host)
-        return host
+        return host, t
 
     _scenario(whole, "coordinator", fault, g.net.restart)
 
@@ -159,10 +174,11 @@ def test_coordinator_primary_host_crash(whole: Whole) -> None:
 def test_worker_primary_host_cut_off(whole: Whole) -> None:
     g = whole.group("w2")
 
-    def fault() -> str:
+    def fault() -> tuple[str, float]:
         host = g.members[leader(g)]
+        t = time.monotonic()
         g.net.cut(host)
-        return host
+        return host, t
 
     _scenario(whole, "w2", fault, g.net.heal)
 
