@@ -94,3 +94,32 @@ def test_systemd_unit_runs_the_agent_isolated_and_keeps_members_on_agent_restart
     assert "Restart=always\n" in unit
     assert "KillMode=process\n" in unit
     assert "WantedBy=multi-user.target" in unit
+
+
+def test_host_up_runs_one_verified_agent_and_host_down_stops_it(tmp_path: Path) -> None:
+    """`host up` starts the agent as a daemon from the plan (once: a second `up` finds it by
+    identity), `host unit` prints its unit, `host down` stops it; a host without a plan is refused."""
+    from orchestrator.runtime import tls
+    from tests.harness import ClusterHandle
+
+    directory = tmp_path / "d"
+    directory.mkdir()
+    ca = tls.make_ca(directory / "ca", "agent-test")
+    client = tls.issue(directory / "ca", directory / "ca", "agent-h1", (), server=False)
+    dcs = agent.DcsAccess(("https://127.0.0.1:9",), str(ca), str(client.cert), str(client.key))
+    agent.write_plan(directory, agent.HostPlan("h1", "root", dcs, None, ()))
+    handle = ClusterHandle(directory)
+    try:
+        handle.run_cli("host", "up", "--host", "h1")
+        first = agent.running(directory, "h1")
+        assert first is not None
+        handle.run_cli("host", "up", "--host", "h1")
+        again = agent.running(directory, "h1")
+        assert again is not None and again.pid == first.pid
+        assert f"-m orchestrator.runtime.agent {directory} h1" in handle.run_cli("host", "unit", "--host", "h1").stdout
+    finally:
+        down = handle.run_cli("host", "down", "--host", "h1")
+    assert "agent of h1 stopped" in down.stderr
+    assert agent.running(directory, "h1") is None
+    refused = handle.run_cli("host", "up", "--host", "h2", check=False)
+    assert refused.returncode != 0 and "host-h2.json: no plan for host 'h2'" in refused.stderr
