@@ -123,3 +123,15 @@ def test_host_up_runs_one_verified_agent_and_host_down_stops_it(tmp_path: Path) 
     assert agent.running(directory, "h1") is None
     refused = handle.run_cli("host", "up", "--host", "h2", check=False)
     assert refused.returncode != 0 and "host-h2.json: no plan for host 'h2'" in refused.stderr
+
+
+@pytest.mark.parametrize("leader", ["w1-0", "w1-1", None])
+@pytest.mark.parametrize("registered", [frozenset(), frozenset({"w1-1"})])
+def test_a_live_local_patroni_needs_no_dcs_read(leader: str | None, registered: frozenset[str]) -> None:
+    """The agent skips its etcd reads while its member's Patroni lives: whatever the DCS says,
+    ``decide`` then has nothing for this host to do (so the shortcut changes no decision)."""
+    local = _local("w1-0", True, 100)
+    assert not agent.needs_dcs(local)
+    action = decide(agent.host_snapshot("w1", leader, (local,), ("w1-1",), registered))
+    assert not agent.acts_here(action, frozenset({"w1-0"}))
+    assert agent.needs_dcs(_local("w1-0", False, None, 0.1))

@@ -39,12 +39,15 @@ from orchestrator.osuser import ServiceUser, service_user
 from orchestrator.runtime import etcd, identity, patroni, procs, tls
 from orchestrator.runtime.local import LocalMember
 from orchestrator.runtime.patroni import PatroniMember
-from orchestrator.runtime.supervisor import RESTART_BACKOFF_S, TICK_S, Action, GroupSnapshot, MemberView, decide
+from orchestrator.runtime.supervisor import RESTART_BACKOFF_S, Action, GroupSnapshot, MemberView, decide
 from orchestrator.topology import Group, Member
 
 log = logging.getLogger(__name__)
 
 MARKER = "orchestrator.runtime.agent"
+# A tick reads /proc only while the host's Patroni members live (no DCS request), so it can be short:
+# the detection of a dead primary is part of the 1 s failover budget.
+TICK_S = 0.1
 PID_FILE = "agent-{host}.pid"
 LOG_FILE = "agent-{host}.log"
 PLAN_FILE = "host-{host}.json"
@@ -152,6 +155,12 @@ def host_snapshot(
     return GroupSnapshot(group, leader, local + remote)
 
 
+def needs_dcs(local: MemberView) -> bool:
+    """Whether this host's member gives ``decide`` anything to do: with its Patroni alive it is
+    neither fenced, released nor restarted, and members of other hosts are never acted on here."""
+    return not local.patroni_alive
+
+
 def acts_here(action: Action, local_names: frozenset[str]) -> bool:
     """Only members of this host are fenced, released or restarted by this host's agent."""
     return action.kind != "none" and action.member in local_names
@@ -208,10 +217,15 @@ class Agent:
             now - self.restarted_at.get(spec.name, float("-inf")),
         )
 
-    def snapshot(self, spec: PatroniSpec, pm: PatroniMember) -> GroupSnapshot:
+    def snapshot(self, spec: PatroniSpec, pm: PatroniMember) -> GroupSnapshot | None:
+        """The group as this host sees it; None while the member's own Patroni lives, because
+        ``decide`` acts on a member of this host only when its Patroni is dead (see
+        :func:`needs_dcs`), so a healthy host sends etcd nothing."""
+        view = self.local_view(spec, pm, time.monotonic())
+        if not needs_dcs(view):
+            return None
         leader = etcd.get(self.dcs, spec.leader_key)
         registered = frozenset(p for p in spec.peers if etcd.get(self.dcs, spec.members_prefix + p) is not None)
-        view = self.local_view(spec, pm, time.monotonic())
         return host_snapshot(spec.group, leader, (view,), spec.peers, registered)
 
     def act(self, spec: PatroniSpec, pm: PatroniMember, action: Action) -> None:
@@ -236,7 +250,8 @@ class Agent:
         for spec, pm in self.members.values():
             try:
                 snap = self.snapshot(spec, pm)  # no DCS answer: decide nothing (the lease rules)
-                self.act(spec, pm, decide(snap))
+                if snap is not None:
+                    self.act(spec, pm, decide(snap))
             except BuildSmartError as exc:
                 log.warning("%s: %s: supervision step failed: %s", self.plan.host, spec.group, exc)
 
