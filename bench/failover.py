@@ -94,12 +94,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hosts", action="store_true", help="one group over network-namespace hosts")
-    parser.add_argument("--only", default="", help="--hosts: run the scenarios whose name contains this")
+    parser.add_argument("--only", default="", help="--hosts: comma-separated parts of the names of the scenarios to run")
+    parser.add_argument("--retry-timeout", type=int, default=None, help="--hosts: Patroni retry_timeout (s)")
     args = parser.parse_args()
     # a timeout's SIGTERM must still run the cleanups below (cluster, namespaces and their processes)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.hosts:
-        return hosts_mode(args.rounds, args.only)
+        return hosts_mode(args.rounds, args.only, args.retry_timeout)
     directory = make_tmp_dir("bs-bench-ha-") / "cluster"
     t = time.monotonic()
     cluster.up(directory, workers=2, split_points=["b3", "b6", "t", "u"], replicas=1, balancer_paused=True)
@@ -130,14 +131,18 @@ def main() -> int:
     return 0
 
 
-def hosts_mode(rounds: int, only: str = "") -> int:
+def hosts_mode(rounds: int, only: str = "", retry_timeout: int | None = None) -> int:
     from orchestrator.osuser import service_user
+    from orchestrator.runtime import memberconf
     from tests import hosts_tools, netns
 
     why = netns.available()
     if why is not None:
         print(f"--hosts: {why}")
         return 2
+    if retry_timeout is not None:
+        hosts_tools.TIMING = memberconf.Timing(retry_timeout=retry_timeout)
+        hosts_tools.TIMING.check()
     names = ("h1", "h2", "h3")
     net = netns.Network(names)
     base = make_tmp_dir("bs-bench-hosts-")
@@ -156,7 +161,7 @@ def hosts_mode(rounds: int, only: str = "") -> int:
             ("primary's host frozen, thawed", net.freeze, net.thaw),
         ]
         for name, fault, recover in scenarios:
-            if only not in name:
+            if only and not any(part in name for part in only.split(",")):
                 continue
             outcomes = [hosts_tools.run_scenario(group, name, fault, recover) for _ in range(rounds)]
             cols = [_summary([o.resumed_s for o in outcomes]), _summary([o.pause_s for o in outcomes])]
