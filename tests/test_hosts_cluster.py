@@ -113,6 +113,7 @@ def _scenario(
     directory = whole.handle.directory
     prefix = f"{PREFIX[group]}{uuid.uuid4().hex[:8]}_"
     old = leader(g)
+    _wait_synchronous(whole)
     writer = ha_tools.Writer(directory, prefix, rows=100).start()
     try:
         writer.wait_acked(10, 60)
@@ -140,6 +141,14 @@ def _scenario(
     assert present == distinct, f"{present - distinct} rows doubled"
     assert present == acked, f"{acked - present} acknowledged rows lost" if present < acked else f"{present - acked} extra"
     return resumed, acked
+
+
+def _wait_synchronous(whole: Whole) -> None:
+    """Before a fault: every group's replica is its synchronous standby again (one that rejoined
+    after an earlier scenario, maybe on a host another group's fault restarted, may still be
+    catching up; Patroni rightly refuses to promote a replica that is not in sync)."""
+    for name, g in whole.hosts.groups.items():
+        g.wait(f"{name}'s replica to be in sync", lambda g=g: any(g.rest(m, "/sync")[0] == 200 for m in g.members), 120)
 
 
 def _primary(g: HostGroup) -> str | None:
@@ -186,6 +195,7 @@ def test_worker_primary_host_cut_off(whole: Whole) -> None:
 def test_etcd_minority_cut_off(whole: Whole) -> None:
     """An etcd host without any primary is cut off: the other two etcd members keep the DCS, no
     primary loses its lease, writes go on (a replica there drops out of sync for a while)."""
+    _wait_synchronous(whole)
     primaries = {g.members[leader(g)] for g in whole.hosts.groups.values()}
     host = next(h for h in ETCD_ON if h not in primaries)
     g = next(g for g in whole.hosts.groups.values() if host in g.members.values())
