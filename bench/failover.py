@@ -6,9 +6,11 @@ postgres and Patroni), Patroni-only kill, and planned switchover, on a local HA 
     /opt/bsdb-venv/bin/python bench/failover.py --hosts [--rounds 3]    (as root)
 
 ``--hosts``: one Patroni group over three hosts made of network namespaces (tests/netns.py; etcd
-on all three, primary and synchronous replica on two, TLS everywhere) and, per scenario, the
-primary's host cut off then healed, crashed (every process killed) then restarted, frozen then
-thawed; the same measurements, from the writer in tests/hosts_tools.py.
+on all three, primary and synchronous replica on two, TLS everywhere, every member started and
+watched by its host's agent, runtime/agent.py) and, per scenario: kill -9 of the primary's Patroni
+and postgres with the host and its agent alive (the agent releases the leader key); the primary's
+host cut off then healed, crashed (every process killed) then restarted, frozen then thawed; the
+same measurements, from the writer in tests/hosts_tools.py.
 
 It starts its own cluster (coordinator + 2 workers, 1 synchronous replica each) in a temp dir and
 stops it at the end. The writer inserts 500-row batches through the coordinator, retrying a
@@ -92,11 +94,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hosts", action="store_true", help="one group over network-namespace hosts")
+    parser.add_argument("--only", default="", help="--hosts: comma-separated parts of the names of the scenarios to run")
+    parser.add_argument("--retry-timeout", type=int, default=None, help="--hosts: Patroni retry_timeout (s)")
     args = parser.parse_args()
     # a timeout's SIGTERM must still run the cleanups below (cluster, namespaces and their processes)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.hosts:
-        return hosts_mode(args.rounds)
+        return hosts_mode(args.rounds, args.only, args.retry_timeout)
     directory = make_tmp_dir("bs-bench-ha-") / "cluster"
     t = time.monotonic()
     cluster.up(directory, workers=2, split_points=["b3", "b6", "t", "u"], replicas=1, balancer_paused=True)
@@ -127,28 +131,38 @@ def main() -> int:
     return 0
 
 
-def hosts_mode(rounds: int) -> int:
+def hosts_mode(rounds: int, only: str = "", retry_timeout: int | None = None) -> int:
     from orchestrator.osuser import service_user
+    from orchestrator.runtime import memberconf
     from tests import hosts_tools, netns
 
     why = netns.available()
     if why is not None:
         print(f"--hosts: {why}")
         return 2
+    if retry_timeout is not None:
+        hosts_tools.TIMING = memberconf.Timing(retry_timeout=retry_timeout)
+        hosts_tools.TIMING.check()
     names = ("h1", "h2", "h3")
     net = netns.Network(names)
     base = make_tmp_dir("bs-bench-hosts-")
     try:
         group = hosts_tools.make_group(net, base, service_user(), names)
-        print("group w1 over 3 namespace hosts (etcd on each; primary and sync replica on two; TLS)")
+        print("group w1 over 3 namespace hosts (etcd on each; primary and sync replica on two; TLS; an agent per host)")
+        t = hosts_tools.TIMING
+        print(f"Patroni ttl {t.ttl} s, loop_wait {t.loop_wait} s, retry_timeout {t.retry_timeout} s; "
+              f"client connect_timeout {hosts_tools.CONNECT_TIMEOUT_S} s, attempt deadline {hosts_tools.Writer.ATTEMPT_S} s")
         print(f"{'scenario':40} {'first write after fault (s)':28} {'longest write pause (s)':28} rows lost/doubled")
         print(f"{'':40} {'median [min-max]':28} {'median [min-max]':28}")
-        scenarios = [
+        scenarios: list[tuple[str, Callable[[str], None], Callable[[str], None]]] = [
+            ("kill -9 postgres+Patroni, agent alive", lambda _h: hosts_tools.kill_primary(group), lambda _h: None),
             ("primary's host cut off, healed", net.cut, net.heal),
             ("primary's host crashed, restarted", net.crash, net.restart),
             ("primary's host frozen, thawed", net.freeze, net.thaw),
         ]
         for name, fault, recover in scenarios:
+            if only and not any(part in name for part in only.split(",")):
+                continue
             outcomes = [hosts_tools.run_scenario(group, name, fault, recover) for _ in range(rounds)]
             cols = [_summary([o.resumed_s for o in outcomes]), _summary([o.pause_s for o in outcomes])]
             bad = f"{sum(len(o.lost) for o in outcomes)}/{sum(o.doubled for o in outcomes)}"

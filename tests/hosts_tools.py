@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import secrets
+import signal
 import threading
 import time
 import urllib.error
@@ -20,9 +21,9 @@ import psycopg
 
 from orchestrator import pgbin
 from orchestrator.osuser import ServiceUser
-from orchestrator.runtime import etcd, etcdcluster, memberconf, tls
+from orchestrator.runtime import agent, etcd, etcdcluster, identity, memberconf, procs, tls
 from orchestrator.runtime.local import hba_rules, tls_settings
-from orchestrator.runtime.patroni import dcs_parameters, patroni_python
+from orchestrator.runtime.patroni import dcs_parameters
 from tests import netns
 
 
@@ -49,16 +50,18 @@ class HostCa:
 
 
 class EtcdHosts:
-    """One etcd member on each of ``hosts``, TLS with client-certificate auth."""
+    """One etcd member on each of ``hosts``, TLS with client-certificate auth, run as the service
+    user by each host's agent (``specs``: what goes into the host plans)."""
 
-    def __init__(self, net: netns.Network, base: Path, ca: HostCa, hosts: Sequence[str]) -> None:
+    def __init__(self, net: netns.Network, base: Path, ca: HostCa, hosts: Sequence[str], user: ServiceUser) -> None:
         self.net, self.ca, self.hosts = net, ca, tuple(hosts)
         self.members = [etcdcluster.EtcdMember(f"etcd-{h}", net.address(h), base / f"etcd-{h}") for h in hosts]
+        self.specs: dict[str, agent.EtcdSpec] = {}
         for h, m in zip(hosts, self.members, strict=True):
             m.directory.mkdir(parents=True)
-            material = tls.Material(ca.ca, tls.issue(ca.dir, m.directory, m.name, [m.address]))
+            material = tls.Material(ca.ca, tls.issue(ca.dir, m.directory, m.name, [m.address], user))
             argv = etcdcluster.member_argv(etcd.binary(), m, self.members, material, f"t-{net.tag}")
-            net.start(h, argv, m.directory / "etcd.log")
+            self.specs[h] = agent.EtcdSpec(m.name, str(m.directory), str(m.data_dir), tuple(argv))
 
     def url(self, host: str) -> str:
         return self.members[self.hosts.index(host)].client_url(True)
@@ -84,9 +87,16 @@ class EtcdHosts:
 NAMESPACE = "/hosts-test/"
 REST_PORT = 8008
 PG_PORT = 5432
+SUPERUSER = ("buildsmart_admin", "hosts-test-secret")
+REST = ("buildsmart", "rest-secret")
+# ttl and loop_wait at Patroni's floors; retry_timeout 5 s: 3 s is safe by the rule too but showed
+# no steady gain over hosts (docs/hosts.md)
+TIMING = memberconf.Timing()
+# a client's connect attempt to a lost host gives up after this (libpq: whole seconds, >= 2)
+CONNECT_TIMEOUT_S = 2
 
 
-def start_patroni(
+def plan_patroni(
     net: netns.Network,
     host: str,
     name: str,
@@ -95,12 +105,12 @@ def start_patroni(
     ca: HostCa,
     etcd_hosts: EtcdHosts,
     user: ServiceUser,
-    superuser: tuple[str, str],
-    rest: tuple[str, str],
-    subnet: str,
-    etcd_user: tuple[str, str] | None = None,
-) -> Path:
-    """Render and start one Patroni member on ``host`` as the service user; returns its config."""
+    ports: tuple[int, int],
+    peers: tuple[str, ...],
+    etcd_user: tuple[str, str],
+) -> agent.PatroniSpec:
+    """Render one Patroni member of ``host`` (config, TLS files); its host's agent starts it as
+    the service user. ``ports``: (PostgreSQL, REST API)."""
     address = net.address(host)
     member_dir = base / name
     member_dir.mkdir(parents=True)
@@ -108,41 +118,42 @@ def start_patroni(
     files = memberconf.TlsFiles(str(material.ca), str(material.own.cert), str(material.own.key))
     client = tls.issue(ca.dir, member_dir / "tls", f"{name}-etcd", (), user, server=False)
     etcd_client = memberconf.TlsFiles(str(material.ca), str(client.cert), str(client.key))
+    pg = f"{address}:{ports[0]}"
     conf = memberconf.MemberConf(
         scope=scope,
         namespace=NAMESPACE,
         name=name,
-        restapi_listen=f"{address}:{REST_PORT}",
-        restapi_address=f"{address}:{REST_PORT}",
-        restapi_user=rest[0],
-        restapi_password=rest[1],
+        restapi_listen=f"{address}:{ports[1]}",
+        restapi_address=f"{address}:{ports[1]}",
+        restapi_user=REST[0],
+        restapi_password=REST[1],
         etcd_hosts=etcd_hosts.endpoints,
         synchronous="on",
-        pg_listen=f"{address}:{PG_PORT}",
-        pg_address=f"{address}:{PG_PORT}",
+        pg_listen=pg,
+        pg_address=pg,
         data_dir=str(member_dir / "data"),
         bin_dir=str(pgbin.bin_dir()),
         pgpass=str(member_dir / "pgpass"),
-        superuser=superuser[0],
-        superuser_password=superuser[1],
+        superuser=SUPERUSER[0],
+        superuser_password=SUPERUSER[1],
         dcs_parameters=dcs_parameters(),
         local_parameters={k: memberconf.pg_value(v) for k, v in tls_settings(material).items()},
-        hba=tuple(hba_rules(networks=(subnet,), use_tls=True)),
+        hba=tuple(hba_rules(networks=(net.subnet,), use_tls=True)),
         tls=files,
         etcd_tls=True,
         etcd_client=etcd_client,
-        etcd_user=etcd_user[0] if etcd_user else None,
-        etcd_password=etcd_user[1] if etcd_user else None,
+        etcd_user=etcd_user[0],
+        etcd_password=etcd_user[1],
+        timing=TIMING,
     )
     config = member_dir / "patroni.yml"
     fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(memberconf.render(conf))
     user.chown(member_dir)
-    drop = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups"]
-    env = ["env", f"HOME={member_dir}", f"PATH={pgbin.bin_dir()}:/usr/bin:/bin"]
-    net.start(host, [*drop, *env, patroni_python(), "-I", "-m", "patroni", str(config)], member_dir / "patroni.log")
-    return config
+    return agent.PatroniSpec(
+        name, scope, str(member_dir), pg, f"{NAMESPACE}{scope}/leader", f"{NAMESPACE}{scope}/members/", peers
+    )
 
 
 @dataclass
@@ -153,9 +164,12 @@ class HostGroup:
     ca: HostCa
     etcd: EtcdHosts
     members: dict[str, str] = field(default_factory=dict)  # member -> host
+    specs: dict[str, agent.PatroniSpec] = field(default_factory=dict)
+    pg_port: int = PG_PORT
+    rest_port: int = REST_PORT
 
     def rest(self, member: str, path: str) -> tuple[int, dict[str, object]]:
-        url = f"https://{self.net.address(self.members[member])}:{REST_PORT}{path}"
+        url = f"https://{self.net.address(self.members[member])}:{self.rest_port}{path}"
         try:
             with urllib.request.urlopen(url, timeout=2, context=self.ca.context) as resp:
                 return int(resp.status), json.loads(resp.read() or b"{}")
@@ -164,13 +178,13 @@ class HostGroup:
         except (OSError, ValueError):
             return 0, {}
 
-    def conninfo(self, member: str | None = None) -> str:
+    def conninfo(self, member: str | None = None, dbname: str = "postgres") -> str:
         hosts = [self.members[member]] if member else list(self.members.values())
         addrs = ",".join(self.net.address(h) for h in hosts)
-        ports = ",".join(str(PG_PORT) for _ in hosts)
+        ports = ",".join(str(self.pg_port) for _ in hosts)
         return (
-            f"host={addrs} port={ports} dbname=postgres user={SUPERUSER[0]} password={SUPERUSER[1]} "
-            f"sslmode=verify-full sslrootcert={self.ca.ca} sslcertmode=disable connect_timeout=2 "
+            f"host={addrs} port={ports} dbname={dbname} user={SUPERUSER[0]} password={SUPERUSER[1]} "
+            f"sslmode=verify-full sslrootcert={self.ca.ca} sslcertmode=disable connect_timeout={CONNECT_TIMEOUT_S} "
             # a cut-off server never answers: without these a client waits on its socket forever
             "tcp_user_timeout=3000 keepalives_idle=2 keepalives_interval=1 keepalives_count=2"
             + ("" if member else " target_session_attrs=read-write")
@@ -182,7 +196,7 @@ class HostGroup:
             if callable(check) and check():
                 return time.monotonic() - started
             time.sleep(0.2)
-        logs = {m: (self.etcd.members[0].directory.parent / m / "patroni.log").read_text()[-1500:] for m in self.members}
+        logs = {m: _tail(Path(self.specs[m].directory) / "patroni.log") for m in self.specs}
         raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: {logs}")
 
 
@@ -198,27 +212,99 @@ class Outcome:
     doubled: int  # rows present more than once
 
 
-SUPERUSER = ("buildsmart_admin", "hosts-test-secret")
-REST = ("buildsmart", "rest-secret")
+@dataclass
+class HostCluster:
+    """etcd on some hosts, Patroni groups over them, an agent on every host."""
+
+    net: netns.Network
+    base: Path
+    ca: HostCa
+    etcd: EtcdHosts
+    groups: dict[str, HostGroup]
+
+    def agent_log(self, host: str) -> str:
+        return _tail(self.base / f"agent-{host}.log")
+
+
+def _tail(path: Path, n: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def make_cluster(
+    net: netns.Network, base: Path, user: ServiceUser, etcd_on: Sequence[str], layout: dict[str, tuple[str, ...]]
+) -> HostCluster:
+    """etcd on ``etcd_on``; per group of ``layout`` (group -> hosts of its members, in order) a
+    Patroni member on each of those hosts; a host plan and an agent on every host of ``net``, which
+    start the members (etcd, then Patroni once the DCS answers its user). Waits until every group
+    has a primary and a synchronous standby."""
+    ca = HostCa(base, user)
+    e = EtcdHosts(net, base, ca, etcd_on, user)
+    members = {f"{g}-{i}": (g, h) for g, hosts in layout.items() for i, h in enumerate(hosts)}
+    passwords = {m: secrets.token_urlsafe(16) for m in members}
+    agents = {h: secrets.token_urlsafe(16) for h in net.hosts}
+    groups: dict[str, HostGroup] = {}
+    specs: dict[str, list[agent.PatroniSpec]] = {h: [] for h in net.hosts}
+    for gi, (g, hosts) in enumerate(layout.items()):
+        grp = HostGroup(net, ca, e, pg_port=PG_PORT + gi, rest_port=REST_PORT + gi)
+        names = [f"{g}-{i}" for i in range(len(hosts))]
+        for name, h in zip(names, hosts, strict=True):
+            peers = tuple(n for n in names if n != name)
+            spec = plan_patroni(net, h, name, g, base, ca, e, user, (grp.pg_port, grp.rest_port), peers, (name, passwords[name]))
+            grp.members[name], grp.specs[name] = h, spec
+            specs[h].append(spec)
+        groups[g] = grp
+    for h in net.hosts:
+        # the agent's own etcd user and client certificate (its own member's endpoint first)
+        adir = base / f"agent-{h}"
+        client = tls.issue(ca.dir, adir, f"agent-{h}", (), server=False)
+        secret = adir / "etcd-password"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(agents[h])
+        urls = sorted((m.client_url(True) for m in e.members), key=lambda u: u != e.url(h) if h in e.hosts else False)
+        dcs = agent.DcsAccess(tuple(urls), str(ca.ca), str(client.cert), str(client.key), f"agent-{h}", str(secret))
+        agent.write_plan(base, agent.HostPlan(h, user.name, dcs, e.specs.get(h), tuple(specs[h])))
+        net.start(h, procs.python_module(agent.MARKER, str(base), h), base / f"agent-{h}.log")
+    cl = HostCluster(net, base, ca, e, groups)
+    try:
+        e.wait_healthy()
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; agents: {[cl.agent_log(h) for h in e.hosts]}") from exc
+    # etcd authentication: each Patroni member and each agent a user confined to the cluster's prefix
+    users = {m: (passwords[m], NAMESPACE) for m in members} | {f"agent-{h}": (agents[h], NAMESPACE) for h in net.hosts}
+    etcdcluster.enable_auth(e.client(), secrets.token_urlsafe(16), users)
+    for g, grp in groups.items():
+        grp.wait(f"{g} to elect a primary", lambda grp=grp: _primaries(grp) == 1, 120)
+        grp.wait(f"{g} to have a synchronous standby", lambda grp=grp: _synchronous(grp), 120)
+    return cl
+
+
+def _synchronous(group: HostGroup) -> bool:
+    return any(group.rest(m, "/sync")[0] == 200 for m in group.members)
+
+
+def _primaries(group: HostGroup) -> int:
+    return sum(group.rest(m, "/primary")[0] == 200 for m in group.members)
 
 
 def make_group(net: netns.Network, base: Path, user: ServiceUser, hosts: Sequence[str]) -> HostGroup:
-    """etcd on every host of ``hosts``; group w1 with its primary on the first, its synchronous
-    replica on the second."""
-    ca = HostCa(base, user)
-    e = EtcdHosts(net, base, ca, hosts)
-    e.wait_healthy()
-    # etcd authentication: each member's Patroni is a user confined to the cluster's prefix
-    members = {"w1-0": hosts[0], "w1-1": hosts[1]}
-    passwords = {m: secrets.token_urlsafe(16) for m in members}
-    etcdcluster.enable_auth(e.client(), secrets.token_urlsafe(16), {m: (passwords[m], NAMESPACE) for m in members})
-    g = HostGroup(net, ca, e, members)
-    args = (ca, e, user, SUPERUSER, REST, net.subnet)
-    start_patroni(net, hosts[0], "w1-0", "w1", base, *args, etcd_user=("w1-0", passwords["w1-0"]))
-    g.wait("w1-0 to lead", lambda: g.rest("w1-0", "/primary")[0] == 200, 90)
-    start_patroni(net, hosts[1], "w1-1", "w1", base, *args, etcd_user=("w1-1", passwords["w1-1"]))
-    g.wait("w1-1 to stream as synchronous standby", lambda: g.rest("w1-1", "/sync")[0] == 200, 120)
-    return g
+    """etcd on every host of ``hosts``; group w1 with members on the first two (either may lead)."""
+    return make_cluster(net, base, user, hosts, {"w1": (hosts[0], hosts[1])}).groups["w1"]
+
+
+def kill_primary(group: HostGroup) -> float:
+    """kill -9 of the primary's Patroni and postmaster, found by verified identity (the host and
+    its agent stay up); returns the monotonic time of the kill."""
+    pm = agent.patroni_member(group.specs[leader(group)])
+    victims = [pm.patroni(), pm.postmaster()]
+    killed_at = time.monotonic()
+    for v in victims:
+        assert v is not None, f"{pm.name}: Patroni or postmaster not running"
+        identity.send(v, signal.SIGKILL)
+    return killed_at
 
 
 class Writer(threading.Thread):
@@ -267,8 +353,15 @@ class Writer(threading.Thread):
             time.sleep(0.01)
 
 
-def leader(group: HostGroup) -> str:
-    leaders = [m for m in group.members if group.rest(m, "/primary")[0] == 200]
+def leader(group: HostGroup, timeout_s: float = 30.0) -> str:
+    """The one primary of the group. Probed until one member, and one only, answers /primary:
+    on a loaded machine a REST answer can miss its 2 s timeout, right after a host came back."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        leaders = [m for m in group.members if group.rest(m, "/primary")[0] == 200]
+        if len(leaders) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(leaders) == 1, f"expected one primary, found {leaders}"
     return leaders[0]
 

@@ -9,6 +9,7 @@ from orchestrator.cli import demo_cmds as _demo_cmds  # noqa: F401
 from orchestrator.cli import elastic_cmds as _elastic_cmds  # noqa: F401
 from orchestrator.cli import energy_cmds as _energy_cmds  # noqa: F401
 from orchestrator.cli import ha_cmds as _ha_cmds  # noqa: F401
+from orchestrator.cli import host_cmds as _host_cmds  # noqa: F401
 from orchestrator.cli import ingest_cmds as _ingest_cmds  # noqa: F401
 from orchestrator.cli import metadata_cmds as _metadata_cmds  # noqa: F401
 from orchestrator.cli import serve_cmds as _serve_cmds  # noqa: F401

@@ -13,8 +13,8 @@ PIDs live) and ``decide`` returns one Action whose ``reason`` is logged:
   it rejoins as a replica, through pg_rewind when its timeline diverged.
 
 Run as ``python -I -m orchestrator.runtime.supervisor DIR`` from ``/``; ``start_daemon``/``stop_daemon`` manage
-it by verified identity (runtime/identity.py). A per-host agent (planned, docs/hosts.md) is to run
-the same ``decide`` over the members of its own host.
+it by verified identity (runtime/identity.py). The per-host agent (runtime/agent.py) runs the same
+``decide`` over what its host can know of each group.
 """
 
 from __future__ import annotations
