@@ -27,6 +27,7 @@ import psutil
 from orchestrator import logfiles
 from orchestrator.exceptions import ConfigError, NodeError
 from orchestrator.osuser import service_user
+from orchestrator.runtime.layout import data_root
 from orchestrator.runtime.ports import free_port, is_listening
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ class MongoConfig:
     managed: bool = True
     port: int | None = None
     pid: int | None = None
+
+
+def server_dir(directory: Path) -> Path:
+    """Where the managed server keeps its data: DIR/mongo, or, when the service user cannot reach
+    DIR (a checkout under /root or in a mktemp -d directory), next to the members' data under
+    /var/lib/buildsmart (layout.data_root), which the service user owns."""
+    if service_user().can_traverse(directory):
+        return directory / SERVER_DIR
+    return data_root(directory, service_user()) / SERVER_DIR
 
 
 def _config_path(directory: Path) -> Path:
@@ -126,7 +136,7 @@ def is_running(directory: Path) -> bool:
     config = load_config(directory)
     if config is None or not config.managed:
         return False
-    return _server_process(config, directory / SERVER_DIR / "data") is not None
+    return _server_process(config, server_dir(directory) / "data") is not None
 
 
 def _wait_ready(uri: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -159,8 +169,8 @@ def ensure_started(directory: Path) -> str:
     config = load_config(directory)
     if config is not None and not config.managed:
         return config.uri
-    server_dir = directory / SERVER_DIR
-    data_dir = server_dir / "data"
+    home = server_dir(directory)
+    data_dir = home / "data"
     if config is not None and _server_process(config, data_dir) is not None:
         return config.uri
     port = config.port if config is not None and config.port else None
@@ -171,11 +181,11 @@ def ensure_started(directory: Path) -> str:
     user = service_user()
     data_dir.mkdir(parents=True, exist_ok=True)
     # An explicit (empty) config file: SecantusDB otherwise picks up any ./secantusd.toml it finds.
-    toml = server_dir / "secantusd.toml"
+    toml = home / "secantusd.toml"
     if not toml.exists():
         toml.write_text("# written by buildsmart: all settings are on the command line\n")
-    log_path = server_dir / "secantusd.log"
-    user.chown(server_dir)
+    log_path = home / "secantusd.log"
+    user.chown(home)
     cmd = [
         sys.executable, "-c", _LAUNCHER, "--config", str(toml), "--host", HOST, "--port", str(port),
         "--storage-path", str(data_dir), "--log-level", "WARNING",
@@ -186,7 +196,7 @@ def ensure_started(directory: Path) -> str:
     with logfiles.open_private(log_path) as log_fh:
         try:
             proc = subprocess.Popen(  # type: ignore[call-overload]
-                cmd, cwd=server_dir, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=log_fh, start_new_session=True, **extra
+                cmd, cwd=home, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=log_fh, start_new_session=True, **extra
             )
         except OSError as exc:
             raise NodeError(f"cannot start SecantusDB: {exc}") from exc
@@ -220,7 +230,7 @@ def stop(directory: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
     config = load_config(directory)
     if config is None or not config.managed:
         return False
-    proc = _server_process(config, directory / SERVER_DIR / "data")
+    proc = _server_process(config, server_dir(directory) / "data")
     if proc is None:
         return False
     started = time.monotonic()
