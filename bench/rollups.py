@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator import cluster, topology  # noqa: E402
-from orchestrator.connections import app_target, connect, superuser_target  # noqa: E402
+from orchestrator.connections import app_target, connect  # noqa: E402
 from orchestrator.energy.model import kind_from_name  # noqa: E402
 from orchestrator.osuser import service_user  # noqa: E402
 from orchestrator.runtime import local  # noqa: E402
@@ -158,13 +158,7 @@ def cli(directory: Path, *args: str) -> str:
 
 
 def pending(directory: Path) -> int:
-    topo, creds = topology.load(directory), topology.load_credentials(directory)
-    total = 0
-    for worker in topo.workers:
-        with connect(superuser_target(worker, creds), "bench", autocommit=True) as conn:
-            row = conn.execute("SELECT count(*) FROM buildsmart.rollup_changes").fetchone()
-            total += int(row[0]) if row else 0
-    return total
+    return bq.rollup_changes_waiting(topology.load(directory), topology.load_credentials(directory))
 
 
 def load_cluster(directory: Path, path: Path, replicas: int, paused: bool, meta: tuple[Path, Path]) -> tuple[float, float]:

@@ -502,6 +502,22 @@ bs_deparse_query(Query *query)
 	return sql;
 }
 
+/* The query's output expressions, comma-separated, deparsed against ``ctx``. */
+static void
+bs_append_targets(StringInfo buf, Query *query, List *ctx)
+{
+	ListCell   *lc;
+
+	foreach(lc, query->targetList)
+	{
+		TargetEntry *tle = lfirst(lc);
+
+		if (lc != list_head(query->targetList))
+			appendStringInfoString(buf, ", ");
+		appendStringInfoString(buf, deparse_expression((Node *) tle->expr, ctx, true, false));
+	}
+}
+
 /*
  * Latest row per (building, meter) of one fragment as an index skip scan:
  *
@@ -521,8 +537,6 @@ bs_deparse_skip_scan(Query *query, Oid fragment, const char *qualified_name, boo
 {
 	List	   *ctx;
 	StringInfoData buf;
-	ListCell   *lc;
-	bool		first = true;
 	int			nest;
 
 	bs_set_transmission_modes(&nest);
@@ -539,15 +553,7 @@ bs_deparse_skip_scan(Query *query, Oid fragment, const char *qualified_name, boo
 						 "ORDER BY x.building, x.meter LIMIT 1) n) "
 						 "SELECT ",
 						 qualified_name, qualified_name);
-		foreach(lc, query->targetList)
-		{
-			TargetEntry *tle = lfirst(lc);
-
-			if (!first)
-				appendStringInfoString(&buf, ", ");
-			appendStringInfoString(&buf, deparse_expression((Node *) tle->expr, ctx, true, false));
-			first = false;
-		}
+		bs_append_targets(&buf, query, ctx);
 		appendStringInfo(&buf,
 						 " FROM bs_keys k CROSS JOIN LATERAL (SELECT * FROM %s readings "
 						 "WHERE readings.building = k.building AND readings.meter = k.meter",
@@ -613,15 +619,7 @@ bs_deparse_latest_n(Query *query, Oid fragment, const char *qualified_name, cons
 						 "ORDER BY readings.building, readings.meter LIMIT 1) n) "
 						 "SELECT ",
 						 qualified_name, quals.data, qualified_name, quals.data);
-		foreach(lc, query->targetList)
-		{
-			TargetEntry *tle = lfirst(lc);
-
-			if (!first)
-				appendStringInfoString(&buf, ", ");
-			appendStringInfoString(&buf, deparse_expression((Node *) tle->expr, ctx, true, false));
-			first = false;
-		}
+		bs_append_targets(&buf, query, ctx);
 		/*
 		 * Each key's rows in the query's whole order (ts first, so its index order serves): then
 		 * no row of the answer is cut off even when a key has several rows at one ts.
