@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -214,6 +215,90 @@ def server_cpu(directory: Path) -> float:
     return total
 
 
+def _kind(proc: psutil.Process, directory: Path) -> str:
+    """What a process of the cluster is: a PostgreSQL process by its title (backend by application),
+    else Patroni, etcd or an orchestrator process."""
+    cmd = " ".join(proc.cmdline())
+    if cmd.startswith("postgres:"):
+        title = cmd.split(":", 2)[-1].strip()
+        for word in (
+            "walsender",
+            "walreceiver",
+            "startup",
+            "checkpointer",
+            "walwriter",
+            "autovacuum",
+            "archiver",
+            "background writer",
+            "logical replication",
+            "io worker",
+            "walsummarizer",
+        ):
+            if title.startswith(word) or word in title.split(" ")[:3]:
+                return f"pg {word}"
+        return "pg backend of " + title.split(" ")[0]  # the user: ingest, app, tasks ...
+    if "patroni" in cmd:
+        return "patroni"
+    if "etcd" in cmd:
+        return "etcd"
+    if "orchestrator" in cmd:
+        return "orchestrator " + " ".join(a for a in proc.cmdline()[2:4] if not a.startswith("-"))
+    return proc.name()
+
+
+class CpuSampler:
+    """Samples the cluster's processes every second during a run, so the CPU of processes that
+    exit before the end (the ingest's backends, autovacuum workers) is told apart by kind."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.start = cpu_by_pid(directory)
+        self.last: dict[int, tuple[str, float]] = dict(self.start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.last.update(cpu_by_pid(self.directory))
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self.last.update(cpu_by_pid(self.directory))
+        out: dict[str, float] = {}
+        for pid, (kind, cpu) in self.last.items():
+            used = cpu - (self.start[pid][1] if pid in self.start else 0.0)
+            out[kind] = out.get(kind, 0.0) + used
+        return out
+
+
+def cpu_by_pid(directory: Path) -> dict[int, tuple[str, float]]:
+    """Kind and CPU seconds so far of every live process working for the cluster."""
+    out: dict[int, tuple[str, float]] = {}
+    for proc in psutil.process_iter():
+        try:
+            cmd = " ".join(proc.cmdline())
+            if cmd.startswith("postgres:"):
+                parent = proc.parent()
+                if parent is None or str(directory) not in " ".join(parent.cmdline()):
+                    continue
+            elif str(directory) not in cmd:
+                continue
+            t = proc.cpu_times()
+            kind = "pg postmaster" if proc.name() == "postgres" and not cmd.startswith("postgres:") else _kind(proc, directory)
+            out[proc.pid] = (kind, t.user + t.system)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def print_cpu_delta(before: dict[str, float], after: dict[str, float]) -> None:
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    shown = sorted(((v, k) for k, v in delta.items() if v >= 0.2), reverse=True)
+    print("    cpu by process kind: " + ", ".join(f"{k} {v:.1f} s" for v, k in shown))
+
+
 def rows_per_worker(directory: Path) -> dict[str, int]:
     """Rows each worker holds (its primary's bsdata tables), to show where the data landed."""
     topo, creds = topology.load(directory), topology.load_credentials(directory)
@@ -243,9 +328,12 @@ def run_cluster(
     try:
         time.sleep(2)
         before = server_cpu(directory)
+        sampler = CpuSampler(directory) if args.cpu_breakdown else None
         print(f"({label}) buildsmart ingest ...", flush=True)
         seconds, peak, cpu = buildsmart_ingest(directory, path)
         out[label] = (seconds, peak, cpu, server_cpu(directory) - before)
+        if sampler is not None:
+            print_cpu_delta({}, sampler.stop())
         if count_rows(directory) != keys:
             raise SystemExit(f"({label}) buildsmart ingest lost or duplicated rows")
         spread = rows_per_worker(directory)
@@ -311,6 +399,7 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=1, help="replicas per node for (b) (synchronous)")
     ap.add_argument("--balancer-running", action="store_true", help="leave the balancer on during the ingest")
     ap.add_argument("--skip", default="", help="comma-separated routes to leave out: base,b,b0,c")
+    ap.add_argument("--cpu-breakdown", action="store_true", help="print the CPU of each kind of cluster process")
     ap.add_argument("--follow-latency", action="store_true", help="also time --follow (append -> visible) on the (b0) cluster")
     args = ap.parse_args()
     args.skip = set(args.skip.split(",")) if args.skip else set()
