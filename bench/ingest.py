@@ -156,12 +156,12 @@ def truncate(directory: Path) -> None:
             conn.execute("CHECKPOINT")
 
 
-def buildsmart_ingest(directory: Path, path: Path) -> tuple[float, int, float]:
+def buildsmart_ingest(directory: Path, path: Path, extra: tuple[str, ...] = ()) -> tuple[float, int, float]:
     """`buildsmart ingest` as a user runs it. Returns seconds, the peak RSS summed over the ingest's
     processes (the CLI and any children, sampled every 50 ms) and its CPU seconds."""
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "ingest", str(path), "--dir", str(directory)],
+        [sys.executable, "-m", "orchestrator", "ingest", str(path), "--dir", str(directory), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -330,7 +330,7 @@ def run_cluster(
         before = server_cpu(directory)
         sampler = CpuSampler(directory) if args.cpu_breakdown else None
         print(f"({label}) buildsmart ingest ...", flush=True)
-        seconds, peak, cpu = buildsmart_ingest(directory, path)
+        seconds, peak, cpu = buildsmart_ingest(directory, path, tuple(args.ingest_args.split()))
         out[label] = (seconds, peak, cpu, server_cpu(directory) - before)
         if sampler is not None:
             print_cpu_delta({}, sampler.stop())
@@ -399,6 +399,7 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=1, help="replicas per node for (b) (synchronous)")
     ap.add_argument("--balancer-running", action="store_true", help="leave the balancer on during the ingest")
     ap.add_argument("--skip", default="", help="comma-separated routes to leave out: base,b,b0,c")
+    ap.add_argument("--ingest-args", default="", help="more options for buildsmart ingest, e.g. '--streams 1'")
     ap.add_argument("--cpu-breakdown", action="store_true", help="print the CPU of each kind of cluster process")
     ap.add_argument("--follow-latency", action="store_true", help="also time --follow (append -> visible) on the (b0) cluster")
     args = ap.parse_args()
