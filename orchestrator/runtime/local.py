@@ -51,6 +51,12 @@ SERVER_SETTINGS: dict[str, str] = {
     "lc_messages": "'C'",
 }
 
+# Added to SERVER_SETTINGS for members on several hosts. A replica whose host is cut off stays in
+# pg_stat_replication until its walsender times out, and while it is there Patroni keeps it as the
+# synchronous standby: the primary's commits wait that long (60 s by default). 10 s, half Patroni's
+# lease: a live standby answers the walsender's keepalive request (sent after 5 s of silence) at once.
+HOSTS_SETTINGS: dict[str, str] = {"wal_sender_timeout": "'10s'"}
+
 LOOPBACK = ("127.0.0.1/32",)
 
 
