@@ -242,8 +242,9 @@ def _scenario(
     writer = ha_tools.Writer(directory, prefix, rows=100, attempt_s=attempt_s).start()
     try:
         writer.wait_acked(10, 60)
-        wall0 = time.time()
+        wall0, mono0 = time.time(), time.monotonic()
         host, t0 = fault()
+        wall0 += t0 - mono0  # the wall time of the fault itself (fault() first looks up the primary)
         # a batch begun before the fault took effect may still commit: count from after it
         t1 = time.monotonic()
         try:
