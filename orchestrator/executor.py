@@ -52,7 +52,18 @@ FDW_OPTIONS = {
 # coordinator sends one message and waits for its answer, except in a COPY through the coordinator,
 # where a worker backend that reads nothing for 3 s (a lock wait) fails the COPY. The orchestrator's
 # own connections (ingest streams into workers) keep LIVENESS_PARAMS' 30 s. docs/hosts.md.
+# On one host none of this fires (a lost member refuses connections at once): local clusters keep
+# LIVENESS_PARAMS, so their COPYs through the coordinator are never cut by it.
 FDW_LIVENESS = {**LIVENESS_PARAMS, "tcp_user_timeout": "3000"}
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def fdw_liveness(hosts: str) -> dict[str, str]:
+    """Liveness options of a worker's foreign server: FDW_LIVENESS when a member lives on another
+    host, LIVENESS_PARAMS when every member is on loopback (the local runtimes)."""
+    return LIVENESS_PARAMS if set(hosts.split(",")) <= LOOPBACK_HOSTS else FDW_LIVENESS
+
+
 # Partitions made ahead of time when a fragment is created: one interval back, three ahead.
 PREMADE_BEHIND, PREMADE_AHEAD = 1, 3
 
@@ -151,7 +162,7 @@ def _ensure_foreign_server(nodes: NodeConnections, step: EnsureForeignServer) ->
         # the coordinator verifies every worker it connects to against the cluster CA (runtime/tls.py)
         tls = tls_params(nodes.creds.ca_file)
         stmt = sql.SQL("CREATE SERVER {} FOREIGN DATA WRAPPER postgres_fdw OPTIONS ({})").format(
-            server, _server_options({**address, **FDW_OPTIONS, **tls, **FDW_LIVENESS})
+            server, _server_options({**address, **FDW_OPTIONS, **tls, **fdw_liveness(n.hosts)})
         )
     else:
         # Repointing a server is an ALTER, no foreign table changes: queries follow at once.

@@ -47,3 +47,12 @@ def test_setup_does_not_undo_the_order() -> None:
     assert same_server(("10.0.0.2,10.0.0.1", "5433,5432", "db"), ("10.0.0.1,10.0.0.2", "5432,5433", "db"))
     assert not same_server(("10.0.0.2,10.0.0.1", "5432,5433", "db"), ("10.0.0.1,10.0.0.2", "5432,5433", "db"))
     assert not same_server(("10.0.0.1", "5432", "db"), ("10.0.0.1,10.0.0.2", "5432,5433", "db"))
+
+
+def test_fdw_liveness_is_short_only_for_workers_on_other_hosts() -> None:
+    from orchestrator.connections import LIVENESS_PARAMS
+    from orchestrator.executor import FDW_LIVENESS, fdw_liveness
+
+    assert fdw_liveness("127.0.0.1,127.0.0.1") == LIVENESS_PARAMS  # local clusters: as before
+    assert fdw_liveness("10.0.0.1,10.0.0.2")["tcp_user_timeout"] == FDW_LIVENESS["tcp_user_timeout"] == "3000"
+    assert fdw_liveness("127.0.0.1,10.0.0.2") == FDW_LIVENESS
