@@ -77,7 +77,9 @@ def follow(coord: psycopg.Connection, topo: Topology, settings: HaSettings) -> l
         return []
     keys = etcd.get_prefix(etcd.Client.of(settings), patroni.namespace(topo))
     changed = []
-    for g, dcs in ((g, snapshot(keys, patroni.namespace(topo), workers)[g.name]) for g in workers):
+    views = snapshot(keys, patroni.namespace(topo), workers)
+    for g in workers:
+        dcs = views[g.name]
         server = NodeSpec(g.name, g.role, g.hosts, g.ports, g.dbname).server_name
         hosts, ports = route(g.members, dcs)
         if executor.foreign_server_address(coord, server) not in (None, (hosts, ports)):
@@ -112,8 +114,11 @@ class Follower:
         conn: psycopg.Connection | None = None
         failing: str | None = None
         try:
-            topo = topology.load(self.directory)
-            if self._settings(topo) is None:
+            try:
+                if self._settings(topology.load(self.directory)) is None:
+                    return
+            except BuildSmartError as exc:
+                log.warning("foreign servers will not follow the workers' primaries: %s", exc)
                 return
             log.info("foreign servers follow each worker's primary (every %.1f s)", FOLLOW_S)
             while not self._stop.wait(FOLLOW_S):
