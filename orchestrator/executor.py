@@ -40,8 +40,30 @@ FDW_OPTIONS = {
     "fetch_size": "10000",
     "extensions": "buildsmart",
     "target_session_attrs": "read-write",
+    # Not applied by the coordinator's backends: they connect asynchronously (libpqsrv_connect),
+    # and libpq enforces connect_timeout only in its blocking connect. A connection attempt to a
+    # lost host ends with tcp_user_timeout (below); fdwroute.py keeps the lost host out of the way.
     "connect_timeout": "10",
 }
+# The coordinator's sessions on workers (postgres_fdw, the distributed executor, the COPY router)
+# give up on a worker host that acknowledges nothing for 3 s: a statement in flight on a lost host,
+# and a connection attempt to it (SYN retransmissions obey it too). It is also the longest a worker
+# may keep its receive window shut (this kernel cuts a zero window after tcp_user_timeout): the
+# coordinator sends one message and waits for its answer, except in a COPY through the coordinator,
+# where a worker backend that reads nothing for 3 s (a lock wait) fails the COPY. The orchestrator's
+# own connections (ingest streams into workers) keep LIVENESS_PARAMS' 30 s. docs/hosts.md.
+# On one host none of this fires (a lost member refuses connections at once): local clusters keep
+# LIVENESS_PARAMS, so their COPYs through the coordinator are never cut by it.
+FDW_LIVENESS = {**LIVENESS_PARAMS, "tcp_user_timeout": "3000"}
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def fdw_liveness(hosts: str) -> dict[str, str]:
+    """Liveness options of a worker's foreign server: FDW_LIVENESS when a member lives on another
+    host, LIVENESS_PARAMS when every member is on loopback (the local runtimes)."""
+    return LIVENESS_PARAMS if set(hosts.split(",")) <= LOOPBACK_HOSTS else FDW_LIVENESS
+
+
 # Partitions made ahead of time when a fragment is created: one interval back, three ahead.
 PREMADE_BEHIND, PREMADE_AHEAD = 1, 3
 
@@ -140,12 +162,33 @@ def _ensure_foreign_server(nodes: NodeConnections, step: EnsureForeignServer) ->
         # the coordinator verifies every worker it connects to against the cluster CA (runtime/tls.py)
         tls = tls_params(nodes.creds.ca_file)
         stmt = sql.SQL("CREATE SERVER {} FOREIGN DATA WRAPPER postgres_fdw OPTIONS ({})").format(
-            server, _server_options({**address, **FDW_OPTIONS, **tls, **LIVENESS_PARAMS})
+            server, _server_options({**address, **FDW_OPTIONS, **tls, **fdw_liveness(n.hosts)})
         )
     else:
         # Repointing a server is an ALTER, no foreign table changes: queries follow at once.
         stmt = sql.SQL("ALTER SERVER {} OPTIONS ({})").format(server, _server_options(address, "SET"))
     nodes.coordinator.execute(stmt)
+
+
+def foreign_server_address(coord: psycopg.Connection, server: str) -> tuple[str, str] | None:
+    """(host, port) options of a foreign server as stored (None: no such server)."""
+    row = coord.execute(
+        "SELECT (SELECT substr(o, 6) FROM unnest(s.srvoptions) o WHERE o LIKE 'host=%%'), "
+        " (SELECT substr(o, 6) FROM unnest(s.srvoptions) o WHERE o LIKE 'port=%%') "
+        "FROM pg_catalog.pg_foreign_server s WHERE s.srvname = %s",
+        (server,),
+    ).fetchone()
+    return (str(row[0]), str(row[1])) if row else None
+
+
+def point_foreign_server(coord: psycopg.Connection, server: str, hosts: str, ports: str) -> None:
+    """Set a foreign server's host list (fdwroute: the current primary first). Sessions reconnect
+    when their transaction ends (postgres_fdw) or when idle (the distributed executor)."""
+    coord.execute(
+        sql.SQL("ALTER SERVER {} OPTIONS ({})").format(
+            sql.Identifier(server), _server_options({"host": hosts, "port": ports}, "SET")
+        )
+    )
 
 
 @implements(EnsureUserMapping)

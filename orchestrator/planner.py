@@ -162,6 +162,17 @@ class RecordLayoutSource(Step):
         return "keep the given split points (no automatic first-load layout)"
 
 
+def same_server(current: tuple[str, str, str], desired: tuple[str, str, str]) -> bool:
+    """The same members and database: the order of the host list is fdwroute's (primary first)."""
+
+    def members(hosts: str, ports: str) -> list[tuple[str, str]]:
+        return sorted(zip(hosts.split(","), ports.split(","), strict=False))
+
+    if not all(current):
+        return False
+    return current[2] == desired[2] and members(current[0], current[1]) == members(desired[0], desired[1])
+
+
 def plan(desired: DesiredCluster, observed: ObservedCluster) -> list[Step]:
     """Steps that take the observed cluster to the desired one; empty when nothing is to do."""
     steps: list[Step] = []
@@ -174,7 +185,7 @@ def plan(desired: DesiredCluster, observed: ObservedCluster) -> list[Step]:
     steps += [RegisterNode(n) for n in all_nodes if observed.nodes.get(n.name) != n]
     for worker in desired.workers:
         current = observed.servers.get(worker.server_name)
-        if current != (worker.hosts, worker.ports, worker.dbname):
+        if current is None or not same_server(current, (worker.hosts, worker.ports, worker.dbname)):
             steps.append(EnsureForeignServer(worker, create=current is None))
         if observed.user_mappings.get(worker.server_name) != desired.mapping.describe():
             steps.append(EnsureUserMapping(worker, desired.mapping))

@@ -43,6 +43,10 @@ class Writer:
     buildings: int = 4
     max_batches: int = 10**9
     pause_s: float = 0.0
+    # a batch not acknowledged within this is abandoned with its connection and retried (None: wait).
+    # A frozen host's kernel still acknowledges TCP, so the coordinator's session on it waits until
+    # the host thaws; only the client's own deadline gets it going (docs/hosts.md).
+    attempt_s: float | None = None
     attempts: list[Attempt] = field(default_factory=list)
     acked: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
@@ -71,12 +75,12 @@ class Writer:
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self._conninfo(), connect_timeout=3)
-                with conn.transaction():
-                    conn.execute(
-                        "INSERT INTO public.readings (building, meter, ts, kwh) "
-                        "SELECT %s, 'm', %s::timestamptz + make_interval(secs => %s + i), i FROM generate_series(0, %s - 1) i",
-                        (f"{self.prefix}{batch % self.buildings}", BASE_TS, batch * self.rows, self.rows),
-                    )
+                if not self._insert(conn, batch):
+                    # abandoned, not closed (its thread still uses it): if it commits later, the
+                    # retry wrote the same keys and replaces it
+                    self.attempts.append(Attempt(batch, started, time.monotonic(), False, f"no answer in {self.attempt_s} s"))
+                    conn = None
+                    continue
                 self.attempts.append(Attempt(batch, started, time.monotonic(), True))
                 batch += 1
                 self.acked = batch
@@ -90,6 +94,37 @@ class Writer:
                 time.sleep(0.05)
         if conn is not None:
             conn.close()
+
+    def _insert(self, conn: psycopg.Connection, batch: int) -> bool:
+        """One batch in one transaction; False when abandoned after ``attempt_s``."""
+
+        def insert() -> None:
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO public.readings (building, meter, ts, kwh) "
+                    "SELECT %s, 'm', %s::timestamptz + make_interval(secs => %s + i), i FROM generate_series(0, %s - 1) i",
+                    (f"{self.prefix}{batch % self.buildings}", BASE_TS, batch * self.rows, self.rows),
+                )
+
+        if self.attempt_s is None:
+            insert()
+            return True
+        failure: list[psycopg.Error] = []
+
+        def attempt() -> None:
+            try:
+                insert()
+            except psycopg.Error as exc:
+                failure.append(exc)
+
+        worker = threading.Thread(target=attempt, name=f"writer-{self.prefix}-{batch}", daemon=True)
+        worker.start()
+        worker.join(self.attempt_s)
+        if worker.is_alive():
+            return False
+        if failure:
+            raise failure[0]
+        return True
 
     def recovery_after(self, t0: float) -> float | None:
         """Seconds from ``t0`` to the end of the first successful batch begun after it."""

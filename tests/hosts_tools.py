@@ -22,6 +22,7 @@ import psycopg
 from orchestrator import pgbin
 from orchestrator.osuser import ServiceUser
 from orchestrator.runtime import agent, etcd, etcdcluster, identity, memberconf, procs, tls
+from orchestrator.runtime.hasettings import HaSettings
 from orchestrator.runtime.local import hba_rules, tls_settings
 from orchestrator.runtime.patroni import dcs_parameters
 from tests import netns
@@ -136,7 +137,7 @@ def plan_patroni(
         pgpass=str(member_dir / "pgpass"),
         superuser=SUPERUSER[0],
         superuser_password=SUPERUSER[1],
-        dcs_parameters=dcs_parameters(),
+        dcs_parameters=dcs_parameters(hosts=True),
         local_parameters={k: memberconf.pg_value(v) for k, v in tls_settings(material).items()},
         hba=tuple(hba_rules(networks=(net.subnet,), use_tls=True)),
         tls=files,
@@ -221,6 +222,18 @@ class HostCluster:
     ca: HostCa
     etcd: EtcdHosts
     groups: dict[str, HostGroup]
+    orchestrator_etcd: tuple[str, str] = ("", "")  # the orchestrator's etcd user and password
+
+    def ha_settings(self) -> HaSettings:
+        """What DIR/ha.json holds for this cluster (runtime ``hosts``): how the orchestrator reaches
+        every member's REST API and etcd, over TLS with the cluster CA and its client certificate."""
+        rest = {m: g.rest_port for g in self.groups.values() for m in g.members}
+        hosts = {m: self.net.address(h) for g in self.groups.values() for m, h in g.members.items()}
+        user, password = self.orchestrator_etcd
+        return HaSettings(
+            1, "on", 0, 0, rest, REST[0], REST[1], restapi_hosts=hosts, etcd_endpoints=list(self.etcd.endpoints),
+            etcd_user=user, etcd_password=password, tls_dir=str(self.ca.dir),
+        )  # fmt: skip
 
     def agent_log(self, host: str) -> str:
         return _tail(self.base / f"agent-{host}.log")
@@ -268,13 +281,15 @@ def make_cluster(
         dcs = agent.DcsAccess(tuple(urls), str(ca.ca), str(client.cert), str(client.key), f"agent-{h}", str(secret))
         agent.write_plan(base, agent.HostPlan(h, user.name, dcs, e.specs.get(h), tuple(specs[h])))
         net.start(h, procs.python_module(agent.MARKER, str(base), h), base / f"agent-{h}.log")
-    cl = HostCluster(net, base, ca, e, groups)
+    orchestrator_etcd = ("buildsmart", secrets.token_urlsafe(16))
+    cl = HostCluster(net, base, ca, e, groups, orchestrator_etcd)
     try:
         e.wait_healthy()
     except AssertionError as exc:
         raise AssertionError(f"{exc}; agents: {[cl.agent_log(h) for h in e.hosts]}") from exc
     # etcd authentication: each Patroni member and each agent a user confined to the cluster's prefix
     users = {m: (passwords[m], NAMESPACE) for m in members} | {f"agent-{h}": (agents[h], NAMESPACE) for h in net.hosts}
+    users[orchestrator_etcd[0]] = (orchestrator_etcd[1], NAMESPACE)
     etcdcluster.enable_auth(e.client(), secrets.token_urlsafe(16), users)
     for g, grp in groups.items():
         grp.wait(f"{g} to elect a primary", lambda grp=grp: _primaries(grp) == 1, 120)

@@ -133,3 +133,21 @@ def test_docker_compose_validates_both_layouts() -> None:
         cmd = ["docker-compose", "-f", str(COMPOSE), *extra, "config", "-q"]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=REPO)
         assert result.returncode == 0, result.stderr
+
+
+def test_compose_files_are_generated_byte_for_byte() -> None:
+    """docker-compose.yml and docker/cluster-ha.toml are what runtime/compose.py makes from the
+    template and its layout; the etcd services run the hosts runtime's etcd command line."""
+    from orchestrator.runtime import compose, etcdcluster
+
+    for path, text in compose.outputs().items():
+        assert path.read_text() == text, f"{path.name} differs: run `python -m orchestrator.runtime.compose`"
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    layout = compose.Layout()
+    members = layout.etcd_members()
+    for m in members:
+        want = etcdcluster.member_argv(compose.ETCD_BINARY, m, members, None, compose.ETCD_TOKEN, listen="0.0.0.0")
+        assert services[m.name]["command"] == want
+    spec = load_spec(SPEC)
+    assert [g.name for g in spec.topology.groups] == list(layout.groups)
+    assert all(services[m.host]["environment"]["BUILDSMART_SCOPE"] == g.name for g in spec.topology.groups for m in g.members)

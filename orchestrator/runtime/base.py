@@ -8,8 +8,9 @@ whoever started the servers. Below it, each runtime knows how members come to ex
 * ``plain``    (runtime/plain.py): one pg_ctl server per node on this host (``up --replicas 0``);
 * ``patroni``  (runtime/localha.py): local Patroni groups, a local etcd and the failover supervisor
   (``up``, the default);
-* ``hosts``    (planned, docs/hosts.md; no runtime registered yet): every host runs its own members
-  under its own agent; the orchestrator, from any host, starts and stops nothing there;
+* ``hosts``    (runtime/hosts.py): every host runs its own members under its own agent; the
+  orchestrator, from any host, starts and stops nothing there and reaches Patroni and etcd as
+  DIR/ha.json says;
 * ``external`` (runtime/hosts.py): servers someone else runs (``init --spec`` of plain servers,
   docker compose).
 
@@ -37,6 +38,9 @@ class Runtime(ABC):
     kind: ClassVar[RuntimeKind]
     # True when the orchestrator starts and stops the servers itself (on this host)
     owns_processes: ClassVar[bool] = False
+    # True when a lost member's host can hold a connection attempt for seconds (members on other
+    # hosts): the task runner keeps each worker's foreign server led by its primary (fdwroute.py)
+    routes_fdw_by_dcs: ClassVar[bool] = False
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory

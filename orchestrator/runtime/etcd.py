@@ -193,6 +193,13 @@ def get(url: Endpoint, key: str) -> str | None:
     return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
 
 
+def get_prefix(url: Endpoint, prefix: str) -> dict[str, str]:
+    """Every key under ``prefix`` with its value, in one request."""
+    range_end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    kvs = _post(url, "/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(range_end)}).get("kvs") or []
+    return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode() for kv in kvs}
+
+
 def put(url: Endpoint, key: str, value: str) -> None:
     _post(url, "/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from orchestrator.runtime import etcd, tls
@@ -58,18 +58,26 @@ def initial_cluster(members: Sequence[EtcdMember], secure: bool) -> str:
 
 
 def member_argv(
-    binary: str, me: EtcdMember, members: Sequence[EtcdMember], material: tls.Material | None, token: str
+    binary: str,
+    me: EtcdMember,
+    members: Sequence[EtcdMember],
+    material: tls.Material | None,
+    token: str,
+    listen: str | None = None,
 ) -> list[str]:
     """etcd's command line for ``me`` in the cluster of ``members`` (TLS when ``material``).
-    ``token`` keeps two clusters made on the same addresses from joining each other."""
+    ``token`` keeps two clusters made on the same addresses from joining each other. ``listen``:
+    the address to bind when the member's address is a name (etcd binds IP addresses only; compose
+    services are reached by name), by default the member's address."""
     secure = material is not None
+    bind = replace(me, address=listen) if listen is not None else me
     argv = [
         binary,
         "--name", me.name,
         "--data-dir", str(me.data_dir),
-        "--listen-client-urls", me.client_url(secure),
+        "--listen-client-urls", bind.client_url(secure),
         "--advertise-client-urls", me.client_url(secure),
-        "--listen-peer-urls", me.peer_url(secure),
+        "--listen-peer-urls", bind.peer_url(secure),
         "--initial-advertise-peer-urls", me.peer_url(secure),
         "--initial-cluster", initial_cluster(members, secure),
         "--initial-cluster-state", "new",

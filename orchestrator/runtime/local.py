@@ -51,6 +51,21 @@ SERVER_SETTINGS: dict[str, str] = {
     "lc_messages": "'C'",
 }
 
+# Added to SERVER_SETTINGS for members on several hosts. A replica whose host is cut off stays in
+# pg_stat_replication until its walsender times out, and while it is there Patroni keeps it as the
+# synchronous standby: the primary's commits wait that long (60 s by default). 10 s, half Patroni's
+# lease: a live standby answers the walsender's keepalive request (sent after 5 s of silence) at once.
+# Server-side keepalives: a worker session whose client host was lost (the coordinator's FDW
+# session of a cut coordinator host) would otherwise sit idle in its transaction for the kernel's
+# two hours, holding the row locks of the batch it wrote, and the new coordinator's retry of that
+# batch waits on them. Ended after about 11 s of unanswered probes; a live peer's kernel answers.
+HOSTS_SETTINGS: dict[str, str] = {
+    "wal_sender_timeout": "'10s'",
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+}
+
 LOOPBACK = ("127.0.0.1/32",)
 
 

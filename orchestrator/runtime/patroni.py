@@ -26,7 +26,7 @@ from orchestrator.exceptions import ClusterStateError, NodeError
 from orchestrator.osuser import ServiceUser
 from orchestrator.runtime import identity, memberconf, procs, tls
 from orchestrator.runtime.hasettings import HaSettings
-from orchestrator.runtime.local import SERVER_SETTINGS, LocalMember, hba_rules, tls_settings
+from orchestrator.runtime.local import HOSTS_SETTINGS, SERVER_SETTINGS, LocalMember, hba_rules, tls_settings
 from orchestrator.runtime.local import postmaster as local_postmaster
 from orchestrator.topology import Credentials, Group, Topology
 
@@ -103,9 +103,11 @@ def patroni_python() -> str:
     return os.environ.get("BUILDSMART_PATRONI_PYTHON") or sys.executable
 
 
-def dcs_parameters() -> dict[str, str]:
-    """Server settings every member of a group shares (Patroni keeps them in the DCS)."""
-    return {k: memberconf.pg_value(v) for k, v in SERVER_SETTINGS.items() if k not in _LOCAL_ONLY}
+def dcs_parameters(hosts: bool = False) -> dict[str, str]:
+    """Server settings every member of a group shares (Patroni keeps them in the DCS); ``hosts``:
+    with the settings of members on several hosts (runtime/local.py HOSTS_SETTINGS)."""
+    settings = {**SERVER_SETTINGS, **(HOSTS_SETTINGS if hosts else {})}
+    return {k: memberconf.pg_value(v) for k, v in settings.items() if k not in _LOCAL_ONLY}
 
 
 def render_config(topo: Topology, pm: PatroniMember, creds: Credentials, ha: HaSettings) -> str:

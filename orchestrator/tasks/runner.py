@@ -6,7 +6,9 @@ orchestrator host, e.g. under systemd) exactly one runs tasks and the others wai
 connection breaks (the primary failed over, or the network went), the lock is gone with it: every
 runner reconnects (the connection string lists every member with target_session_attrs =
 read-write, so it lands on the new primary) and tries again. The leader checks its lock session
-before every task run, so it stops acting within a second of losing it.
+before every task run, so it stops acting within a second of losing it. While elected, it also
+keeps each worker's foreign server led by the worker's primary on a multi-host cluster
+(fdwroute.py), in a thread that no long task holds up.
 
 Stopping: SIGTERM ends the loop between tasks; during a task it interrupts the task at once. Long
 operations are jobs (buildsmart.jobs), so an interrupted move or split is resumed by the next run
@@ -28,7 +30,7 @@ from types import FrameType
 
 import psycopg
 
-from orchestrator import catalog, topology
+from orchestrator import catalog, fdwroute, topology
 from orchestrator.connections import connect, superuser_target
 from orchestrator.elastic.context import Elastic
 from orchestrator.exceptions import BuildSmartError
@@ -67,6 +69,7 @@ class TaskRunner:
         self.stopping = False
         self.busy = False
         self._lock_conn: psycopg.Connection | None = None
+        self._follower: fdwroute.Follower | None = None  # multi-host: foreign servers led by primaries
         self._nodes: NodeConnections | None = None
         self._topo_mtime = 0.0
         self._waiting_logged = False
@@ -120,10 +123,14 @@ class TaskRunner:
             return False
         self._lock_conn = conn
         self._waiting_logged = False
+        self._follower = fdwroute.Follower(self.directory).start()
         log.info("task runner %s elected: running %s", catalog.runner_identity(), ", ".join(t.name for t in self.tasks))
         return True
 
     def _resign(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
         if self._lock_conn is not None:
             with contextlib.suppress(Exception):
                 self._lock_conn.close()
