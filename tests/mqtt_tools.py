@@ -31,8 +31,18 @@ Key = tuple[str, str, str]
 class Broker:
     """One mosquitto with persistence on, listening on 127.0.0.1:``port``."""
 
-    def __init__(self, workdir: Path, users: dict[str, str] | None = None, tls: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        users: dict[str, str] | None = None,
+        tls: bool = False,
+        *,
+        mosquitto: str | None = None,
+        max_inflight: int = 0,
+        extra: list[str] | None = None,
+    ) -> None:
         self.dir = workdir
+        self.binary = mosquitto or MOSQUITTO
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.tls = tls
@@ -47,7 +57,7 @@ class Broker:
             "autosave_interval 1",
             # a persistent session must keep every message while the loader is away (the default, 1000, drops)
             "max_queued_messages 0",
-            "max_inflight_messages 0",
+            f"max_inflight_messages {max_inflight}",
             "max_keepalive 65535",
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
             f"log_dest file {self.dir}/mosquitto.log",
@@ -55,6 +65,7 @@ class Broker:
             "log_type warning",
             "log_type notice",
         ]
+        lines += extra or []
         if users:
             passwd = self.dir / "passwd"
             passwd.write_text("")
@@ -71,7 +82,7 @@ class Broker:
         return f"{'mqtts' if self.tls else 'mqtt'}://{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> None:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import queue
 import re
 from pathlib import Path
 
 import pytest
 
 from orchestrator.exceptions import ConfigError
+from orchestrator.ingest.mqtt.client import WAKE, Inbound
 from orchestrator.ingest.mqtt.flow import AckBook, CutPolicy, Delivery, should_cut, to_acknowledge
+from orchestrator.ingest.mqtt.loader import drain
 from orchestrator.ingest.mqtt.options import PASSWORD_ENV, MqttOptions, parse_url, read_password
 from orchestrator.ingest.mqtt.payload import PayloadReject, TopicRoute, check_filter, decode, matches
 from orchestrator.ingest.parse import Reject, check_object
@@ -220,3 +223,39 @@ def test_only_deliveries_of_the_current_connection_are_acknowledged() -> None:
     mine, stale = to_acknowledge(deliveries, epoch=3)
     assert [d.seq for d in mine] == [3, 4]  # packet id 10 of connection 1 is not the 10 of connection 3
     assert stale == 1  # QoS 0 needs no acknowledgement
+
+
+# -- draining the inbox ------------------------------------------------------------------------
+
+
+def _inbound(n: int) -> Inbound:
+    return Inbound(1, n % 65_535 + 1, 1, "buildings/b/meters/m", b"{}", 0.0)
+
+
+def test_draining_hands_over_every_message_it_takes_from_the_inbox() -> None:
+    """The regression behind a message the broker acknowledged but the loader never stored: the
+    drain stopped after ``most`` items with one more already taken out of the inbox."""
+    inbox: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()
+    for n in range(1, 5_001):
+        inbox.put(_inbound(n))
+        if n % 700 == 0:
+            inbox.put(WAKE)
+    taken: list[int] = []
+    rounds = 0
+    while not inbox.empty():
+        first = inbox.get_nowait()
+        drain(inbox, first, lambda item: taken.append(item.mid), lambda: False, 2_000)
+        rounds += 1
+    assert taken == [n % 65_535 + 1 for n in range(1, 5_001)]
+    assert rounds == 3  # 5,007 items, 2,000 a round
+
+
+def test_draining_stops_when_the_batch_is_full_or_the_inbox_empty() -> None:
+    inbox: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()
+    for n in range(2, 11):
+        inbox.put(_inbound(n))
+    taken: list[Inbound] = []
+    assert drain(inbox, _inbound(1), taken.append, lambda: len(taken) >= 4, 100) == 4
+    assert [t.mid for t in taken] == [2, 3, 4, 5] and inbox.qsize() == 6
+    assert drain(inbox, inbox.get_nowait(), taken.append, lambda: False, 100) == 6
+    assert inbox.empty() and len(taken) == 10

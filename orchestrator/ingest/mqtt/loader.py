@@ -153,6 +153,34 @@ def where(topic: str, seq: int, reject: PayloadReject) -> str:
     return f"{topic} [{', '.join(parts)}]"
 
 
+def drain(
+    inbox: queue.SimpleQueue[Inbound | None],
+    first: Inbound | None,
+    take: Callable[[Inbound], None],
+    full: Callable[[], bool],
+    most: int,
+) -> int:
+    """Hand ``first``, then what is already waiting in ``inbox``, to ``take`` (skipping wake-ups)
+    until the inbox is empty, ``full()`` or ``most`` items were handled; returns how many.
+
+    An item is taken out of the inbox only when it will be handed over: one dropped here would
+    never be acknowledged, and the broker sends a message again only after a reconnect.
+    """
+    item, handled = first, 0
+    while True:
+        handled += 1
+        if item is not WAKE:
+            take(item)
+            if full():
+                return handled
+        if handled >= most:
+            return handled
+        try:
+            item = inbox.get_nowait()
+        except queue.Empty:
+            return handled
+
+
 @dataclass
 class _Pending:
     messages: int = 0
@@ -256,19 +284,11 @@ class MqttLoader:
 
     def _receive(self, wait_s: float) -> None:
         try:
-            item = self.link.inbox.get(timeout=wait_s)
+            first = self.link.inbox.get(timeout=wait_s)
         except queue.Empty:
             return
         limit = self.options.policy.max_readings
-        for _ in range(DRAIN_MAX):
-            if item is not WAKE:
-                self._take(item)
-                if len(self.pending.rows) >= limit:
-                    return
-            try:
-                item = self.link.inbox.get_nowait()
-            except queue.Empty:
-                return
+        drain(self.link.inbox, first, self._take, lambda: len(self.pending.rows) >= limit, DRAIN_MAX)
 
     def _take(self, item: Inbound) -> None:
         self.seq += 1
