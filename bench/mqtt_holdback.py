@@ -52,9 +52,7 @@ class SlowAcker:
         self.ack_delay_s = ack_delay_s
         self.per_tick = max(1, int(ack_rate * ack_delay_s)) if ack_rate > 0 else None
         self.stop = threading.Event()
-        self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=True
-        )
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=True)
         self.client.on_message = self._on_message
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600

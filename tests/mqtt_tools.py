@@ -191,9 +191,12 @@ class Publisher:
         self.client.loop_stop()
 
 
+STAMP_BASE = 1709251200  # 2024-03-01T00:00:00Z
+
+
 def stamp(i: int) -> str:
     """The i-th quarter hour from 2024-03-01 as an ISO timestamp."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(1709251200 + 900 * i))
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(STAMP_BASE + 900 * i))
 
 
 class Loader:
