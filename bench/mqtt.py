@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--poll-ms", type=float, default=20.0)
     ap.add_argument("--keep", action="store_true", help="leave the cluster's directory")
     ap.add_argument("--profile", type=Path, help="run the loader under cProfile, writing its stats here")
+    ap.add_argument("--loader-arg", action="append", default=[], help="one more argument for the loader (repeatable)")
     args = ap.parse_args()
 
     work = make_tmp_dir("bs-bench-mqtt-")
@@ -180,7 +181,7 @@ def main() -> None:
     broker = Broker(work / "broker")
     broker.start()
     python = ("-m", "cProfile", "-o", str(args.profile.resolve())) if args.profile else ()
-    loader = Loader(directory, broker, work / "loader", client_id="bench", python=python)
+    loader = Loader(directory, broker, work / "loader", *args.loader_arg, client_id="bench", python=python)
     results: dict[str, object] = {"publishers": len(PREFIXES)}
     try:
         loader.wait_for("subscribed to")
@@ -239,14 +240,18 @@ def main() -> None:
                 p.close()
             lat.sort()
             p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+            puback = sorted(x for p in pubs for x in p.puback_s())
             query = statistics.median(vis.query_s)
             results[f"latency_{tag}"] = {
                 "target_msgs_per_s": round(target), "sent": sent, "p50_s": round(p50, 3), "p99_s": round(p99, 3),
                 "max_s": round(lat[-1], 3), "poll_query_s": round(query, 3),
+                "puback_p50_s": round(statistics.median(puback), 3), "puback_p99_s": round(puback[int(len(puback) * 0.99)], 3),
             }  # fmt: skip
             print(
                 f"(b) {share:.0%} of the rate ({target:,.0f}/s, {sent:,} messages): p50 {p50 * 1000:.0f} ms, "
-                f"p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms (the poller's query: median {query * 1000:.0f} ms)"
+                f"p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms (the poller's query: median {query * 1000:.0f} ms; "
+                f"PUBLISH -> the broker's PUBACK: p50 {statistics.median(puback) * 1000:.0f} ms, "
+                f"p99 {puback[int(len(puback) * 0.99)] * 1000:.0f} ms)"
             )
         code = loader.stop(120)
         print(f"loader exit {code}: {loader.out_path.read_text().strip()}")

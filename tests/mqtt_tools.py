@@ -140,12 +140,15 @@ class Publisher:
     sent_at: dict[Key, float] = field(default_factory=dict)
     sent: int = 0
     _out: list[tuple[paho.MQTTMessageInfo, list[tuple[Key, float]]]] = field(default_factory=list)
+    _sent_mid: list[tuple[int, float]] = field(default_factory=list)
+    _acked_at: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.name, protocol=paho.MQTTv311)
         self.client.max_inflight_messages_set(200)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(0.2, 2)
+        self.client.on_publish = self._on_publish
         self.client.connect("127.0.0.1", self.url_port, 60)
         self.client.loop_start()
 
@@ -158,10 +161,18 @@ class Publisher:
         payload = json.dumps(body[0] if len(readings) == 1 else body)  # type: ignore[index]
         now = time.time()
         info = self.client.publish(f"buildings/{self.building}/meters/{m}", payload, qos=1)
+        self._sent_mid.append((info.mid, now))
         self._out.append((info, [((self.building, m, t), k) for t, k in readings]))
         for t, _ in readings:
             self.sent_at[(self.building, m, t)] = now
         self.sent += 1
+
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason: object, props: object) -> None:
+        self._acked_at[mid] = time.time()  # paho's thread
+
+    def puback_s(self) -> list[float]:
+        """Seconds from each PUBLISH call to the broker's PUBACK (packet ids are unique below 65,536 messages)."""
+        return [self._acked_at[mid] - sent for mid, sent in self._sent_mid if mid in self._acked_at]
 
     def collect(self) -> int:
         """Move what the broker acknowledged into ``acked``; returns how many messages wait for it.
