@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--poll-ms", type=float, default=20.0)
     ap.add_argument("--keep", action="store_true", help="leave the cluster's directory")
     ap.add_argument("--profile", type=Path, help="run the loader under cProfile, writing its stats here")
+    ap.add_argument("--rate", type=float, help="base the latency phases on this rate, not the measured one (to compare runs)")
     ap.add_argument("--loader-arg", action="append", default=[], help="one more argument for the loader (repeatable)")
     args = ap.parse_args()
 
@@ -217,6 +218,9 @@ def main() -> None:
             f"{total:,} messages in {t_end - t0:.1f} s = {total / (t_end - t0):,.0f} messages/s to the last one visible"
         )
         # (b) latency at 20/50/80 %
+        if args.rate:
+            rate = args.rate
+            results["latency_base_msgs_per_s"] = round(rate)
         for share in (0.2, 0.5, 0.8):
             tag = f"l{int(share * 100)}"
             pubs = publishers(broker, tag)
