@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import re
+import select
+import socket
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
 from orchestrator.exceptions import ConfigError
-from orchestrator.ingest.mqtt.client import WAKE, Inbound
+from orchestrator.ingest.mqtt.client import WAKE, Inbound, _ReadingClient
 from orchestrator.ingest.mqtt.flow import AckBook, CutPolicy, Delivery, should_cut, to_acknowledge
 from orchestrator.ingest.mqtt.loader import drain
 from orchestrator.ingest.mqtt.options import PASSWORD_ENV, MqttOptions, parse_url, read_password
@@ -259,3 +263,65 @@ def test_draining_stops_when_the_batch_is_full_or_the_inbox_empty() -> None:
     assert [t.mid for t in taken] == [2, 3, 4, 5] and inbox.qsize() == 6
     assert drain(inbox, inbox.get_nowait(), taken.append, lambda: False, 100) == 6
     assert inbox.empty() and len(taken) == 10
+
+
+# -- reading the socket in chunks ---------------------------------------------------------------
+
+
+def _publish_packet(mid: int, topic: str, payload: bytes) -> bytes:
+    """An MQTT 3.1.1 PUBLISH, QoS 1."""
+    body = len(topic).to_bytes(2, "big") + topic.encode() + mid.to_bytes(2, "big") + payload
+    n, length = len(body), b""
+    while True:
+        n, digit = n // 128, n % 128
+        length += bytes([digit | (128 if n else 0)])
+        if not n:
+            break
+    return b"\x32" + length + body
+
+
+def test_the_chunked_reader_hands_over_every_packet_in_order_across_chunk_edges() -> None:
+    """Thousands of PUBLISH packets through a socket pair (no broker): each comes out once, in
+    order, whether a packet ends in a chunk, straddles two, or arrives byte by byte."""
+    client = _ReadingClient(paho.CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv311, manual_ack=True)
+    got: list[tuple[int, str, bytes]] = []
+    client.on_message = lambda _c, _u, msg: got.append((msg.mid, msg.topic, msg.payload))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client._sock = ours  # type: ignore[assignment]
+    client._state = paho._ConnectionState.MQTT_CS_CONNECTED
+    want = [(n % 65_535 + 1, f"buildings/b{n % 7}/meters/m{n % 3}", b'{"ts": "%d", "kwh": 1}' % n) for n in range(6_000)]
+    stream = b"".join(_publish_packet(*w) for w in want)
+    try:
+        pos = 0
+        for size in itertools.cycle((1, 3, 70_000, 17, 150_000, 2, 40_000)):
+            if pos >= len(stream):
+                break
+            theirs.sendall(stream[pos : pos + size])
+            pos += size
+            while client.loop_read() == paho.MQTTErrorCode.MQTT_ERR_SUCCESS and _readable(ours):
+                pass
+        assert got == want
+        assert not client._chunk
+        # a new connection never sees the old one's bytes
+        theirs.sendall(_publish_packet(1, "a/b", b"x")[:5])
+        client.loop_read()
+        other, far = socket.socketpair()
+        other.setblocking(False)
+        client._sock = other  # type: ignore[assignment]
+        client._in_packet = {  # what paho's reconnect() sets
+            "command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1, "remaining_length": 0,
+            "packet": bytearray(b""), "to_process": 0, "pos": 0,
+        }  # fmt: skip
+        far.sendall(_publish_packet(9, "c/d", b"y"))
+        client.loop_read()
+        assert got[-1] == (9, "c/d", b"y")
+        other.close()
+        far.close()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
