@@ -13,7 +13,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from orchestrator.exceptions import ConfigError
-from orchestrator.ingest.mqtt.client import WAKE, Inbound, _ReadingClient
+from orchestrator.ingest.mqtt.client import WAKE, Inbound, ReadingClient
 from orchestrator.ingest.mqtt.flow import AckBook, CutPolicy, Delivery, should_cut, to_acknowledge
 from orchestrator.ingest.mqtt.loader import drain
 from orchestrator.ingest.mqtt.options import PASSWORD_ENV, MqttOptions, parse_url, read_password
@@ -283,7 +283,7 @@ def _publish_packet(mid: int, topic: str, payload: bytes) -> bytes:
 def test_the_chunked_reader_hands_over_every_packet_in_order_across_chunk_edges() -> None:
     """Thousands of PUBLISH packets through a socket pair (no broker): each comes out once, in
     order, whether a packet ends in a chunk, straddles two, or arrives byte by byte."""
-    client = _ReadingClient(paho.CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv311, manual_ack=True)
+    client = ReadingClient(paho.CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv311, manual_ack=True)
     got: list[tuple[int, str, bytes]] = []
     client.on_message = lambda _c, _u, msg: got.append((msg.mid, msg.topic, msg.payload))
     ours, theirs = socket.socketpair()

@@ -51,7 +51,7 @@ READ_CHUNK = 64 << 10  # bytes taken from the socket at once
 READ_BURST = 1_000  # packets handled per wake-up of paho's thread (then it looks at writes and keepalive)
 
 
-class _ReadingClient(paho.Client):
+class ReadingClient(paho.Client):
     """paho's client, reading the socket in chunks and many packets per wake-up.
 
     paho 2.x reads a packet with three or more ``recv`` calls and handles one packet per
@@ -112,7 +112,7 @@ class MqttLink:
         self._subscribed = threading.Event()
         self._refusal: BaseException | None = None
         v5 = options.protocol == "5"
-        self.client = _ReadingClient(
+        self.client = ReadingClient(
             paho.CallbackAPIVersion.VERSION2,
             client_id=options.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
