@@ -7,6 +7,7 @@ import queue
 import re
 import select
 import socket
+import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -15,7 +16,7 @@ import pytest
 from orchestrator.exceptions import ConfigError
 from orchestrator.ingest.mqtt.client import WAKE, Inbound, ReadingClient
 from orchestrator.ingest.mqtt.flow import AckBook, CutPolicy, Delivery, should_cut, to_acknowledge
-from orchestrator.ingest.mqtt.loader import drain
+from orchestrator.ingest.mqtt.loader import BatchTimes, drain
 from orchestrator.ingest.mqtt.options import PASSWORD_ENV, MqttOptions, parse_url, read_password
 from orchestrator.ingest.mqtt.payload import PayloadReject, TopicRoute, check_filter, decode, matches
 from orchestrator.ingest.parse import Reject, check_object
@@ -325,3 +326,19 @@ def test_the_chunked_reader_hands_over_every_packet_in_order_across_chunk_edges(
 
 def _readable(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_batch_times_report_the_wait_and_the_commit_then_start_over() -> None:
+    times = BatchTimes()
+    assert times.line() == "0 batches"
+    now = time.time()
+    times.cut(11, now - 0.5)  # its oldest message came half a second ago
+    times.cut(20, now - 0.1)
+    times.committed(11)
+    times.committed(20)
+    times.committed(99)  # a label never cut: ignored
+    line = times.line()
+    assert line.startswith("2 batches: oldest message waited "), line
+    waited = re.search(r"waited ([\d,]+)/([\d,]+) ms", line)
+    assert waited and 400 <= int(waited.group(2).replace(",", "")) <= 1_500, line
+    assert times.line() == "0 batches"
