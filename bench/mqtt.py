@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import statistics
 import sys
@@ -26,6 +27,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -145,6 +147,45 @@ def run_phase(pubs: list[Publisher], per_publisher_s: float | None, seconds: flo
     return sum(sent)
 
 
+def gateway(port: int, building: str, name: str, per_s: float, seconds: float, go: Any, out: Any) -> None:
+    """One paced publisher in its own process (``--publisher-processes``): connect, say ready,
+    publish from ``go`` on, then report what it sent and its PUBACK times."""
+    pub = Publisher(port, building, name)
+    out.put(("ready", name))
+    go.wait()
+    t0 = time.monotonic()
+    n = 0
+    while (now := time.monotonic()) - t0 < seconds:
+        due = t0 + n / per_s
+        if due > now:
+            time.sleep(due - now)
+        pub.publish([stamp(n)], meter=n % 2, value=float(n))
+        n += 1
+    pub.wait_acked(120)
+    out.put(("done", n, pub.sent_at, pub.puback_s()))
+    pub.close()
+
+
+def paced_in_processes(port: int, tag: str, per_s: float, seconds: float) -> tuple[int, list[dict[Key, float]], list[float]]:
+    """The 8 paced publishers of a latency phase, each in its own process (as gateways are), so
+    their PUBLISH -> PUBACK time is not the bench's own GIL: (sent, sent_at per publisher, PUBACK times)."""
+    ctx = multiprocessing.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=gateway, args=(port, f"{p}{tag}", f"bench-{tag}-{i}", per_s, seconds, go, out), daemon=True)
+        for i, p in enumerate(PREFIXES)
+    ]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        out.get(timeout=120)
+    go.set()
+    done = [out.get(timeout=seconds + 240) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    return sum(d[1] for d in done), [d[2] for d in done], [x for d in done for x in d[3]]
+
+
 def wait_visible(vis: Visibility, total: int, timeout_s: float) -> float:
     deadline = time.monotonic() + timeout_s
     while vis.rows < total:
@@ -172,6 +213,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="leave the cluster's directory")
     ap.add_argument("--profile", type=Path, help="run the loader under cProfile, writing its stats here")
     ap.add_argument("--rate", type=float, help="base the latency phases on this rate, not the measured one (to compare runs)")
+    ap.add_argument("--publisher-processes", action="store_true", help="latency phases: each publisher in its own process")
     ap.add_argument("--loader-arg", action="append", default=[], help="one more argument for the loader (repeatable)")
     args = ap.parse_args()
 
@@ -223,28 +265,34 @@ def main() -> None:
             results["latency_base_msgs_per_s"] = round(rate)
         for share in (0.2, 0.5, 0.8):
             tag = f"l{int(share * 100)}"
-            pubs = publishers(broker, tag)
             vis = Visibility(directory, tag, args.poll_ms / 1000)
             vis.thread.start()
             target = rate * share
-            sent = run_phase(pubs, target / len(pubs), args.phase_seconds, args.window)
-            for p in pubs:
-                p.wait_acked(120)
+            if args.publisher_processes:
+                sent, sent_ats, puback = paced_in_processes(broker.port, tag, target / len(PREFIXES), args.phase_seconds)
+            else:
+                pubs = publishers(broker, tag)
+                sent = run_phase(pubs, target / len(pubs), args.phase_seconds, args.window)
+                for p in pubs:
+                    p.wait_acked(120)
+                sent_ats = [p.sent_at for p in pubs]
+                puback = [x for p in pubs for x in p.puback_s()]
+                for p in pubs:
+                    p.close()
             wait_visible(vis, sent, 120)
             check_stored(directory, tag, sent)
             time.sleep(2 * args.poll_ms / 1000)
             vis.stop.set()
             vis.thread.join()
             lat = []
-            for p in pubs:
-                for key, sent_at in p.sent_at.items():
+            for sent_at_of in sent_ats:
+                for key, sent_at in sent_at_of.items():
                     seen = vis.visible_at(key)
                     assert seen is not None, f"{key} never seen"
                     lat.append(seen - sent_at)
-                p.close()
             lat.sort()
             p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-            puback = sorted(x for p in pubs for x in p.puback_s())
+            puback.sort()
             query = statistics.median(vis.query_s)
             results[f"latency_{tag}"] = {
                 "target_msgs_per_s": round(target), "sent": sent, "p50_s": round(p50, 3), "p99_s": round(p99, 3),
