@@ -21,6 +21,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
+from orchestrator.ingest.mqtt.client import ReadingClient
 from orchestrator.runtime.ports import free_port
 
 MOSQUITTO = next((p for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if Path(p).exists()), "mosquitto")
@@ -31,8 +32,18 @@ Key = tuple[str, str, str]
 class Broker:
     """One mosquitto with persistence on, listening on 127.0.0.1:``port``."""
 
-    def __init__(self, workdir: Path, users: dict[str, str] | None = None, tls: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        users: dict[str, str] | None = None,
+        tls: bool = False,
+        *,
+        mosquitto: str | None = None,
+        max_inflight: int = 0,
+        extra: list[str] | None = None,
+    ) -> None:
         self.dir = workdir
+        self.binary = mosquitto or MOSQUITTO
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.tls = tls
@@ -47,7 +58,7 @@ class Broker:
             "autosave_interval 1",
             # a persistent session must keep every message while the loader is away (the default, 1000, drops)
             "max_queued_messages 0",
-            "max_inflight_messages 0",
+            f"max_inflight_messages {max_inflight}",
             "max_keepalive 65535",
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
             f"log_dest file {self.dir}/mosquitto.log",
@@ -55,6 +66,7 @@ class Broker:
             "log_type warning",
             "log_type notice",
         ]
+        lines += extra or []
         if users:
             passwd = self.dir / "passwd"
             passwd.write_text("")
@@ -71,7 +83,7 @@ class Broker:
         return f"{'mqtts' if self.tls else 'mqtt'}://{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> None:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -129,12 +141,17 @@ class Publisher:
     sent_at: dict[Key, float] = field(default_factory=dict)
     sent: int = 0
     _out: list[tuple[paho.MQTTMessageInfo, list[tuple[Key, float]]]] = field(default_factory=list)
+    _sent_mid: list[tuple[int, float]] = field(default_factory=list)
+    _acked_at: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.name, protocol=paho.MQTTv311)
+        # the loader's chunked reader: here all gateways share one Python process, where paho's
+        # three recv calls per PUBACK made the acknowledgements queue near bench/mqtt.py's 80% rate
+        self.client = ReadingClient(paho.CallbackAPIVersion.VERSION2, client_id=self.name, protocol=paho.MQTTv311)
         self.client.max_inflight_messages_set(200)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(0.2, 2)
+        self.client.on_publish = self._on_publish
         self.client.connect("127.0.0.1", self.url_port, 60)
         self.client.loop_start()
 
@@ -147,10 +164,18 @@ class Publisher:
         payload = json.dumps(body[0] if len(readings) == 1 else body)  # type: ignore[index]
         now = time.time()
         info = self.client.publish(f"buildings/{self.building}/meters/{m}", payload, qos=1)
+        self._sent_mid.append((info.mid, now))
         self._out.append((info, [((self.building, m, t), k) for t, k in readings]))
         for t, _ in readings:
             self.sent_at[(self.building, m, t)] = now
         self.sent += 1
+
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason: object, props: object) -> None:
+        self._acked_at[mid] = time.time()  # paho's thread
+
+    def puback_s(self) -> list[float]:
+        """Seconds from each PUBLISH call to the broker's PUBACK (packet ids are unique below 65,536 messages)."""
+        return [self._acked_at[mid] - sent for mid, sent in self._sent_mid if mid in self._acked_at]
 
     def collect(self) -> int:
         """Move what the broker acknowledged into ``acked``; returns how many messages wait for it.
@@ -180,9 +205,12 @@ class Publisher:
         self.client.loop_stop()
 
 
+STAMP_BASE = 1709251200  # 2024-03-01T00:00:00Z
+
+
 def stamp(i: int) -> str:
     """The i-th quarter hour from 2024-03-01 as an ISO timestamp."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(1709251200 + 900 * i))
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(STAMP_BASE + 900 * i))
 
 
 class Loader:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+import queue
 import re
+import select
+import socket
+import time
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
 from orchestrator.exceptions import ConfigError
+from orchestrator.ingest.mqtt.client import WAKE, Inbound, ReadingClient
 from orchestrator.ingest.mqtt.flow import AckBook, CutPolicy, Delivery, should_cut, to_acknowledge
+from orchestrator.ingest.mqtt.loader import BatchTimes, drain
 from orchestrator.ingest.mqtt.options import PASSWORD_ENV, MqttOptions, parse_url, read_password
 from orchestrator.ingest.mqtt.payload import PayloadReject, TopicRoute, check_filter, decode, matches
 from orchestrator.ingest.parse import Reject, check_object
@@ -220,3 +228,117 @@ def test_only_deliveries_of_the_current_connection_are_acknowledged() -> None:
     mine, stale = to_acknowledge(deliveries, epoch=3)
     assert [d.seq for d in mine] == [3, 4]  # packet id 10 of connection 1 is not the 10 of connection 3
     assert stale == 1  # QoS 0 needs no acknowledgement
+
+
+# -- draining the inbox ------------------------------------------------------------------------
+
+
+def _inbound(n: int) -> Inbound:
+    return Inbound(1, n % 65_535 + 1, 1, "buildings/b/meters/m", b"{}", 0.0)
+
+
+def test_draining_hands_over_every_message_it_takes_from_the_inbox() -> None:
+    """The regression behind a message the broker acknowledged but the loader never stored: the
+    drain stopped after ``most`` items with one more already taken out of the inbox."""
+    inbox: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()
+    for n in range(1, 5_001):
+        inbox.put(_inbound(n))
+        if n % 700 == 0:
+            inbox.put(WAKE)
+    taken: list[int] = []
+    rounds = 0
+    while not inbox.empty():
+        first = inbox.get_nowait()
+        drain(inbox, first, lambda item: taken.append(item.mid), lambda: False, 2_000)
+        rounds += 1
+    assert taken == [n % 65_535 + 1 for n in range(1, 5_001)]
+    assert rounds == 3  # 5,007 items, 2,000 a round
+
+
+def test_draining_stops_when_the_batch_is_full_or_the_inbox_empty() -> None:
+    inbox: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()
+    for n in range(2, 11):
+        inbox.put(_inbound(n))
+    taken: list[Inbound] = []
+    assert drain(inbox, _inbound(1), taken.append, lambda: len(taken) >= 4, 100) == 4
+    assert [t.mid for t in taken] == [2, 3, 4, 5] and inbox.qsize() == 6
+    assert drain(inbox, inbox.get_nowait(), taken.append, lambda: False, 100) == 6
+    assert inbox.empty() and len(taken) == 10
+
+
+# -- reading the socket in chunks ---------------------------------------------------------------
+
+
+def _publish_packet(mid: int, topic: str, payload: bytes) -> bytes:
+    """An MQTT 3.1.1 PUBLISH, QoS 1."""
+    body = len(topic).to_bytes(2, "big") + topic.encode() + mid.to_bytes(2, "big") + payload
+    n, length = len(body), b""
+    while True:
+        n, digit = n // 128, n % 128
+        length += bytes([digit | (128 if n else 0)])
+        if not n:
+            break
+    return b"\x32" + length + body
+
+
+def test_the_chunked_reader_hands_over_every_packet_in_order_across_chunk_edges() -> None:
+    """Thousands of PUBLISH packets through a socket pair (no broker): each comes out once, in
+    order, whether a packet ends in a chunk, straddles two, or arrives byte by byte."""
+    client = ReadingClient(paho.CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv311, manual_ack=True)
+    got: list[tuple[int, str, bytes]] = []
+    client.on_message = lambda _c, _u, msg: got.append((msg.mid, msg.topic, msg.payload))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client._sock = ours  # type: ignore[assignment]
+    client._state = paho._ConnectionState.MQTT_CS_CONNECTED
+    want = [(n % 65_535 + 1, f"buildings/b{n % 7}/meters/m{n % 3}", b'{"ts": "%d", "kwh": 1}' % n) for n in range(6_000)]
+    stream = b"".join(_publish_packet(*w) for w in want)
+    try:
+        pos = 0
+        for size in itertools.cycle((1, 3, 70_000, 17, 150_000, 2, 40_000)):
+            if pos >= len(stream):
+                break
+            theirs.sendall(stream[pos : pos + size])
+            pos += size
+            while client.loop_read() == paho.MQTTErrorCode.MQTT_ERR_SUCCESS and _readable(ours):
+                pass
+        assert got == want
+        assert not client._chunk
+        # a new connection never sees the old one's bytes
+        theirs.sendall(_publish_packet(1, "a/b", b"x")[:5])
+        client.loop_read()
+        other, far = socket.socketpair()
+        other.setblocking(False)
+        client._sock = other  # type: ignore[assignment]
+        client._in_packet = {  # what paho's reconnect() sets
+            "command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1, "remaining_length": 0,
+            "packet": bytearray(b""), "to_process": 0, "pos": 0,
+        }  # fmt: skip
+        far.sendall(_publish_packet(9, "c/d", b"y"))
+        client.loop_read()
+        assert got[-1] == (9, "c/d", b"y")
+        other.close()
+        far.close()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_batch_times_report_the_wait_and_the_commit_then_start_over() -> None:
+    times = BatchTimes()
+    assert times.line() == "0 batches"
+    now = time.time()
+    times.cut(11, now - 0.5)  # its oldest message came half a second ago
+    times.cut(20, now - 0.1)
+    times.committed(11)
+    times.committed(20)
+    times.committed(99)  # a label never cut: ignored
+    line = times.line()
+    assert line.startswith("2 batches: oldest message waited "), line
+    waited = re.search(r"waited ([\d,]+)/([\d,]+) ms", line)
+    assert waited and 400 <= int(waited.group(2).replace(",", "")) <= 1_500, line
+    assert times.line() == "0 batches"

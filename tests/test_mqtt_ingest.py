@@ -117,6 +117,37 @@ def test_acknowledged_readings_survive_loader_kill_and_broker_restart(
     assert all(r["topic"] == topic and r["message"] > 0 for r in records), records
 
 
+def test_a_backlog_queued_while_the_loader_was_away_is_stored_whole(
+    main_cluster: ClusterHandle, token: str, broker: Broker, tmp_path: Path
+) -> None:
+    """Thousands of messages waiting in the session when the loader starts reach its queue faster
+    than it takes them: every one of them is stored and acknowledged (a loader that dropped one
+    message per full drain of its queue left it unacknowledged, and the broker never sent it again)."""
+    loader = Loader(main_cluster.directory, broker, tmp_path / "l1", client_id=f"b-{token}")
+    loader.wait_for("subscribed to")
+    assert loader.stop() == 0, loader.text()  # the session stays: the broker queues for it
+    pubs = [Publisher(broker.port, f"{p}{token}", f"pub-{token}-{i}") for i, p in enumerate(PREFIXES)]
+    try:
+        for n in range(3_000):
+            for p in pubs:
+                p.publish([stamp(n)], meter=n % 2, value=float(n))
+            if n % 100 == 99:
+                for p in pubs:
+                    p.wait_acked()
+        want = acked_of(pubs)
+        assert len(want) == 3_000 * len(pubs)
+        loader = Loader(main_cluster.directory, broker, tmp_path / "l2", client_id=f"b-{token}")
+        loader.wait_for("resumed session")
+        got = wait_stored(main_cluster, f"%{token}", want, timeout_s=120)
+        assert loader.stop() == 0, loader.text()
+    finally:
+        for p in pubs:
+            p.close()
+    assert got == want, f"missing {len(want.keys() - got.keys())}, extra {len(got.keys() - want.keys())}"
+    summary = " ".join(loader.out_path.read_text().split())  # the console may wrap the line
+    assert f"{len(want):,} messages" in summary and f"acknowledged {len(want):,}" in summary, summary
+
+
 def test_unreachable_broker_and_refused_credentials_are_one_line(main_cluster: ClusterHandle, tmp_path: Path) -> None:
     broker = Broker(tmp_path / "auth", users={"gateway": "right-password"})
     loader = Loader(main_cluster.directory, broker, tmp_path / "down")  # not started yet: nothing listens

@@ -153,12 +153,72 @@ def where(topic: str, seq: int, reject: PayloadReject) -> str:
     return f"{topic} [{', '.join(parts)}]"
 
 
+def drain(
+    inbox: queue.SimpleQueue[Inbound | None],
+    first: Inbound | None,
+    take: Callable[[Inbound], None],
+    full: Callable[[], bool],
+    most: int,
+) -> int:
+    """Hand ``first``, then what is already waiting in ``inbox``, to ``take`` (skipping wake-ups)
+    until the inbox is empty, ``full()`` or ``most`` items were handled; returns how many.
+
+    An item is taken out of the inbox only when it will be handed over: one dropped here would
+    never be acknowledged, and the broker sends a message again only after a reconnect.
+    """
+    item, handled = first, 0
+    while True:
+        handled += 1
+        if item is not WAKE:
+            take(item)
+            if full():
+                return handled
+        if handled >= most:
+            return handled
+        try:
+            item = inbox.get_nowait()
+        except queue.Empty:
+            return handled
+
+
 @dataclass
 class _Pending:
     messages: int = 0
     rows: list[Row] = field(default_factory=list)
     instants: list[int] = field(default_factory=list)
-    oldest: float = 0.0
+    oldest: float = 0.0  # time.monotonic() when the loader took the first message
+    first_received: float = 0.0  # time.time() when paho handed the first message over
+
+
+class BatchTimes:
+    """Where a batch's time went, for the periodic log line: from paho handing over its oldest
+    message to the cut (queue and gathering) and from the cut to the commit report."""
+
+    def __init__(self) -> None:
+        self._cut: dict[int, tuple[float, float]] = {}  # label -> (cut at, oldest received), wall clock
+        self.waits: list[float] = []
+        self.commits: list[float] = []
+
+    def cut(self, label: int, first_received: float) -> None:
+        self._cut[label] = (time.time(), first_received)
+
+    def committed(self, label: int) -> None:
+        at = self._cut.pop(label, None)
+        if at is not None:
+            self.waits.append(at[0] - at[1])
+            self.commits.append(time.time() - at[0])
+
+    def line(self) -> str:
+        """``N batches: waited median/max ms, committed in median/max ms`` since the last call."""
+        if not self.commits:
+            return "0 batches"
+        w, c = sorted(self.waits), sorted(self.commits)
+        self.waits, self.commits = [], []
+        return f"{len(c):,} batches: oldest message waited {_ms(w)} (median/max) before its batch, committed in {_ms(c)}"
+
+
+def _ms(ordered: list[float]) -> str:
+    return f"{ordered[len(ordered) // 2] * 1000:,.0f}/{ordered[-1] * 1000:,.0f} ms"
 
 
 class MqttLoader:
@@ -182,6 +242,7 @@ class MqttLoader:
         self.reading_no = 0  # readings checked (their order within a batch: latest wins)
         self.readings = self.rejected_messages = self.rejected_readings = 0
         self.committed = self.acknowledged = self.redelivery = 0
+        self.times = BatchTimes()
         self.started = time.monotonic()
         self._fields: dict[str, dict[str, str]] = {}  # topic -> its building and meter
         self._instants: dict[str, int] = {}  # ts text (already checked) -> microseconds
@@ -229,7 +290,7 @@ class MqttLoader:
                         self.progress(self.stats())
                 if now >= next_log:
                     next_log = now + self.options.stats_every_s
-                    log.info("mqtt ingest: %s", self.stats().line())
+                    log.info("mqtt ingest: %s; %s", self.stats().line(), self.times.line())
                     self.rejects.new_interval()
             self._finish()
         except BatchFailed as exc:
@@ -256,19 +317,11 @@ class MqttLoader:
 
     def _receive(self, wait_s: float) -> None:
         try:
-            item = self.link.inbox.get(timeout=wait_s)
+            first = self.link.inbox.get(timeout=wait_s)
         except queue.Empty:
             return
         limit = self.options.policy.max_readings
-        for _ in range(DRAIN_MAX):
-            if item is not WAKE:
-                self._take(item)
-                if len(self.pending.rows) >= limit:
-                    return
-            try:
-                item = self.link.inbox.get_nowait()
-            except queue.Empty:
-                return
+        drain(self.link.inbox, first, self._take, lambda: len(self.pending.rows) >= limit, DRAIN_MAX)
 
     def _take(self, item: Inbound) -> None:
         self.seq += 1
@@ -304,6 +357,7 @@ class MqttLoader:
             self.rejected_readings += bad
         if not p.messages:
             p.oldest = time.monotonic()
+            p.first_received = item.received
         p.messages += 1
 
     def _maybe_cut(self) -> None:
@@ -317,6 +371,7 @@ class MqttLoader:
         p = self.pending
         self.pending = _Pending()
         self.rejects.sync()
+        self.times.cut(self.seq + 1, p.first_received)
         commit = self.session.submit(batch_of(p.rows, p.instants), label=self.seq + 1)
         for _, _, fut in commit.parts:
             fut.add_done_callback(self._wake)
@@ -326,6 +381,7 @@ class MqttLoader:
 
     def _committed(self, outcome: CommitOutcome) -> None:
         """The session reports a batch committed: acknowledge its messages (and all before)."""
+        self.times.committed(outcome.label)
         deliveries = self.book.committed_below(outcome.label)
         sent, stale = self.link.ack(deliveries)
         self.committed += len(deliveries)
