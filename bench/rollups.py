@@ -227,7 +227,8 @@ def main() -> None:
     try:
         path = subset(args.file, args.since, workdir)
         meta = metadata_files(path, workdir)
-        print(f"input: {path.name}; cluster: 3 workers, {args.replicas} replica(s) per node; the machine was shared")
+        load = os.getloadavg()[0]
+        print(f"input: {path.name}; cluster: 3 workers, {args.replicas} replica(s) per node; load average at start {load:.2f}")
 
         # paused, live, paused, live: the best of each, so a neighbour's burst does not decide it
         paused_s: list[float] = []

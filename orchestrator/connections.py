@@ -23,6 +23,9 @@ from orchestrator.topology import Credentials, Group
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10
+# Application name prefix of a bulk load's worker sessions (a file, not a stream): the rollups task
+# sees it in pg_stat_activity and defers refreshing while one writes (energy/rollups.py).
+BULK_LOAD_APP = "ingest-bulk"
 PINNED_SEARCH_PATH = "pg_catalog,pg_temp"
 
 

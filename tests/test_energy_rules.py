@@ -84,10 +84,19 @@ def test_partition_switch_plan() -> None:
     assert plan_switch([a, b], [a]) == ([b], [])
 
 
-def test_rollup_refresh_takes_at_most_a_fifth_of_the_time_during_a_load() -> None:
+def test_rollup_refresh_takes_at_most_15_percent_of_the_time() -> None:
     from orchestrator.energy.task import again_after
 
     assert again_after(0.05) == 1.0  # a quick refresh (a live stream): the next one a second later
     assert again_after(1.5) == pytest.approx(8.5)  # 1.5 s of refresh in every 10 s while a load runs
     assert again_after(60.0) == 30.0  # never more than 30 s behind a load
     assert again_after(1.0, share=0.5) == 1.0
+
+
+def test_rollup_refresh_waits_for_a_bulk_load_up_to_its_lag() -> None:
+    from orchestrator.energy.rollups import defer_for_bulk_load
+
+    assert defer_for_bulk_load(True, 10.0, 120.0)  # a file load writes: its changes wait
+    assert not defer_for_bulk_load(True, 120.0, 120.0)  # ... but never more than the lag
+    assert not defer_for_bulk_load(False, 10.0, 120.0)  # a stream (or nothing) writes: refresh now
+    assert not defer_for_bulk_load(True, 10.0, None)  # `buildsmart rollups refresh`: now, whatever writes

@@ -179,6 +179,7 @@ class IngestSession:
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         on_commit: Callable[[CommitOutcome], None] | None = None,
         directory: Path | None = None,
+        bulk: bool = False,
     ) -> None:
         _return_big_buffers_to_the_os()
         self.coordinator = coordinator
@@ -187,6 +188,7 @@ class IngestSession:
         self.window_bytes = window_bytes
         self.on_commit = on_commit
         self.directory = directory
+        self.bulk = bulk  # a file load, not a stream: rollup refresh waits for it (energy/task.py)
         self.totals = SessionTotals()
         self.gate = WriteGate(coordinator, "ingest:plan")
         self.writers: dict[Stream, FragmentWriter] = {}
@@ -269,7 +271,7 @@ class IngestSession:
 
     def new_writer(self, fragment: object, target: Target) -> FragmentWriter:
         """Factory (a seam for tests that need a writer with a fault injected)."""
-        return FragmentWriter(fragment, target, self.coordinator, self.leaf_maps)  # type: ignore[arg-type]
+        return FragmentWriter(fragment, target, self.coordinator, self.leaf_maps, bulk=self.bulk)  # type: ignore[arg-type]
 
     def _parts(self, batch: ReadingBatch) -> dict[Stream, Part]:
         """Route the rows and split each stream's share into new rows and rows to upsert."""

@@ -147,7 +147,7 @@ def ingest(
 
     rejects_file = RejectsFile(rejects) if rejects else None  # an unwritable path fails before any load
     try:
-        session = IngestSession.open(directory, streams=streams, on_commit=committed)
+        session = IngestSession.open(directory, streams=streams, on_commit=committed, bulk=not follow)
     except BaseException:
         if rejects_file:
             rejects_file.close()

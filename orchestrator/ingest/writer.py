@@ -35,7 +35,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from orchestrator.connections import Target, connect
+from orchestrator.connections import BULK_LOAD_APP, Target, connect
 from orchestrator.elastic.gate import WriteGate
 from orchestrator.exceptions import NodeError
 from orchestrator.fragments import SHARD_SCHEMA, Fragment
@@ -125,9 +125,17 @@ class FragmentWriter:
     """Owns one worker connection and one coordinator gate connection; used from one thread."""
 
     def __init__(
-        self, fragment: Fragment, target: Target, coordinator: Target | None, leaf_maps: dict[int, LeafMap] | None = None
+        self,
+        fragment: Fragment,
+        target: Target,
+        coordinator: Target | None,
+        leaf_maps: dict[int, LeafMap] | None = None,
+        bulk: bool = False,
     ) -> None:
         self.fragment = fragment
+        # A bulk load (a file, not a stream) says so in its application name: the rollups task
+        # defers refreshing while one writes (energy/task.py BULK_LOAD_MAX_LAG_S).
+        self.application = f"{BULK_LOAD_APP if bulk else 'ingest'}:{fragment.shard_name}"
         # Shared with the session, which cuts new rows by time partition: a COPY straight into
         # the partition costs about a fifth less server CPU than routing through the fragment
         # (measured). Replaced whole, never changed in place, so no lock is needed.
@@ -152,7 +160,7 @@ class FragmentWriter:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            conn = connect(self.target, f"ingest:{self.fragment.shard_name}")
+            conn = connect(self.target, self.application)
             with conn.transaction():
                 # Both ways replace values themselves; the per-row replace trigger is for SQL clients.
                 conn.execute("SET session_replication_role = replica")
