@@ -23,9 +23,17 @@ from orchestrator.topology import Credentials, Group
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10
-# Application name prefix of a bulk load's worker sessions (a file, not a stream): the rollups task
-# sees it in pg_stat_activity and defers refreshing while one writes (energy/rollups.py).
+# Purpose (so application name "buildsmart:ingest-bulk:<shard>") of a bulk load's worker sessions
+# (a file, not a stream): the rollups task sees it in pg_stat_activity and defers refreshing while
+# one writes (energy/rollups.py).
 BULK_LOAD_APP = "ingest-bulk"
+
+
+def application_name(purpose: str) -> str:
+    """What pg_stat_activity shows for a session opened by :func:`connect` for ``purpose``."""
+    return f"buildsmart:{purpose}"
+
+
 PINNED_SEARCH_PATH = "pg_catalog,pg_temp"
 
 
@@ -67,7 +75,7 @@ class Target:
             "dbname": self.dbname,
             "user": self.user,
             "connect_timeout": CONNECT_TIMEOUT_S,
-            "application_name": f"buildsmart:{purpose}",
+            "application_name": application_name(purpose),
         }
         if passfile is not None:
             params["passfile"] = passfile

@@ -390,3 +390,36 @@ def test_meters_from_haystack_devices(main_cluster: ClusterHandle, metadata: str
     finally:
         with main_cluster.coordinator() as conn:
             conn.execute("DELETE FROM public.devices WHERE id = ANY(%s)", (ids,))
+
+
+def test_refresh_waits_while_a_bulk_load_writes(main_cluster: ClusterHandle, metadata: str, tmp_path: Path) -> None:
+    """A worker session of a bulk load (as `buildsmart ingest FILE` opens them) makes the task's
+    refresh leave that worker's changes waiting; `rollups refresh` and a stream do not wait."""
+    b = f"t{metadata}_bulk"
+    main_cluster.run_cli("rollups", "config", "--pause")  # the cluster's own task would refresh first
+    try:
+        load(main_cluster, tmp_path, "bulk", [(b, "m", t.isoformat(), 2.0) for t in _hours(T0, 24)])
+        _check_bulk_deferral(main_cluster, b)
+    finally:
+        main_cluster.run_cli("rollups", "config", "--resume")
+    assert sum(r[2] for r in rollup_rows(main_cluster, b)["hourly"]) == 48.0
+
+
+def _check_bulk_deferral(main_cluster: ClusterHandle, b: str) -> None:
+    from orchestrator.connections import BULK_LOAD_APP, connect, ingest_target
+    from orchestrator.energy.task import BULK_LOAD_MAX_LAG_S
+
+    with _nodes(main_cluster) as nodes:
+        frag = next(f for f in catalog.load_fragments(nodes.coordinator) if (f.range_from or "") <= b < (f.range_to or "\uffff"))
+        worker = next(g for g in main_cluster.topology.workers if g.name == frag.node)
+        with connect(ingest_target(worker, main_cluster.creds), f"{BULK_LOAD_APP}:{frag.shard_name}"):
+            assert rollups.bulk_load_running(nodes.get(frag.node))
+            deferred: list[str] = []
+            done = rollups.refresh(nodes, [frag], defer_while_loading_s=BULK_LOAD_MAX_LAG_S, deferred=deferred)
+            assert deferred == [frag.shard_name] and done == []
+            assert rollup_rows(main_cluster, b)["hourly"] == []  # still waiting
+            # the same changes once they are older than the lag, or asked for by hand: refreshed
+            done = rollups.refresh(nodes, [frag], defer_while_loading_s=0.0, deferred=deferred)
+            assert [r.shard for r in done] == [frag.shard_name] and deferred == [frag.shard_name]
+        with connect(ingest_target(worker, main_cluster.creds), f"ingest:{frag.shard_name}"):  # a stream's session
+            assert not rollups.bulk_load_running(nodes.get(frag.node))

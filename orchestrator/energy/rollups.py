@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 
 from orchestrator import catalog
-from orchestrator.connections import BULK_LOAD_APP
+from orchestrator.connections import BULK_LOAD_APP, application_name
 from orchestrator.executor import coordinator_columns
 from orchestrator.fragments import SHARD_SCHEMA, Fragment
 from orchestrator.nodeconn import NodeConnections
@@ -207,9 +207,11 @@ def defer_for_bulk_load(loading: bool, oldest_change_age_s: float, max_lag_s: fl
     return max_lag_s is not None and loading and oldest_change_age_s < max_lag_s
 
 
-def _bulk_load_running(conn: psycopg.Connection) -> bool:
+def bulk_load_running(conn: psycopg.Connection) -> bool:
+    """Whether a bulk load's session is open on this worker (see ingest/writer.py)."""
     row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE application_name LIKE %s)", (f"{BULK_LOAD_APP}:%",)
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE application_name LIKE %s)",
+        (application_name(f"{BULK_LOAD_APP}:%"),),
     ).fetchone()
     return bool(row and row[0])
 
@@ -241,7 +243,7 @@ def refresh(
                 continue  # nothing changed: no transaction, no temporary tables
             if defer_while_loading_s is not None:
                 if frag.node not in loading:
-                    loading[frag.node] = _bulk_load_running(conn)
+                    loading[frag.node] = bulk_load_running(conn)
                 if defer_for_bulk_load(loading[frag.node], float(row[0]), defer_while_loading_s):
                     if deferred is not None:
                         deferred.append(frag.shard_name)
