@@ -234,17 +234,13 @@ def refresh(
         if _state(conn, frag.shard_name) is None:
             continue  # not built yet: reconcile builds it
         if not full:
-            waiting = (
-                "SELECT EXTRACT(epoch FROM pg_catalog.clock_timestamp() - min(noted_at)) "
-                "FROM buildsmart.rollup_changes WHERE shard = %s"
-            )
-            row = conn.execute(waiting, (frag.shard_name,)).fetchone()
-            if row is None or row[0] is None:
+            age = _oldest_change_age_s(conn, frag.shard_name)
+            if age is None:
                 continue  # nothing changed: no transaction, no temporary tables
             if defer_while_loading_s is not None:
                 if frag.node not in loading:
                     loading[frag.node] = bulk_load_running(conn)
-                if defer_for_bulk_load(loading[frag.node], float(row[0]), defer_while_loading_s):
+                if defer_for_bulk_load(loading[frag.node], age, defer_while_loading_s):
                     if deferred is not None:
                         deferred.append(frag.shard_name)
                     continue
@@ -301,9 +297,26 @@ def _current_placements(coord: psycopg.Connection) -> list[Placement]:
     return [Placement(*r) for r in rows]
 
 
-def _ensure_built(nodes: NodeConnections, frag: Fragment, columns: dict[Kind, list[tuple[str, str, bool]]]) -> str | None:
+def _oldest_change_age_s(conn: psycopg.Connection, shard: str) -> float | None:
+    """Seconds since the oldest change waiting in the fragment's rollup change log (None: none)."""
+    row = conn.execute(
+        "SELECT EXTRACT(epoch FROM pg_catalog.clock_timestamp() - min(noted_at)) FROM buildsmart.rollup_changes WHERE shard = %s",
+        (shard,),
+    ).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+def _ensure_built(
+    nodes: NodeConnections,
+    frag: Fragment,
+    columns: dict[Kind, list[tuple[str, str, bool]]],
+    defer_while_loading_s: float | None = None,
+) -> str | None:
     """Triggers and tables of a fragment, and a full build when its rollups were made from another
-    table (or never). Returns "built", "waiting" or None (already current)."""
+    table (or never). Returns "built", "waiting" or None (already current). With
+    ``defer_while_loading_s`` the full build, which reads every raw row of the fragment, waits for
+    a bulk load on its worker like a refresh does (the load notes its changes; a fragment the
+    load's layout just made would otherwise be built from most of the load, during it)."""
     conn = nodes.get(frag.node)
     if _missing_triggers(conn, frag.shard_name):
         try:
@@ -323,6 +336,10 @@ def _ensure_built(nodes: NodeConnections, frag: Fragment, columns: dict[Kind, li
         state = _state(conn, frag.shard_name)
         if state is not None and state.fragment_oid == oid and (state.ts_from, state.ts_to) == (frag.ts_from, frag.ts_to):
             return None
+        if defer_while_loading_s is not None:
+            age = _oldest_change_age_s(conn, frag.shard_name)  # None: the load does not write here
+            if age is not None and defer_for_bulk_load(bulk_load_running(conn), age, defer_while_loading_s):
+                return "waiting"
         for stmt in worker_tables_ddl(frag.shard_name, columns):
             conn.execute(stmt)
         for kind in KINDS:
@@ -350,13 +367,15 @@ def _lock_fragment_rollups(conn: psycopg.Connection, shard: str) -> None:
     conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext(%s))", (f"buildsmart.rollups:{shard}",))
 
 
-def reconcile(nodes: NodeConnections) -> ReconcileResult:
+def reconcile(nodes: NodeConnections, defer_while_loading_s: float | None = None) -> ReconcileResult:
+    """Build what is missing and attach the coordinator partitions of ready fragments; with
+    ``defer_while_loading_s`` (the task) full builds wait for a bulk load (see _ensure_built)."""
     coord = nodes.coordinator
     frags = catalog.load_fragments(coord)
     columns: dict[Kind, list[tuple[str, str, bool]]] = {k: coordinator_columns(coord, f"public.readings_{k}") for k in KINDS}
     built, waiting = [], []
     for frag in frags:
-        outcome = _ensure_built(nodes, frag, columns)
+        outcome = _ensure_built(nodes, frag, columns, defer_while_loading_s)
         if outcome == "built":
             built.append(frag.shard_name)
         elif outcome == "waiting":

@@ -62,7 +62,7 @@ class RollupsTask:
             return TaskOutcome("paused (buildsmart rollups resume)")
         frags = ctx.el.fragments()
         synced = reference.sync(nodes, frags)
-        rec = rollups.reconcile(nodes)
+        rec = rollups.reconcile(nodes, defer_while_loading_s=BULK_LOAD_MAX_LAG_S)
         deferred: list[str] = []
         done = rollups.refresh(nodes, defer_while_loading_s=BULK_LOAD_MAX_LAG_S, deferred=deferred)
         parts = []
