@@ -5,6 +5,7 @@ equal to a full recomputation after every kind of change, gaps and gap filling."
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -398,6 +399,9 @@ def test_refresh_waits_while_a_bulk_load_writes(main_cluster: ClusterHandle, met
     b = f"t{metadata}_bulk"
     main_cluster.run_cli("rollups", "config", "--pause")  # the cluster's own task would refresh first
     try:
+        with _nodes(main_cluster) as nodes:  # what the (paused) task would have done before the load
+            reference.sync(nodes, catalog.load_fragments(nodes.coordinator))
+            rollups.reconcile(nodes)
         load(main_cluster, tmp_path, "bulk", [(b, "m", t.isoformat(), 2.0) for t in _hours(T0, 24)])
         _check_bulk_deferral(main_cluster, b)
     finally:
@@ -426,5 +430,9 @@ def _check_bulk_deferral(main_cluster: ClusterHandle, b: str) -> None:
             # asked for by hand (`rollups refresh` reconciles without waiting): built now
             rec = rollups.reconcile(nodes)
             assert frag.shard_name in rec.built
+        # the bulk session's backend ends a moment after its client closed it
+        deadline = time.monotonic() + 10
+        while rollups.bulk_load_running(wconn) and time.monotonic() < deadline:
+            time.sleep(0.05)
         with connect(ingest_target(worker, main_cluster.creds), f"ingest:{frag.shard_name}"):  # a stream's session
             assert not rollups.bulk_load_running(wconn)

@@ -201,8 +201,8 @@ def defer_for_bulk_load(loading: bool, oldest_change_age_s: float, max_lag_s: fl
     """Whether to leave a fragment's waiting changes for later (pure): while a bulk load (a file,
     not a stream) writes on its worker, unless its oldest waiting change is ``max_lag_s`` old.
     Why: a refresh during a load recomputes hourly rows about as many as the load writes, on the
-    same cores and through the same replicas (measured: a refresh share of 15% still slowed the
-    Cambridge load by a third); the same work after the load costs the load nothing, and the
+    same cores and through the same replicas (measured: with a refresh share of 15%, single
+    Cambridge loads took 8-32% longer); the same work after the load costs the load nothing, and the
     dashboards lag the load by at most ``max_lag_s`` plus the catch-up."""
     return max_lag_s is not None and loading and oldest_change_age_s < max_lag_s
 
