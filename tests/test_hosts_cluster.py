@@ -351,6 +351,19 @@ def _primary(g: HostGroup) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def _on_leader_host(g: HostGroup, act: Callable[[str], None]) -> Callable[[], tuple[str, float]]:
+    """The fault of a scenario: ``act`` (crash, cut, freeze) on the host of the group's leader;
+    returns that host and the moment of the fault."""
+
+    def fault() -> tuple[str, float]:
+        host = g.members[leader(g)]
+        t = time.monotonic()
+        act(host)
+        return host, t
+
+    return fault
+
+
 def test_worker_primary_killed_with_agent_alive(whole: Whole) -> None:
     g = whole.group("w1")
 
@@ -378,13 +391,7 @@ def test_coordinator_primary_host_crash(whole: Whole) -> None:
 def test_worker_primary_host_cut_off(whole: Whole) -> None:
     g = whole.group("w2")
 
-    def fault() -> tuple[str, float]:
-        host = g.members[leader(g)]
-        t = time.monotonic()
-        g.net.cut(host)
-        return host, t
-
-    out = _scenario(whole, "w2", fault, g.net.heal)
+    out = _scenario(whole, "w2", _on_leader_host(g, g.net.cut), g.net.heal)
     _assert_follows_promotion(out)
 
 
@@ -434,13 +441,7 @@ def test_coordinator_primary_host_cut_off(whole: Whole) -> None:
     tcp_user_timeout (30 s, connections.LIVENESS_PARAMS) would end it later."""
     g = whole.group("coordinator")
 
-    def fault() -> tuple[str, float]:
-        host = g.members[leader(g)]
-        t = time.monotonic()
-        g.net.cut(host)
-        return host, t
-
-    _scenario(whole, "coordinator", fault, g.net.heal, attempt_s=CLIENT_DEADLINE_S)
+    _scenario(whole, "coordinator", _on_leader_host(g, g.net.cut), g.net.heal, attempt_s=CLIENT_DEADLINE_S)
 
 
 def test_worker_primary_host_frozen(whole: Whole) -> None:
@@ -450,13 +451,7 @@ def test_worker_primary_host_frozen(whole: Whole) -> None:
     gives up on the frozen host after connect_timeout."""
     g = whole.group("w1")
 
-    def fault() -> tuple[str, float]:
-        host = g.members[leader(g)]
-        t = time.monotonic()
-        g.net.freeze(host)
-        return host, t
-
-    out = _scenario(whole, "w1", fault, g.net.thaw, attempt_s=CLIENT_DEADLINE_S)
+    out = _scenario(whole, "w1", _on_leader_host(g, g.net.freeze), g.net.thaw, attempt_s=CLIENT_DEADLINE_S)
     # a coordinator session that began connecting to the frozen host before the task runner took
     # it out of the foreign server waits until the host thaws: the client's deadline ends it
     _assert_follows_promotion(out, CLIENT_DEADLINE_S + 1.0)
@@ -465,13 +460,7 @@ def test_worker_primary_host_frozen(whole: Whole) -> None:
 def test_worker_primary_host_crash(whole: Whole) -> None:
     g = whole.group("w2")
 
-    def fault() -> tuple[str, float]:
-        host = g.members[leader(g)]
-        t = time.monotonic()
-        g.net.crash(host)
-        return host, t
-
-    out = _scenario(whole, "w2", fault, g.net.restart)
+    out = _scenario(whole, "w2", _on_leader_host(g, g.net.crash), g.net.restart)
     _assert_follows_promotion(out)
 
 
