@@ -14,8 +14,12 @@ synchronous replication the old primary cannot commit alone. The scenario code i
 from __future__ import annotations
 
 import shutil
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import psycopg
 import pytest
 
 from orchestrator.exceptions import NodeError
@@ -83,3 +87,59 @@ def test_members_reach_etcd_only_as_their_users(group: HostGroup) -> None:
     with pytest.raises(NodeError, match="HTTP Error 40"):
         etcd.get(group.etcd.client(), f"{NAMESPACE}w1/leader")
     assert leader(group) in group.members
+
+
+ORPHAN = """
+import sys, time, psycopg
+conn = psycopg.connect(sys.argv[1], application_name="orphan-test", autocommit=True)
+conn.execute("CREATE TABLE IF NOT EXISTS orphan_locks (k int PRIMARY KEY)")
+conn.execute("BEGIN")
+conn.execute("INSERT INTO orphan_locks VALUES (1)")
+print("locked", flush=True)
+conn.execute("SELECT pg_sleep(3)")
+print("answered", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_session_of_a_cut_client_host_ends_and_frees_its_locks(group: HostGroup, tmp_path: Path) -> None:
+    """A client (on h3, which holds no member) takes a row lock in an open transaction, and its host
+    is cut while the server computes an answer: the answer then waits unacknowledged in the
+    server's socket, where keepalives do not probe and the kernel retransmits for about 15 minutes
+    (the orphaned FDW session of a cut coordinator host, seen in CI). The members' tcp_user_timeout
+    (12 s, runtime/local.py HOSTS_SETTINGS) ends the session and frees its lock."""
+    primary = leader(group)
+    host = next(h for h in group.net.hosts if h not in group.members.values())
+    log = tmp_path / "orphan.log"
+    client = group.net.start(host, [sys.executable, "-c", ORPHAN, group.conninfo(primary)], log)
+    try:
+        with psycopg.connect(group.conninfo(primary), autocommit=True) as conn:
+            deadline = time.monotonic() + 30
+            while "locked" not in log.read_text() and time.monotonic() < deadline:
+                assert client.poll() is None, log.read_text()
+                time.sleep(0.1)
+            assert "locked" in log.read_text(), log.read_text()
+            group.net.cut(host)  # during the pg_sleep: its answer will find no ACK
+            cut_at = time.monotonic()
+            try:
+                while time.monotonic() - cut_at < 40:
+                    rows = conn.execute(
+                        "SELECT state, wait_event FROM pg_stat_activity WHERE application_name = 'orphan-test'"
+                    ).fetchall()
+                    if not rows:
+                        break
+                    time.sleep(0.5)
+                gone_s = time.monotonic() - cut_at
+                assert not rows, f"the cut client's session still there {gone_s:.0f} s after the cut: {rows}"
+                assert "answered" not in log.read_text()
+                # its lock is free: the same key can be taken at once
+                conn.execute("SET lock_timeout = '1s'")
+                conn.execute("INSERT INTO orphan_locks VALUES (1)")
+                conn.execute("DROP TABLE orphan_locks")
+                print(f"\nthe cut client's session ended {gone_s:.1f} s after the cut")
+                assert gone_s > 5, "ended before keepalives or the user timeout could have: something else closed it"
+            finally:
+                group.net.heal(host)
+    finally:
+        client.kill()
+        client.wait(10)

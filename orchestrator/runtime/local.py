@@ -59,11 +59,18 @@ SERVER_SETTINGS: dict[str, str] = {
 # session of a cut coordinator host) would otherwise sit idle in its transaction for the kernel's
 # two hours, holding the row locks of the batch it wrote, and the new coordinator's retry of that
 # batch waits on them. Ended after about 11 s of unanswered probes; a live peer's kernel answers.
+# Keepalives only probe a connection with nothing unacknowledged: if the cut falls between the
+# worker's answer and its ACK, the kernel retransmits that answer for about 15 minutes instead (seen
+# in CI: the retry waited on the orphan's locks past the test's 60 s). tcp_user_timeout ends that
+# too; with it set, Linux also ends a keepalive-probed connection once this long has passed without
+# an answer, so it replaces the count (probes at 5, 7, 9, 11 s: closed at about 13 s). The cost: a
+# client that leaves a streamed result unread for 12 s (its receive window shut) is disconnected.
 HOSTS_SETTINGS: dict[str, str] = {
     "wal_sender_timeout": "'10s'",
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "2",
     "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "12000",
 }
 
 LOOPBACK = ("127.0.0.1/32",)
