@@ -164,7 +164,7 @@ def exists(directory: Path) -> bool:
 
 def save(directory: Path, topology: Topology) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / TOPOLOGY_FILE, json.dumps(asdict(topology), indent=2) + "\n", 0o644)
+    atomic_write(directory / TOPOLOGY_FILE, json.dumps(asdict(topology), indent=2) + "\n", 0o644)
     log.info("saved topology of cluster %s (%d nodes) to %s", topology.cluster_name, len(topology.groups), directory)
 
 
@@ -186,10 +186,11 @@ def load_credentials(directory: Path) -> Credentials:
 
 def save_credentials(directory: Path, creds: Credentials) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / CREDENTIALS_FILE, json.dumps(asdict(creds), indent=2) + "\n", 0o600)
+    atomic_write(directory / CREDENTIALS_FILE, json.dumps(asdict(creds), indent=2) + "\n", 0o600)
 
 
-def _atomic_write(path: Path, text: str, mode: int) -> None:
+def atomic_write(path: Path, text: str, mode: int) -> None:
+    """Replace ``path`` with ``text`` at once, the mode set before any byte lands (secrets: 0600)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as fh:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from orchestrator.exceptions import NodeError
 from orchestrator.runtime import etcd, tls
 
 log = logging.getLogger(__name__)
@@ -106,15 +107,46 @@ def enable_auth(client: etcd.Client, root_password: str, users: Mapping[str, tup
     a role that may read and write that prefix only (the orchestrator, and each host's Patroni
     under its own name: ``MemberConf.etcd_user``). Clients reach etcd through its JSON gateway,
     which does not pass the client certificate's name on, so users authenticate with a password
-    (a token per member, runtime/etcd.py Client) on top of the certificate TLS demands. Run once."""
+    (a token per member, runtime/etcd.py Client) on top of the certificate TLS demands. Run once
+    (:func:`auth_enabled` tells; :func:`add_users` adds users afterwards)."""
     etcd.call(client, "/v3/auth/role/add", {"name": "root"})
     etcd.call(client, "/v3/auth/user/add", {"name": "root", "password": root_password})
     etcd.call(client, "/v3/auth/user/grant", {"user": "root", "role": "root"})
     for name, (password, prefix) in users.items():
-        perm = {"permType": "READWRITE", "key": etcd.encode(prefix), "range_end": etcd.encode(_prefix_end(prefix))}
-        etcd.call(client, "/v3/auth/role/add", {"name": name})
-        etcd.call(client, "/v3/auth/role/grant", {"name": name, "perm": perm})
-        etcd.call(client, "/v3/auth/user/add", {"name": name, "password": password})
-        etcd.call(client, "/v3/auth/user/grant", {"user": name, "role": name})
+        _add_user(client, name, password, prefix)
     etcd.call(client, "/v3/auth/enable", {})
     log.info("etcd authentication enabled for %s", ", ".join(sorted(users)))
+
+
+def _add_user(client: etcd.Client, name: str, password: str, prefix: str) -> None:
+    perm = {"permType": "READWRITE", "key": etcd.encode(prefix), "range_end": etcd.encode(_prefix_end(prefix))}
+    etcd.call(client, "/v3/auth/role/add", {"name": name})
+    etcd.call(client, "/v3/auth/role/grant", {"name": name, "perm": perm})
+    etcd.call(client, "/v3/auth/user/add", {"name": name, "password": password})
+    etcd.call(client, "/v3/auth/user/grant", {"user": name, "role": name})
+
+
+def auth_enabled(client: etcd.Client) -> bool:
+    """Whether etcd's authentication is on: ``client`` (no user) may read a key only while it is
+    off. Raises NodeError when no member answers at all."""
+    try:
+        etcd.get(replace(client, user=None, password=None), "/")
+    except NodeError as exc:
+        if "HTTP Error 4" in str(exc):  # 400/401: a request without a token, refused
+            return True
+        raise
+    return False
+
+
+def add_users(root: etcd.Client, users: Mapping[str, tuple[str, str]]) -> list[str]:
+    """With authentication on (``root``: the root user's client), add the users that do not exist
+    yet (``user -> (password, key prefix)``), each confined to its prefix; returns their names.
+    Existing users are left alone: their passwords are in use."""
+    listed = etcd.call(root, "/v3/auth/user/list", {}).get("users") or []
+    added = [name for name in users if name not in listed]
+    for name in added:
+        password, prefix = users[name]
+        _add_user(root, name, password, prefix)
+    if added:
+        log.info("etcd users added: %s", ", ".join(added))
+    return added
