@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator import topology
 from orchestrator.exceptions import ConfigError
 from orchestrator.runtime import agent, hasettings, hostfiles, hostspec
 from orchestrator.runtime.hostplan import ClusterPlan, plan
@@ -326,3 +327,23 @@ def test_host_plan_again_keeps_every_key_and_password(planned: tuple[Path, Path]
     assert [s.name for s in agent.load_plan(directory, "h5").patroni] == ["coordinator-1", "w3-0"]
     assert os.path.exists(directory / "hosts/h1/w3-1/patroni.yml")
 
+
+def test_node_add_on_hosts_names_the_steps_for_an_unplanned_group(planned: tuple[Path, Path]) -> None:
+    """`node add NAME` on a hosts cluster takes its members from the plan; a group the plan does
+    not hold (or a DIR no plan wrote) is refused with the commands that make one, before any
+    server is asked."""
+    from orchestrator.runtime.hosts import HostsRuntime
+
+    spec, directory = planned
+    p = hostfiles.write(spec, directory, lambda _: None)
+    topo = p.topology()
+    creds = topology.load_credentials(directory)
+    rt = HostsRuntime(directory)
+    with pytest.raises(ConfigError, match=r"w9 is not a group of .*hosts.toml: add a \[groups.w9\] table") as info:
+        rt.add_worker(topo, "w9", creds, lambda _: None)
+    assert "`buildsmart host plan --spec FILE" in str(info.value) and "`buildsmart node add w9`" in str(info.value)
+    with pytest.raises(ConfigError, match="coordinator group"):
+        rt.add_worker(topo, "coordinator", creds, lambda _: None)
+    (directory / "hosts.toml").unlink()
+    with pytest.raises(ConfigError, match="was not planned by `buildsmart host plan`"):
+        rt.add_worker(topo, "w3", creds, lambda _: None)
