@@ -132,7 +132,6 @@ def main() -> int:
 
 
 def hosts_mode(rounds: int, only: str = "", retry_timeout: int | None = None) -> int:
-    from orchestrator.osuser import service_user
     from orchestrator.runtime import memberconf
     from tests import hosts_tools, netns
 
@@ -147,7 +146,7 @@ def hosts_mode(rounds: int, only: str = "", retry_timeout: int | None = None) ->
     net = netns.Network(names)
     base = make_tmp_dir("bs-bench-hosts-")
     try:
-        group = hosts_tools.make_group(net, base, service_user(), names)
+        group = hosts_tools.make_group(net, base, names)
         print("group w1 over 3 namespace hosts (etcd on each; primary and sync replica on two; TLS; an agent per host)")
         t = hosts_tools.TIMING
         print(f"Patroni ttl {t.ttl} s, loop_wait {t.loop_wait} s, retry_timeout {t.retry_timeout} s; "

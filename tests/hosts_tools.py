@@ -1,14 +1,17 @@
-"""Members on network-namespace hosts (tests/netns.py), made the way a host would make them: etcd
-members from runtime/etcdcluster.py, Patroni members from runtime/memberconf.py, TLS material from
-runtime/tls.py (one certificate per host, for its address)."""
+"""Clusters on network-namespace hosts (tests/netns.py), built the way a user builds one: a hosts
+spec for the namespaces' addresses, ``buildsmart host plan`` (the CA, certificates, etcd and
+Patroni members, agent plans and secrets: runtime/hostfiles.py), an agent per host started inside
+its namespace (what ``buildsmart host up`` runs), and ``buildsmart host init`` (etcd
+authentication, every group's primary and synchronous standby, and, with a coordinator, the
+BuildSmartDB setup: orchestrator/hostinit.py). The harness keeps only the namespaces and waiting."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
-import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -19,142 +22,50 @@ from pathlib import Path
 
 import psycopg
 
-from orchestrator import pgbin
-from orchestrator.osuser import ServiceUser
-from orchestrator.runtime import agent, etcd, etcdcluster, identity, memberconf, procs, tls
-from orchestrator.runtime.hasettings import HaSettings
-from orchestrator.runtime.local import hba_rules, tls_settings
-from orchestrator.runtime.patroni import dcs_parameters
+from orchestrator import topology
+from orchestrator.runtime import agent, etcd, hostfiles, identity, memberconf, procs, tls
+from orchestrator.runtime.hostplan import ClusterPlan, plan
+from orchestrator.runtime.hostspec import load
 from tests import netns
+
+CLUSTER = "hosts-test"
+NAMESPACE = f"/{CLUSTER}/"
+# ttl and loop_wait at Patroni's floors; retry_timeout 5 s: 3 s is safe by the rule too but showed
+# no steady gain over hosts (docs/hosts.md). Written into the spec's [patroni] table.
+TIMING = memberconf.Timing()
+# a client's connect attempt to a lost host gives up after this (libpq: whole seconds, >= 2)
+CONNECT_TIMEOUT_S = 2
 
 
 class HostCa:
-    """The cluster CA, a certificate per host (key owned by the service user) and the
-    orchestrator's client certificate."""
+    """The cluster CA ``host plan`` made (DIR/tls) and the orchestrator's client certificate."""
 
-    def __init__(self, base: Path, user: ServiceUser) -> None:
-        self.dir = base / "ca"
-        self.user = user
-        tls.make_ca(self.dir, "hosts-test")
-        os.chmod(self.dir, 0o755)
-        self.client = tls.issue(self.dir, self.dir, tls.CLIENT, (), server=False)
-        self.context = tls.client_context(self.ca, self.client)
+    def __init__(self, directory: Path) -> None:
+        self.dir = hostfiles.tls_dir(directory)
+        self.context = tls.client_context(self.ca, tls.CertPaths(self.dir / f"{tls.CLIENT}.crt", self.dir / f"{tls.CLIENT}.key"))
 
     @property
     def ca(self) -> Path:
         return self.dir / "ca.crt"
 
-    def host_material(self, host: str, address: str, into: Path) -> tls.Material:
-        into.mkdir(parents=True, exist_ok=True)
-        os.chmod(into, 0o755)
-        return tls.Material(self.ca, tls.issue(self.dir, into, host, [address], self.user))
-
 
 class EtcdHosts:
-    """One etcd member on each of ``hosts``, TLS with client-certificate auth, run as the service
-    user by each host's agent (``specs``: what goes into the host plans)."""
+    """The planned etcd members, reached from the test's namespace."""
 
-    def __init__(self, net: netns.Network, base: Path, ca: HostCa, hosts: Sequence[str], user: ServiceUser) -> None:
-        self.net, self.ca, self.hosts = net, ca, tuple(hosts)
-        self.members = [etcdcluster.EtcdMember(f"etcd-{h}", net.address(h), base / f"etcd-{h}") for h in hosts]
-        self.specs: dict[str, agent.EtcdSpec] = {}
-        for h, m in zip(hosts, self.members, strict=True):
-            m.directory.mkdir(parents=True)
-            material = tls.Material(ca.ca, tls.issue(ca.dir, m.directory, m.name, [m.address], user))
-            argv = etcdcluster.member_argv(etcd.binary(), m, self.members, material, f"t-{net.tag}")
-            self.specs[h] = agent.EtcdSpec(m.name, str(m.directory), str(m.data_dir), tuple(argv))
+    def __init__(self, p: ClusterPlan, ca: HostCa) -> None:
+        self.ca, self.hosts = ca, tuple(e.host for e in p.etcd)
+        self.members = p.etcd
 
     def url(self, host: str) -> str:
-        return self.members[self.hosts.index(host)].client_url(True)
+        return self.members[self.hosts.index(host)].url
 
     @property
     def endpoints(self) -> tuple[str, ...]:
         return tuple(m.endpoint for m in self.members)
 
     def client(self, hosts: Sequence[str] | None = None) -> etcd.Client:
+        """A client without an etcd user (authentication is on: it is refused)."""
         return etcd.Client(tuple(self.url(h) for h in (hosts or self.hosts)), self.ca.context)
-
-    def wait_healthy(self, hosts: Sequence[str] | None = None, timeout_s: float = 30.0) -> None:
-        hosts = tuple(hosts or self.hosts)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if all(etcd.healthy(self.url(h), self.ca.context) for h in hosts):
-                return
-            time.sleep(0.2)
-        logs = {m.name: (m.directory / "etcd.log").read_text()[-800:] for m in self.members}
-        raise AssertionError(f"etcd members on {hosts} not healthy within {timeout_s} s: {logs}")
-
-
-NAMESPACE = "/hosts-test/"
-REST_PORT = 8008
-PG_PORT = 5432
-SUPERUSER = ("buildsmart_admin", "hosts-test-secret")
-REST = ("buildsmart", "rest-secret")
-# ttl and loop_wait at Patroni's floors; retry_timeout 5 s: 3 s is safe by the rule too but showed
-# no steady gain over hosts (docs/hosts.md)
-TIMING = memberconf.Timing()
-# a client's connect attempt to a lost host gives up after this (libpq: whole seconds, >= 2)
-CONNECT_TIMEOUT_S = 2
-
-
-def plan_patroni(
-    net: netns.Network,
-    host: str,
-    name: str,
-    scope: str,
-    base: Path,
-    ca: HostCa,
-    etcd_hosts: EtcdHosts,
-    user: ServiceUser,
-    ports: tuple[int, int],
-    peers: tuple[str, ...],
-    etcd_user: tuple[str, str],
-) -> agent.PatroniSpec:
-    """Render one Patroni member of ``host`` (config, TLS files); its host's agent starts it as
-    the service user. ``ports``: (PostgreSQL, REST API)."""
-    address = net.address(host)
-    member_dir = base / name
-    member_dir.mkdir(parents=True)
-    material = ca.host_material(host, address, member_dir / "tls")
-    files = memberconf.TlsFiles(str(material.ca), str(material.own.cert), str(material.own.key))
-    client = tls.issue(ca.dir, member_dir / "tls", f"{name}-etcd", (), user, server=False)
-    etcd_client = memberconf.TlsFiles(str(material.ca), str(client.cert), str(client.key))
-    pg = f"{address}:{ports[0]}"
-    conf = memberconf.MemberConf(
-        scope=scope,
-        namespace=NAMESPACE,
-        name=name,
-        restapi_listen=f"{address}:{ports[1]}",
-        restapi_address=f"{address}:{ports[1]}",
-        restapi_user=REST[0],
-        restapi_password=REST[1],
-        etcd_hosts=etcd_hosts.endpoints,
-        synchronous="on",
-        pg_listen=pg,
-        pg_address=pg,
-        data_dir=str(member_dir / "data"),
-        bin_dir=str(pgbin.bin_dir()),
-        pgpass=str(member_dir / "pgpass"),
-        superuser=SUPERUSER[0],
-        superuser_password=SUPERUSER[1],
-        dcs_parameters=dcs_parameters(hosts=True),
-        local_parameters={k: memberconf.pg_value(v) for k, v in tls_settings(material).items()},
-        hba=tuple(hba_rules(networks=(net.subnet,), use_tls=True)),
-        tls=files,
-        etcd_tls=True,
-        etcd_client=etcd_client,
-        etcd_user=etcd_user[0],
-        etcd_password=etcd_user[1],
-        timing=TIMING,
-    )
-    config = member_dir / "patroni.yml"
-    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(memberconf.render(conf))
-    user.chown(member_dir)
-    return agent.PatroniSpec(
-        name, scope, str(member_dir), pg, f"{NAMESPACE}{scope}/leader", f"{NAMESPACE}{scope}/members/", peers
-    )
 
 
 @dataclass
@@ -164,10 +75,11 @@ class HostGroup:
     net: netns.Network
     ca: HostCa
     etcd: EtcdHosts
+    superuser: tuple[str, str]
     members: dict[str, str] = field(default_factory=dict)  # member -> host
     specs: dict[str, agent.PatroniSpec] = field(default_factory=dict)
-    pg_port: int = PG_PORT
-    rest_port: int = REST_PORT
+    pg_port: int = 5432
+    rest_port: int = 8008
 
     def rest(self, member: str, path: str) -> tuple[int, dict[str, object]]:
         url = f"https://{self.net.address(self.members[member])}:{self.rest_port}{path}"
@@ -184,7 +96,7 @@ class HostGroup:
         addrs = ",".join(self.net.address(h) for h in hosts)
         ports = ",".join(str(self.pg_port) for _ in hosts)
         return (
-            f"host={addrs} port={ports} dbname={dbname} user={SUPERUSER[0]} password={SUPERUSER[1]} "
+            f"host={addrs} port={ports} dbname={dbname} user={self.superuser[0]} password={self.superuser[1]} "
             f"sslmode=verify-full sslrootcert={self.ca.ca} sslcertmode=disable connect_timeout={CONNECT_TIMEOUT_S} "
             # a cut-off server never answers: without these a client waits on its socket forever
             "tcp_user_timeout=3000 keepalives_idle=2 keepalives_interval=1 keepalives_count=2"
@@ -201,42 +113,19 @@ class HostGroup:
         raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: {logs}")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """One fault of the primary's host under the writer."""
-
-    scenario: str
-    resumed_s: float  # fault -> first write acknowledged by the new primary
-    pause_s: float  # longest gap between acknowledged writes
-    acked: int
-    lost: tuple[int, ...]  # acknowledged, missing afterwards
-    doubled: int  # rows present more than once
-
-
 @dataclass
 class HostCluster:
-    """etcd on some hosts, Patroni groups over them, an agent on every host."""
+    """etcd on some hosts, Patroni groups over them, an agent on every host; DIR = ``base``."""
 
     net: netns.Network
     base: Path
+    plan: ClusterPlan
     ca: HostCa
     etcd: EtcdHosts
     groups: dict[str, HostGroup]
-    orchestrator_etcd: tuple[str, str] = ("", "")  # the orchestrator's etcd user and password
-
-    def ha_settings(self) -> HaSettings:
-        """What DIR/ha.json holds for this cluster (runtime ``hosts``): how the orchestrator reaches
-        every member's REST API and etcd, over TLS with the cluster CA and its client certificate."""
-        rest = {m: g.rest_port for g in self.groups.values() for m in g.members}
-        hosts = {m: self.net.address(h) for g in self.groups.values() for m, h in g.members.items()}
-        user, password = self.orchestrator_etcd
-        return HaSettings(
-            1, "on", 0, 0, rest, REST[0], REST[1], restapi_hosts=hosts, etcd_endpoints=list(self.etcd.endpoints),
-            etcd_user=user, etcd_password=password, tls_dir=str(self.ca.dir),
-        )  # fmt: skip
 
     def agent_log(self, host: str) -> str:
-        return _tail(self.base / f"agent-{host}.log")
+        return _tail(self.base / agent.LOG_FILE.format(host=host))
 
 
 def _tail(path: Path, n: int = 1500) -> str:
@@ -246,68 +135,84 @@ def _tail(path: Path, n: int = 1500) -> str:
         return "(no log)"
 
 
+def spec_text(net: netns.Network, etcd_on: Sequence[str], layout: dict[str, tuple[str, ...]], split_points: Sequence[str]) -> str:
+    """The hosts spec a user would write for these namespace hosts (docs/hosts.md)."""
+    lines = ["[cluster]", f'name = "{CLUSTER}"', f"split_points = {json.dumps(list(split_points))}", "", "[hosts]"]
+    lines += [f'{h} = "{net.address(h)}"' for h in net.hosts]
+    lines += ["", "[etcd]", f"hosts = {json.dumps(list(etcd_on))}", ""]
+    for g, hosts in layout.items():
+        lines += [f"[groups.{g}]", f"hosts = {json.dumps(list(hosts))}", ""]
+    lines += ["[network]", f'allow = ["{net.subnet}"]', ""]
+    t = TIMING
+    lines += ["[patroni]", f"ttl = {t.ttl}", f"loop_wait = {t.loop_wait}", f"retry_timeout = {t.retry_timeout}", ""]
+    return "\n".join(lines)
+
+
+def host_cli(*args: str, directory: Path) -> str:
+    """``buildsmart host ARGS --dir DIR`` as the user runs it; its output (stdout and stderr)."""
+    cmd = [sys.executable, "-m", "orchestrator", "host", *args, "--dir", str(directory)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    said = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise AssertionError(f"host {' '.join(args)} failed ({done.returncode}):\n{said}")
+    return said
+
+
 def make_cluster(
-    net: netns.Network, base: Path, user: ServiceUser, etcd_on: Sequence[str], layout: dict[str, tuple[str, ...]]
+    net: netns.Network,
+    base: Path,
+    etcd_on: Sequence[str],
+    layout: dict[str, tuple[str, ...]],
+    split_points: Sequence[str] = (),
 ) -> HostCluster:
     """etcd on ``etcd_on``; per group of ``layout`` (group -> hosts of its members, in order) a
-    Patroni member on each of those hosts; a host plan and an agent on every host of ``net``, which
-    start the members (etcd, then Patroni once the DCS answers its user). Waits until every group
-    has a primary and a synchronous standby."""
-    ca = HostCa(base, user)
-    e = EtcdHosts(net, base, ca, etcd_on, user)
-    members = {f"{g}-{i}": (g, h) for g, hosts in layout.items() for i, h in enumerate(hosts)}
-    passwords = {m: secrets.token_urlsafe(16) for m in members}
-    agents = {h: secrets.token_urlsafe(16) for h in net.hosts}
-    groups: dict[str, HostGroup] = {}
-    specs: dict[str, list[agent.PatroniSpec]] = {h: [] for h in net.hosts}
-    for gi, (g, hosts) in enumerate(layout.items()):
-        grp = HostGroup(net, ca, e, pg_port=PG_PORT + gi, rest_port=REST_PORT + gi)
-        names = [f"{g}-{i}" for i in range(len(hosts))]
-        for name, h in zip(names, hosts, strict=True):
-            peers = tuple(n for n in names if n != name)
-            spec = plan_patroni(net, h, name, g, base, ca, e, user, (grp.pg_port, grp.rest_port), peers, (name, passwords[name]))
-            grp.members[name], grp.specs[name] = h, spec
-            specs[h].append(spec)
-        groups[g] = grp
+    Patroni member on each of those hosts, as ``host plan`` plans them into DIR = ``base``; the
+    agent of every host of ``net`` started inside its namespace; then ``host init``, which waits
+    until every group has a primary and a synchronous standby (and sets the cluster up when the
+    layout has a coordinator and a worker)."""
+    spec = base / "spec.toml"
+    spec.write_text(spec_text(net, etcd_on, layout, split_points))
+    host_cli("plan", "--spec", str(spec), directory=base)
     for h in net.hosts:
-        # the agent's own etcd user and client certificate (its own member's endpoint first)
-        adir = base / f"agent-{h}"
-        client = tls.issue(ca.dir, adir, f"agent-{h}", (), server=False)
-        secret = adir / "etcd-password"
-        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(agents[h])
-        urls = sorted((m.client_url(True) for m in e.members), key=lambda u: u != e.url(h) if h in e.hosts else False)
-        dcs = agent.DcsAccess(tuple(urls), str(ca.ca), str(client.cert), str(client.key), f"agent-{h}", str(secret))
-        agent.write_plan(base, agent.HostPlan(h, user.name, dcs, e.specs.get(h), tuple(specs[h])))
-        net.start(h, procs.python_module(agent.MARKER, str(base), h), base / f"agent-{h}.log")
-    orchestrator_etcd = ("buildsmart", secrets.token_urlsafe(16))
-    cl = HostCluster(net, base, ca, e, groups, orchestrator_etcd)
+        # what `buildsmart host up` (or the unit) runs on a real host: the agent, from DIR/host-NAME.json
+        net.start(h, procs.python_module(agent.MARKER, str(base), h), base / agent.LOG_FILE.format(host=h))
+    p = plan(load(base / hostfiles.SPEC_FILE))
+    ca = HostCa(base)
+    e = EtcdHosts(p, ca)
+    creds = topology.load_credentials(base)
+    specs = {s.name: s for h in net.hosts for s in agent.load_plan(base, h).patroni}
+    groups = {
+        g.name: HostGroup(
+            net, ca, e, (creds.superuser, creds.superuser_password),
+            {m.name: m.host for m in g.members}, {m.name: specs[m.name] for m in g.members}, g.pg_port, g.rest_port,
+        )
+        for g in p.groups
+    }  # fmt: skip
+    cl = HostCluster(net, base, p, ca, e, groups)
     try:
-        e.wait_healthy()
+        host_cli("init", directory=base)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; agents: {[cl.agent_log(h) for h in e.hosts]}") from exc
-    # etcd authentication: each Patroni member and each agent a user confined to the cluster's prefix
-    users = {m: (passwords[m], NAMESPACE) for m in members} | {f"agent-{h}": (agents[h], NAMESPACE) for h in net.hosts}
-    users[orchestrator_etcd[0]] = (orchestrator_etcd[1], NAMESPACE)
-    etcdcluster.enable_auth(e.client(), secrets.token_urlsafe(16), users)
-    for g, grp in groups.items():
-        grp.wait(f"{g} to elect a primary", lambda grp=grp: _primaries(grp) == 1, 120)
-        grp.wait(f"{g} to have a synchronous standby", lambda grp=grp: _synchronous(grp), 120)
+        raise AssertionError(f"{exc}; agents: {[cl.agent_log(h) for h in net.hosts]}") from exc
     return cl
 
 
-def _synchronous(group: HostGroup) -> bool:
-    return any(group.rest(m, "/sync")[0] == 200 for m in group.members)
+def restart_agent(cl: HostCluster, host: str) -> None:
+    """What `buildsmart host down` then `host up` do on a real host after a new plan: the agent
+    stops (SIGTERM; its members keep running) and starts again, reading its plan afresh."""
+    argv = procs.python_module(agent.MARKER, str(cl.base), host)
+    stopped = 0
+    for proc in cl.net.hosts[host].procs:
+        if proc.poll() is None and list(proc.args)[-len(argv) :] == argv:
+            proc.terminate()
+            proc.wait(15)
+            stopped += 1
+    assert stopped == 1, f"{stopped} agents of {host} were running"
+    cl.net.start(host, argv, cl.base / agent.LOG_FILE.format(host=host))
 
 
-def _primaries(group: HostGroup) -> int:
-    return sum(group.rest(m, "/primary")[0] == 200 for m in group.members)
-
-
-def make_group(net: netns.Network, base: Path, user: ServiceUser, hosts: Sequence[str]) -> HostGroup:
+def make_group(net: netns.Network, base: Path, hosts: Sequence[str]) -> HostGroup:
     """etcd on every host of ``hosts``; group w1 with members on the first two (either may lead)."""
-    return make_cluster(net, base, user, hosts, {"w1": (hosts[0], hosts[1])}).groups["w1"]
+    return make_cluster(net, base, hosts, {"w1": (hosts[0], hosts[1])}).groups["w1"]
 
 
 def kill_primary(group: HostGroup) -> float:
@@ -320,6 +225,18 @@ def kill_primary(group: HostGroup) -> float:
         assert v is not None, f"{pm.name}: Patroni or postmaster not running"
         identity.send(v, signal.SIGKILL)
     return killed_at
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One fault of the primary's host under the writer."""
+
+    scenario: str
+    resumed_s: float  # fault -> first write acknowledged by the new primary
+    pause_s: float  # longest gap between acknowledged writes
+    acked: int
+    lost: tuple[int, ...]  # acknowledged, missing afterwards
+    doubled: int  # rows present more than once
 
 
 class Writer(threading.Thread):

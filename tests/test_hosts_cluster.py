@@ -37,15 +37,19 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from orchestrator import cluster
-from orchestrator.osuser import service_user
-from orchestrator.runtime import hasettings
-from orchestrator.spec import ClusterSpec
 from orchestrator.tasks import runner
-from orchestrator.topology import COORDINATOR, WORKER, Credentials, Group, Layout, Member, Topology
 from tests import ha_tools, netns
 from tests.harness import ClusterHandle, make_tmp_dir, write_csv
-from tests.hosts_tools import NAMESPACE, SUPERUSER, HostCluster, HostGroup, kill_primary, leader, make_cluster
+from tests.hosts_tools import (
+    NAMESPACE,
+    HostCluster,
+    HostGroup,
+    host_cli,
+    kill_primary,
+    leader,
+    make_cluster,
+    restart_agent,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
 
@@ -63,30 +67,23 @@ class Whole:
         return self.hosts.groups[name]
 
 
-def _topology(hc: HostCluster) -> Topology:
-    def group(name: str, role: str) -> Group:
-        g = hc.groups[name]
-        members = tuple(Member(m, hc.net.address(h), g.pg_port) for m, h in g.members.items())
-        return Group(name, role, members, managed=False)
-
-    groups = (group("coordinator", COORDINATOR), group("w1", WORKER), group("w2", WORKER))
-    # the cluster name is Patroni's etcd namespace (runtime/patroni.py namespace)
-    return Topology(NAMESPACE.strip("/"), groups, Layout(("m",)), runtime="hosts")
-
-
 @pytest.fixture(scope="module")
 def whole() -> Iterator[Whole]:
+    """The cluster as a user builds it: `host plan` from a hosts spec, each host's agent, then
+    `host init` (etcd authentication, every group's primary and synchronous standby, and
+    ``init_remote`` with the planned topology, runtime ``hosts``), all into one DIR."""
     net = netns.Network(HOSTS)
     base = make_tmp_dir("bs-hosts5-")
     directory: Path | None = None
     try:
-        hc = make_cluster(net, base, service_user(), ETCD_ON, LAYOUT)
-        creds = Credentials(SUPERUSER[0], SUPERUSER[1], "buildsmart_app", uuid.uuid4().hex, ca_file=str(hc.ca.ca))
-        directory = base / "state"
-        directory.mkdir()
-        hasettings.save(directory, hc.ha_settings())  # how status and switchover reach Patroni and etcd
-        cluster.init_remote(directory, ClusterSpec(_topology(hc), creds))
+        hc = make_cluster(net, base, ETCD_ON, LAYOUT, split_points=("m",))
+        directory = base
         handle = ClusterHandle(directory)
+        topo = handle.topology
+        assert topo.runtime == "hosts" and topo.cluster_name == NAMESPACE.strip("/"), topo
+        assert [(g.name, g.role, g.address) for g in topo.groups] == [
+            (g.name, g.role, ",".join(f"{hc.net.address(m.host)}:{g.pg_port}" for m in g.members)) for g in hc.plan.groups
+        ]
         _record_timelines(handle)
         # the task runner keeps the foreign servers led by each worker's primary (fdwroute.py); the
         # balancer stays paused: the scenarios count rows per fragment
@@ -122,6 +119,28 @@ def test_ingest_and_queries_through_the_coordinator_fdw_over_tls(whole: Whole, t
                     (coord,),
                 ).fetchall()
                 assert ssl and all(r == (True,) for r in ssl), ssl
+
+
+def test_host_plan_and_init_again_change_nothing(whole: Whole) -> None:
+    """A user reruns both commands on the running cluster: `host plan` keeps every key and
+    password (no member config changes), `host init` finds etcd's users and every group's
+    primary, and the setup has nothing to apply."""
+    directory = whole.handle.directory
+    # keys, certificates and configs (not data directories: they change while the members run)
+    patterns = ("hosts/*/ca.crt", "hosts/*/tls/*", "hosts/*/agent/*", "hosts/*/*/patroni.yml", "hosts/*/*/tls/*", "tls/*")
+    kept = {p: p.read_bytes() for pattern in patterns for p in directory.glob(pattern)}
+    assert len(kept) > 30, sorted(kept)
+    secrets = (directory / "host-secrets.json").read_bytes()
+    host_cli("plan", "--spec", str(directory / "spec.toml"), directory=directory)
+    assert (directory / "host-secrets.json").read_bytes() == secrets
+    assert {p: p.read_bytes() for p in kept} == kept
+    said = " ".join(host_cli("init", directory=directory).split())
+    assert "etcd: authentication on, users exist" in said, said
+    assert all(f"{g}: primary {g}-" in said for g in LAYOUT), said
+    assert "setup: catalog and fragments up to date" in said, said
+    with whole.handle.coordinator() as conn:
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN SELECT count(*) FROM readings").fetchall())
+        assert "Runs on: workers" in plan, plan
 
 
 # split point "m": buildings of w1 sort before it, of w2 after it; the coordinator holds none
@@ -524,3 +543,41 @@ def test_operations_across_hosts(whole: Whole) -> None:
         cols = conn.execute("SELECT attname FROM pg_attribute WHERE attrelid = 'public.readings'::regclass AND attnum > 0")
         assert "kw" not in {r[0] for r in cols.fetchall()}
         assert conn.execute("SELECT count(*) FROM readings WHERE building < 'm'").fetchone() == before
+
+
+def test_node_add_of_a_group_added_to_the_plan(whole: Whole) -> None:
+    """`node add` on a hosts cluster (last: the other tests know three groups): a [groups.w3]
+    table added to the spec, `host plan` again (the other members' files kept), the agents of its
+    hosts restarted (what `host down` and `host up` do), then `node add w3` gives its members their
+    etcd users, waits for its primary and synchronous standby and registers it; a fragment moved
+    onto it keeps its rows."""
+    import json
+
+    from orchestrator import catalog, executor
+
+    directory = whole.handle.directory
+    configs = {p: p.read_bytes() for p in directory.glob("hosts/*/*/patroni.yml")}
+    spec = directory / "spec.toml"
+    spec.write_text(spec.read_text() + '\n[groups.w3]\nhosts = ["h5", "h1"]\n')
+    host_cli("plan", "--spec", str(spec), directory=directory)
+    assert {p: p.read_bytes() for p in configs} == configs, "a re-plan changed an existing member's config"
+    for h in ("h5", "h1"):
+        restart_agent(whole.hosts, h)
+    done = whole.handle.run_cli("node", "add", "w3")
+    said = " ".join((done.stdout + done.stderr).split())
+    assert "etcd: authentication was on; added users w3-0, w3-1" in said and "added worker w3" in said, said
+    data = json.loads(whole.handle.run_cli("status", "--json").stdout)
+    node = next(n for n in data["nodes"] if n["name"] == "w3")
+    assert node["up"] and sorted(m["role"] for m in node["members"]) == ["leader", "sync_standby"], node
+    addresses = [whole.hosts.net.address(h) for h in ("h5", "h1")]
+    assert sorted(m["host"] for m in node["members"]) == sorted(addresses), node
+    with whole.handle.coordinator() as conn:
+        address = executor.foreign_server_address(conn, "bs_w3")
+        assert address is not None and sorted(address[0].split(",")) == sorted(addresses), address
+        frag = next(f for f in catalog.load_fragments(conn) if f.node == "w2")
+        before = conn.execute("SELECT count(*) FROM readings").fetchone()
+    done = whole.handle.run_cli("fragment", "move", str(frag.fragment_id), "w3")
+    assert "moved" in done.stdout + done.stderr, done.stdout + done.stderr
+    with whole.handle.coordinator() as conn:
+        assert next(f for f in catalog.load_fragments(conn) if f.fragment_id == frag.fragment_id).node == "w3"
+        assert conn.execute("SELECT count(*) FROM readings").fetchone() == before

@@ -4,12 +4,13 @@ synchronous replica on h2. While a writer records every acknowledged insert, the
 is cut off (it also loses its etcd member: a minority), crashes (every process killed) or freezes
 (every process stopped), or its Patroni and postgres are killed while the host's agent lives (the
 agent releases the leader key: a failover within a second). Every member is started by its host's
-agent (runtime/agent.py) from the host's plan. The replica is promoted once the primary's lease expires, writes resume
-by themselves, and after the heal, restart or thaw the old primary rejoins as a replica by
-itself. Every acknowledged row, whichever server acknowledged it (also an old primary after
-its thaw), is present exactly once on the new primary and on the rejoined old one: with
-synchronous replication the old primary cannot commit alone. The scenario code is shared with
-``bench/failover.py --hosts`` (tests/hosts_tools.py)."""
+agent (runtime/agent.py) from the host's plan, written by ``buildsmart host plan`` and brought
+up by ``buildsmart host init`` (tests/hosts_tools.py make_cluster). The replica is promoted once
+the primary's lease expires, writes resume by themselves, and after the heal, restart or thaw
+the old primary rejoins as a replica by itself. Every acknowledged row, whichever server
+acknowledged it (also an old primary after its thaw), is present exactly once on the new primary
+and on the rejoined old one: with synchronous replication the old primary cannot commit alone.
+The scenario code is shared with ``bench/failover.py --hosts`` (tests/hosts_tools.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import psycopg
 import pytest
 
 from orchestrator.exceptions import NodeError
-from orchestrator.osuser import service_user
 from orchestrator.runtime import etcd
 from tests import netns
 from tests.harness import make_tmp_dir
@@ -39,7 +39,7 @@ def group() -> Iterator[HostGroup]:
     net = netns.Network(HOSTS)
     base = make_tmp_dir("bs-hosts-")
     try:
-        yield make_group(net, base, service_user(), HOSTS)
+        yield make_group(net, base, HOSTS)
     finally:
         net.close()
         left = net.leftovers()

@@ -17,8 +17,8 @@ decide it is gone), and a remote member is never restarted from here (``since_re
 :func:`host_snapshot` builds that view and is unit-tested without servers.
 
 The host plan (``DIR/host-NAME.json``, :class:`HostPlan`) names what runs on the host; it is
-written by whoever plans the cluster (the tests' ``tests/hosts_tools.py``; on real machines the
-same file is shipped to the host). Run in the foreground as ``python -I -m
+written by ``buildsmart host plan`` (runtime/hostfiles.py), for the tests too, and shipped to the
+host with its files. Run in the foreground as ``python -I -m
 orchestrator.runtime.agent DIR NAME`` (systemd: ``buildsmart host unit``) or as a daemon with
 ``buildsmart host up --dir DIR --host NAME``.
 """

@@ -1,6 +1,6 @@
 """The Patroni configuration of one member, as data (:class:`MemberConf`), rendered into
 ``patroni/member.yml.tmpl``: the one renderer behind the local runtime, the docker compose
-members (docker/patroni/render.py) and the members of the hosts tests (tests/hosts_tools.py),
+members (docker/patroni/render.py) and the members of ``host plan`` (runtime/hostfiles.py),
 so they cannot drift; the per-host agent (runtime/agent.py) starts members from configs it rendered.
 Sections are written as JSON, which is valid YAML: every value is quoted and escaped correctly
 whatever it contains."""
