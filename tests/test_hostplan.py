@@ -278,7 +278,8 @@ def test_host_plan_writes_what_each_host_needs(planned: tuple[Path, Path]) -> No
                     "hosts/h1/w1-0/patroni.yml", "hosts/h1/tls/h1.key"):  # fmt: skip
         assert _mode(directory / private) == 0o600, private
     assert not any(p.name == "ca.key" for p in (directory / "hosts").rglob("*"))
-    assert (directory / "hosts/h1/ca.crt").read_bytes() == (directory / "tls/ca.crt").read_bytes()
+    assert (directory / "ca.crt").read_bytes() == (directory / "tls/ca.crt").read_bytes()
+    assert json.loads((directory / "credentials.json").read_text())["ca_file"] == str(directory / "ca.crt")
 
     # each host's agent plan: its etcd member, its Patroni members, its own etcd user
     h1 = agent.load_plan(directory, "h1")

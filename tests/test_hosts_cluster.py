@@ -127,7 +127,7 @@ def test_host_plan_and_init_again_change_nothing(whole: Whole) -> None:
     primary, and the setup has nothing to apply."""
     directory = whole.handle.directory
     # keys, certificates and configs (not data directories: they change while the members run)
-    patterns = ("hosts/*/ca.crt", "hosts/*/tls/*", "hosts/*/agent/*", "hosts/*/*/patroni.yml", "hosts/*/*/tls/*", "tls/*")
+    patterns = ("ca.crt", "hosts/*/tls/*", "hosts/*/agent/*", "hosts/*/*/patroni.yml", "hosts/*/*/tls/*", "tls/*")
     kept = {p: p.read_bytes() for pattern in patterns for p in directory.glob(pattern)}
     assert len(kept) > 30, sorted(kept)
     secrets = (directory / "host-secrets.json").read_bytes()

@@ -33,7 +33,7 @@ def host_plan(
     ship = ", ".join(f"{agent.PLAN_FILE.format(host=h.name)} + {hostfiles.HOSTS_DIR}/{h.name}/" for h in p.hosts)
     report(
         f"[green]plan written[/] for {len(p.hosts)} hosts in {directory}. Next: copy to each host, at the same "
-        f"path, its files ({ship}); run `buildsmart host up --dir {directory} --host NAME` on each host "
+        f"path, ca.crt and its files ({ship}); run `buildsmart host up --dir {directory} --host NAME` on each host "
         f"(or install `buildsmart host unit`); then `buildsmart host init --dir {directory}` here."
     )
 

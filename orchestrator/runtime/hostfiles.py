@@ -17,12 +17,13 @@ printed. Layout of DIR (absolute paths in the plans: each host finds its files a
     credentials.json        the cluster's roles (topology.save_credentials, 0600)
     ha.json                 how the orchestrator reaches Patroni and etcd (hasettings)
     tls/                    cluster CA (ca.key stays here) and the orchestrator's client certificate
+    ca.crt                  the cluster CA's certificate, which every host holds at this path
     host-NAME.json          the agent's plan of host NAME
-    hosts/NAME/             everything host NAME runs: ca.crt, tls/ (its certificate), etcd/,
+    hosts/NAME/             everything host NAME runs: tls/ (its certificate), etcd/,
                             <member>/ (patroni.yml, data/), agent/ (client certificate, etcd password)
 
-A host needs ``host-NAME.json`` and ``hosts/NAME/`` (copy them to the same path there); the
-orchestrator's machine keeps the whole of DIR.
+A host needs ``ca.crt``, ``host-NAME.json`` and ``hosts/NAME/`` (copy them to the same path
+there); the orchestrator's machine keeps the whole of DIR.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def _token() -> str:
 
 def tls_dir(directory: Path) -> Path:
     return directory / TLS_DIR
+
+
+def public_ca(directory: Path) -> Path:
+    return directory / "ca.crt"
 
 
 def host_dir(directory: Path, host: str) -> Path:
@@ -160,7 +165,10 @@ def write(spec_path: Path, directory: Path, report: Report) -> ClusterPlan:
     os.chmod(tdir, 0o755)
     tls.make_ca(tdir, spec.cluster)
     tls.issue(tdir, tdir, tls.CLIENT, (), server=False)
-    creds = _credentials(directory, p, tdir / "ca.crt")
+    # the public CA every host holds at the same path: servers verify clients with it, and the
+    # coordinator's FDW servers and the workers' subscriptions verify servers (credentials.ca_file)
+    tls.copy_ca(tdir, public_ca(directory))
+    creds = _credentials(directory, p, public_ca(directory))
     etcd_members = [
         etcdcluster.EtcdMember(e.name, e.address, host_dir(directory, e.host) / "etcd", e.client_port, e.peer_port)
         for e in p.etcd
@@ -186,8 +194,7 @@ def _write_host(
     (hdir / "tls").mkdir(parents=True, exist_ok=True)
     for d in (hdir.parent, hdir, hdir / "tls"):
         os.chmod(d, 0o755)
-    # the CA beside tls/, not in it: a host named "ca" would have its certificate there
-    ca = tls.copy_ca(tls_dir(directory), hdir / "ca.crt")
+    ca = public_ca(directory)
     own = tls.issue(tls_dir(directory), hdir / "tls", h.name, [h.address], user)
     material = tls.Material(ca, own)
 
