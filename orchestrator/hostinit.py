@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from orchestrator import cluster, topology
-from orchestrator.exceptions import NodeError
+from orchestrator.exceptions import ConfigError, NodeError
 from orchestrator.runtime import hasettings, hostfiles, hostplan, hostready, hostspec
 from orchestrator.spec import ClusterSpec
 
@@ -35,7 +35,10 @@ Report = Callable[[str], None]
 def init(directory: Path, report: Report, timeout_s: float = 300.0) -> hostplan.ClusterPlan:
     """Wait for etcd, enable its authentication, wait for every group, set the cluster up."""
     directory = directory.resolve()
-    p = hostplan.plan(hostspec.load(directory / hostfiles.SPEC_FILE))
+    spec_file = directory / hostfiles.SPEC_FILE
+    if not spec_file.exists():
+        raise ConfigError(f"{spec_file}: missing: write the plan first (`buildsmart host plan --spec FILE --dir {directory}`)")
+    p = hostplan.plan(hostspec.load(spec_file))
     secrets = hostfiles.load_secrets(directory)
     settings = hasettings.load(directory)
     deadline = time.monotonic() + timeout_s

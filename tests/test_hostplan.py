@@ -234,6 +234,13 @@ def test_spec_file_faults_are_one_line_from_the_cli(tmp_path: Path) -> None:
     assert done.returncode == 2 and f"{bad}: not valid TOML" in " ".join(done.stderr.split()), done.stderr
 
 
+def test_host_init_without_a_plan_says_what_to_run(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "orchestrator", "host", "init", "--dir", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "hosts.toml: missing: write the plan first (`buildsmart host plan" in said, said
+
+
 # ---------------------------------------------------------------- the writer (`host plan`)
 
 
