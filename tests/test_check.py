@@ -22,7 +22,7 @@ from orchestrator.connections import connect, superuser_target
 from orchestrator.energy import rollups
 from orchestrator.fragments import Fragment, Router
 from orchestrator.osuser import service_user
-from orchestrator.runtime import patroni
+from orchestrator.runtime import patroni, supervisor
 from tests import ha_tools
 
 
@@ -198,13 +198,22 @@ def _replica_of(directory: Path, node: str) -> patroni.PatroniMember:
 
 @contextmanager
 def _stopped(directory: Path, pm: patroni.PatroniMember) -> Iterator[None]:
+    """The member stopped while its files are changed. The cluster's supervisor would restart its
+    Patroni within a tick (it rejoins dead members), so it is stopped meanwhile and started again
+    after the member is back."""
     user = service_user(topology.load(directory).service_user)
-    patroni.stop(pm, user)
+    assert supervisor.stop_daemon(directory), "the cluster's supervisor was not running"
     try:
-        yield
+        patroni.stop(pm, user)
+        try:
+            yield
+        finally:
+            patroni.start(pm, user)
+            ha_tools.wait_member_state(directory, pm.name, "replica", timeout_s=90)
     finally:
-        patroni.start(pm, user)
-        ha_tools.wait_member_state(directory, pm.name, "replica", timeout_s=90)
+        supervisor.start_daemon(directory)
+        members = {m.name for g in topology.load(directory).groups for m in g.members}
+        assert supervisor.wait_supervising(directory, members, present=True), "the supervisor did not come back"
 
 
 def test_a_replica_that_differs_and_a_damaged_page_are_reported(loaded: Path) -> None:

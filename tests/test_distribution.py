@@ -301,8 +301,14 @@ def test_kill_9_of_the_task_runner_mid_move_is_finished_by_the_next_run(dcluster
             time.sleep(0.2)
         state = conn.execute("SELECT state FROM buildsmart.jobs WHERE job_id = %s", (job,)).fetchone()
         assert state in (("done",), ("failed",))
-        # the killed run's decision takes its job's outcome (status shows what happened to it)
-        assert conn.execute("SELECT outcome FROM buildsmart.balancer_log WHERE job_id = %s", (job,)).fetchone() == state
+        # the killed run's decision takes its job's outcome (status shows what happened to it): the
+        # next balancer round settles it, after the job ended
+        deadline = time.monotonic() + 60
+        settled = "SELECT outcome FROM buildsmart.balancer_log WHERE job_id = %s"
+        while (outcome := conn.execute(settled, (job,)).fetchone()) is None:
+            assert time.monotonic() < deadline, "the killed run's decision was not settled with its job's outcome"
+            time.sleep(0.2)
+        assert outcome == state
     _pause(dcluster, True)
     assert _stored(dcluster, BUILDINGS) == before
     _check_clean(dcluster)

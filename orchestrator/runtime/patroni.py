@@ -9,6 +9,7 @@ BUILDSMART_PATRONI_PYTHON), an interpreter that user can read.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -16,6 +17,8 @@ import signal
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,14 +159,30 @@ def write_config(topo: Topology, pm: PatroniMember, creds: Credentials, ha: HaSe
         os.chown(pm.base, user.uid, user.gid)
 
 
+@contextmanager
+def _start_lock(pm: PatroniMember) -> Iterator[None]:
+    """One starter of a member's Patroni at a time, across processes. The supervisor restarts a
+    dead Patroni within a tick, and a command (or a test) may start the same member meanwhile: two
+    check-then-spawn starters would each see none running and start one, and two Patronis then
+    fight over one data directory (seen in CI: the replica's postgres restarted over and over, and
+    the one whose PID the pid file lost outlived `down`)."""
+    fd = os.open(pm.pid_file.with_name(pm.pid_file.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def start(pm: PatroniMember, user: ServiceUser) -> bool:
     """Start Patroni for the member unless it runs. True when started now (it then starts postgres)."""
-    if pm.patroni() is not None:
-        return False
-    env = dict(os.environ, PATH=f"{pgbin.bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}")
-    pid = procs.spawn(
-        procs.python_module("patroni", str(pm.config_file), python=patroni_python()), pm.pid_file, pm.log_file, user, env
-    )
+    with _start_lock(pm):
+        if pm.patroni() is not None:
+            return False
+        env = dict(os.environ, PATH=f"{pgbin.bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+        pid = procs.spawn(
+            procs.python_module("patroni", str(pm.config_file), python=patroni_python()), pm.pid_file, pm.log_file, user, env
+        )
     log.info("started Patroni for %s (pid %d, config %s)", pm.name, pid, pm.config_file)
     return True
 
