@@ -10,7 +10,6 @@ no restart)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -18,13 +17,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
-from orchestrator import EXTENSION_NAME, EXTENSION_VERSION, pgbin
+from orchestrator import EXTENSION_NAME, EXTENSION_VERSION, filelock, pgbin
 from orchestrator.exceptions import ConfigError, NodeError
 from orchestrator.sqlbuild import SQL_DIR
 
@@ -46,15 +44,9 @@ def source_digest(src: Path = C_SOURCES) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _build_lock(directory: Path) -> Iterator[None]:
+def _build_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
     """Several processes may install at once (tests, two clusters): one builds, the others wait."""
-    with open(directory / f".{EXTENSION_NAME}-build.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return filelock.exclusive(directory / f".{EXTENSION_NAME}-build.lock")
 
 
 def build_module(force: bool = False) -> Path:

@@ -9,7 +9,6 @@ BUILDSMART_PATRONI_PYTHON), an interpreter that user can read.
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import logging
 import os
@@ -17,13 +16,12 @@ import signal
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import pgbin
+from orchestrator import filelock, pgbin
 from orchestrator.backup import archive
 from orchestrator.exceptions import ClusterStateError, NodeError
 from orchestrator.osuser import ServiceUser
@@ -159,19 +157,13 @@ def write_config(topo: Topology, pm: PatroniMember, creds: Credentials, ha: HaSe
         os.chown(pm.base, user.uid, user.gid)
 
 
-@contextmanager
-def _start_lock(pm: PatroniMember) -> Iterator[None]:
+def _start_lock(pm: PatroniMember) -> AbstractContextManager[None]:
     """One starter of a member's Patroni at a time, across processes. The supervisor restarts a
     dead Patroni within a tick, and a command (or a test) may start the same member meanwhile: two
     check-then-spawn starters would each see none running and start one, and two Patronis then
     fight over one data directory (seen in CI: the replica's postgres restarted over and over, and
     the one whose PID the pid file lost outlived `down`)."""
-    fd = os.open(pm.pid_file.with_name(pm.pid_file.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    return filelock.exclusive(pm.pid_file.with_name(pm.pid_file.name + ".lock"))
 
 
 def start(pm: PatroniMember, user: ServiceUser) -> bool:
